@@ -1,0 +1,31 @@
+"""U-ViT models, the named config registry and checkpoint loading."""
+from .checkpoint import (
+    CheckpointError,
+    extract_state_dict,
+    infer_config,
+    load_model,
+    load_weights,
+    read_checkpoint_file,
+    save_weights,
+)
+from .configs import (
+    PAPER_CONFIGS,
+    REGISTRY,
+    ModelSpec,
+    create_model,
+    describe,
+    get_config,
+    get_spec,
+    list_configs,
+    matching_configs,
+    shallow_name,
+)
+from .uvit import UViT, patchify, timestep_embedding, unpatchify
+
+__all__ = [
+    "UViT", "timestep_embedding", "patchify", "unpatchify",
+    "ModelSpec", "REGISTRY", "PAPER_CONFIGS", "create_model", "get_config", "get_spec",
+    "list_configs", "matching_configs", "shallow_name", "describe",
+    "CheckpointError", "read_checkpoint_file", "extract_state_dict", "infer_config",
+    "load_weights", "load_model", "save_weights",
+]

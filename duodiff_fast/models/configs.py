@@ -1,0 +1,165 @@
+"""Registry of named U-ViT configurations.
+
+Each entry holds the official constructor keywords plus what a user needs to sample from it: the
+noise schedule it was trained with, whether it works in a latent space, and the published source.
+Every full configuration has a DuoDiff shallow twin named ``<name>-shallow``: the same width, heads
+and tokens, ``depth=2`` (one in-block, the mid-block and one out-block: three layers).
+
+Names:
+    DuoDiff paper (Table 3): cifar10-s2, celeba64-s4, imagenet64-m4, imagenet256-l2
+    other published U-ViT configs: imagenet64-l4, imagenet256-h2, imagenet512-l4, imagenet512-h4
+    small configs for tests and CPU benchmarks: tiny, tiny-cond, tiny-latent
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+SHALLOW_DEPTH = 2  # DuoDiff's shallow backbone: 1 in-block + mid-block + 1 out-block = 3 layers
+SHALLOW_SUFFIX = "-shallow"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A named configuration.
+
+    Attributes:
+        name: registry name.
+        kwargs: official UViT constructor keywords.
+        schedule: name of the noise schedule it is trained/sampled with (see duodiff_fast.schedules).
+        latent: True when the model works on Stable Diffusion KL-f8 latents (scale 0.18215).
+        source: where the configuration comes from.
+    """
+
+    name: str
+    kwargs: Dict[str, object]
+    schedule: str
+    latent: bool = False
+    source: str = ""
+
+    def shallow(self) -> "ModelSpec":
+        """The DuoDiff shallow backbone of this configuration (depth 2, same width)."""
+        kwargs = dict(self.kwargs, depth=SHALLOW_DEPTH)
+        return dataclasses.replace(
+            self, name=self.name + SHALLOW_SUFFIX, kwargs=kwargs,
+            source=f"DuoDiff shallow backbone of {self.name}",
+        )
+
+
+def _uvit(img_size, patch_size, embed_dim, depth, num_heads, *, in_chans=3, num_classes=-1,
+          conv=True, qkv_bias=False, mlp_time_embed=False) -> Dict[str, object]:
+    return dict(
+        img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+        depth=depth, num_heads=num_heads, mlp_ratio=4, qkv_bias=qkv_bias, qk_scale=None,
+        mlp_time_embed=mlp_time_embed, num_classes=num_classes, conv=conv, skip=True,
+    )
+
+
+# ImageNet class-conditional models carry 1000 classes plus the null class used by CFG.
+_IMAGENET_CLASSES = 1001
+
+_FULL_SPECS: List[ModelSpec] = [
+    ModelSpec("cifar10-s2", _uvit(32, 2, 512, 12, 8), "linear",
+              source="DuoDiff paper, CIFAR-10 U-ViT-S/2 (13 layers, discrete DDPM)"),
+    ModelSpec("celeba64-s4", _uvit(64, 4, 512, 12, 8), "linear",
+              source="DuoDiff paper, CelebA 64x64 U-ViT-S/4 (13 layers, discrete DDPM)"),
+    ModelSpec("imagenet64-m4", _uvit(64, 4, 768, 16, 12, num_classes=_IMAGENET_CLASSES), "vp-linear",
+              source="U-ViT ImageNet 64x64 M/4 (official weights; DuoDiff paper's 17-layer model)"),
+    ModelSpec("imagenet256-l2",
+              _uvit(32, 2, 1024, 20, 16, in_chans=4, num_classes=_IMAGENET_CLASSES), "vp-linear",
+              latent=True,
+              source="U-ViT ImageNet 256x256 latent L/2 (official weights; DuoDiff paper's 21-layer model)"),
+    ModelSpec("imagenet64-l4", _uvit(64, 4, 1024, 20, 16, num_classes=_IMAGENET_CLASSES), "vp-linear",
+              source="U-ViT ImageNet 64x64 L/4 (official)"),
+    ModelSpec("imagenet256-h2",
+              _uvit(32, 2, 1152, 28, 16, in_chans=4, num_classes=_IMAGENET_CLASSES, conv=False),
+              "scaled-linear", latent=True, source="U-ViT ImageNet 256x256 latent H/2 (official)"),
+    ModelSpec("imagenet512-l4",
+              _uvit(64, 4, 1024, 20, 16, in_chans=4, num_classes=_IMAGENET_CLASSES), "vp-linear",
+              latent=True, source="U-ViT ImageNet 512x512 latent L/4 (official)"),
+    ModelSpec("imagenet512-h4",
+              _uvit(64, 4, 1152, 28, 16, in_chans=4, num_classes=_IMAGENET_CLASSES, conv=False),
+              "scaled-linear", latent=True, source="U-ViT ImageNet 512x512 latent H/4 (official)"),
+    # Small configurations: unit tests and the CPU default of the latency benchmark.
+    ModelSpec("tiny", _uvit(16, 2, 64, 4, 4), "linear", source="small test configuration"),
+    ModelSpec("tiny-cond", _uvit(16, 2, 64, 4, 4, num_classes=11), "linear",
+              source="small class-conditional test configuration (10 classes + null)"),
+    ModelSpec("tiny-latent",
+              _uvit(8, 2, 64, 4, 4, in_chans=4, num_classes=11, qkv_bias=True, mlp_time_embed=True,
+                    conv=False),
+              "vp-linear", latent=True, source="small latent test configuration"),
+]
+
+PAPER_CONFIGS = ("cifar10-s2", "celeba64-s4", "imagenet64-m4", "imagenet256-l2")
+
+REGISTRY: Dict[str, ModelSpec] = {}
+for _spec in _FULL_SPECS:
+    REGISTRY[_spec.name] = _spec
+    REGISTRY[_spec.name + SHALLOW_SUFFIX] = _spec.shallow()
+
+
+def list_configs() -> List[str]:
+    """All registered configuration names."""
+    return sorted(REGISTRY)
+
+
+def get_spec(name: str) -> ModelSpec:
+    """The :class:`ModelSpec` called ``name``; a clear error lists the known names."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown model config {name!r}; known configs: {', '.join(list_configs())}") from None
+
+
+def get_config(name: str) -> Dict[str, object]:
+    """The UViT constructor keywords of config ``name`` (a fresh dict)."""
+    return dict(get_spec(name).kwargs)
+
+
+def shallow_name(name: str) -> str:
+    """Name of the DuoDiff shallow twin of a full config."""
+    if name.endswith(SHALLOW_SUFFIX):
+        raise ValueError(f"{name!r} is already a shallow config")
+    get_spec(name + SHALLOW_SUFFIX)
+    return name + SHALLOW_SUFFIX
+
+
+def matching_configs(config: Dict[str, object], ignore: tuple = ("num_heads", "qk_scale")) -> List[str]:
+    """Registry names whose keywords equal ``config`` on every key except ``ignore``."""
+    out = []
+    for name, spec in REGISTRY.items():
+        keys = set(spec.kwargs) | set(config)
+        if all(spec.kwargs.get(k) == config.get(k) for k in keys if k not in ignore):
+            out.append(name)
+    return sorted(out)
+
+
+def create_model(name: str, **overrides):
+    """Build the UViT of config ``name``; keyword ``overrides`` replace config entries.
+
+    Example: ``create_model("cifar10-s2")``, ``create_model("imagenet256-l2-shallow")``,
+    ``create_model("tiny", depth=6)``.
+    """
+    from .uvit import UViT
+
+    kwargs = get_config(name)
+    unknown = set(overrides) - set(kwargs) - {"use_checkpoint"}
+    if unknown:
+        raise TypeError(f"unknown UViT keyword(s) {sorted(unknown)}; valid: {sorted(kwargs)}")
+    kwargs.update(overrides)
+    return UViT(**kwargs)
+
+
+def describe(name: Optional[str] = None) -> str:
+    """A human-readable table of the registry (or of one entry)."""
+    names = [name] if name else list_configs()
+    rows = []
+    for n in names:
+        s = get_spec(n)
+        k = s.kwargs
+        rows.append(
+            f"{n:24s} img={k['img_size']:<3} p={k['patch_size']} C={k['in_chans']} D={k['embed_dim']:<5}"
+            f" depth={k['depth']:<3} heads={k['num_heads']:<3} classes={k['num_classes']:<5}"
+            f" schedule={s.schedule}{' latent' if s.latent else ''}"
+        )
+    return "\n".join(rows)

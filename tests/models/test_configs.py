@@ -1,0 +1,51 @@
+import pytest
+
+from duodiff_fast.models import PAPER_CONFIGS, REGISTRY, create_model, get_config, get_spec, shallow_name
+
+
+def test_paper_configs_match_table_3():
+    # DuoDiff paper, Table 3: (img, patch, channels, width, layers, heads)
+    expected = {
+        "cifar10-s2": (32, 2, 3, 512, 13, 8),
+        "celeba64-s4": (64, 4, 3, 512, 13, 8),
+        "imagenet64-m4": (64, 4, 3, 768, 17, 12),
+        "imagenet256-l2": (32, 2, 4, 1024, 21, 16),
+    }
+    assert set(PAPER_CONFIGS) == set(expected)
+    for name, (img, p, c, d, layers, h) in expected.items():
+        k = get_config(name)
+        assert (k["img_size"], k["patch_size"], k["in_chans"], k["embed_dim"], k["depth"] + 1, k["num_heads"]) == (
+            img, p, c, d, layers, h)
+
+
+def test_every_full_config_has_a_three_layer_shallow_twin():
+    for name, spec in REGISTRY.items():
+        if name.endswith("-shallow"):
+            continue
+        sh = get_spec(shallow_name(name))
+        assert sh.kwargs["depth"] == 2
+        assert {k: v for k, v in sh.kwargs.items() if k != "depth"} == {
+            k: v for k, v in spec.kwargs.items() if k != "depth"}
+        assert sh.schedule == spec.schedule
+
+
+def test_published_configs_present():
+    for name in ("imagenet64-l4", "imagenet256-h2", "imagenet512-l4", "imagenet512-h4"):
+        assert name in REGISTRY
+    assert get_config("imagenet256-h2")["conv"] is False
+    assert get_spec("imagenet256-l2").latent
+
+
+def test_create_model_shallow_layers():
+    m = create_model("cifar10-s2-shallow")
+    assert m.num_layers == 3 and m.embed_dim == 512
+
+
+def test_unknown_name_lists_known():
+    with pytest.raises(KeyError, match="cifar10-s2"):
+        get_spec("cifar100")
+
+
+def test_unknown_override():
+    with pytest.raises(TypeError, match="unknown UViT keyword"):
+        create_model("tiny", widht=3)
