@@ -1,0 +1,80 @@
+"""Training objectives.
+
+An objective is any callable ``loss, metrics = objective(model, x0, y, generator)``:
+    model      the (possibly DDP-wrapped) network; call it as ``model(x_t, timesteps, y)`` so
+               DistributedDataParallel sees the forward.
+    x0         (B, C, H, W) float clean data on the training device.
+    y          (B,) int64 class ids, or None for unconditional models.
+    generator  a torch.Generator on x0's device; every random draw must use it (that is what
+               makes resumed runs bit-identical).
+It returns a scalar loss to backpropagate and a dict of scalar metrics (tensors or floats) to log.
+AdaDiff, multistage and block-dropping fine-tuning supply their own objective to the same Trainer.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+
+def drop_labels(y: torch.Tensor, p_uncond: float, null_class: int,
+                generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Replace each label by ``null_class`` with probability ``p_uncond`` (classifier-free guidance).
+
+    Args:
+        y: (B,) int64 class ids.
+        p_uncond: drop probability in [0, 1].
+        null_class: the id of the unconditional class (the model's ``num_classes - 1``).
+    Returns:
+        (B,) int64, a new tensor.
+    """
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+    if p_uncond == 0.0:
+        return y.clone()
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p_uncond
+    return torch.where(drop, torch.full_like(y, null_class), y)
+
+
+class DiffusionObjective:
+    """Noise-prediction loss L_simple = mean ||eps_theta(x_t, t, y) - eps||^2.
+
+    t is drawn by ``schedule.sample_training_t``, x_t by ``schedule.add_noise`` and the network is
+    fed ``schedule.model_input(t)``; for conditional models labels are dropped to the null class
+    at rate ``p_uncond``.
+
+    Args:
+        schedule: a noise schedule from ``duodiff_fast.schedules``.
+        num_classes: the model's label count including the null class (<= 0: unconditional).
+        p_uncond: label drop rate for classifier-free guidance.
+    """
+
+    def __init__(self, schedule, num_classes: int = 0, p_uncond: float = 0.1):
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+        self.schedule = schedule
+        self.num_classes = int(num_classes)
+        self.p_uncond = float(p_uncond)
+
+    def sample(self, x0: torch.Tensor, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, ...]:
+        """Draw (t (B,), noise like x0, x_t like x0) for a batch of clean data."""
+        b = x0.shape[0]
+        t = self.schedule.sample_training_t(b, x0.device, generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
+        x_t = self.schedule.add_noise(x0.float(), noise, t).to(torch.float32)
+        return t, noise, x_t
+
+    def __call__(self, model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor],
+                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        t, noise, x_t = self.sample(x0, generator)
+        if self.num_classes > 0:
+            if y is None:
+                raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) but no labels came")
+            y = drop_labels(y, self.p_uncond, self.num_classes - 1, generator)
+        else:
+            y = None
+        timesteps = self.schedule.model_input(t).to(device=x0.device, dtype=torch.float32)
+        eps = model(x_t, timesteps, y)  # (B, C, H, W)
+        loss = (eps.float() - noise).pow(2).mean()
+        return loss, {"loss": loss.detach()}

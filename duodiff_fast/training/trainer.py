@@ -1,0 +1,372 @@
+"""The training loop: one process or DistributedDataParallel under ``torchrun``.
+
+    from duodiff_fast.training import TrainConfig, train
+    trainer = train(TrainConfig(model="cifar10-s2-shallow", data="folder:/data/cifar10", out_dir="runs/s"))
+
+What is reproducible: model init (from ``seed``), the batch order and flips (a function of
+``(seed, step, rank)``), and the noise, timesteps and label drops (a per-rank generator whose
+state is checkpointed). On CPU, a run resumed from a checkpoint ends bit-identical to the
+uninterrupted run.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+import warnings
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..io_utils import append_jsonl, atomic_torch_save, atomic_write_json
+from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
+from .config import TrainConfig
+from .data import StepSampler, _mix_seed, build_dataset, check_dataset, default_hflip, iterate_batches
+from .distributed import DistEnv, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed
+from .ema import EMA, unwrap_model
+from .objective import DiffusionObjective
+from .optim import build_lr_scheduler, build_optimizer, clip_gradients, trainable_parameters
+
+LossFn = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Generator]],
+                  Tuple[torch.Tensor, Dict[str, Any]]]
+LOG_NAME = "log.jsonl"
+CONFIG_NAME = "config.json"
+
+
+# ------------------------------------------------------------------------------ construction
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The UViT that ``cfg.model`` (+ ``cfg.model_overrides``) names."""
+    from ..models import UViT, create_model
+
+    if isinstance(cfg.model, str):
+        return create_model(cfg.model, **cfg.model_overrides)
+    kwargs = dict(cfg.model)
+    name = kwargs.pop("name", None)
+    kwargs.update(cfg.model_overrides)
+    if name is not None:
+        return create_model(name, **kwargs)
+    return UViT(**kwargs)
+
+
+def resolve_schedule_name(cfg: TrainConfig) -> str:
+    """``cfg.schedule``, else the registry entry's schedule, else "linear" (DuoDiff's DDPM)."""
+    if cfg.schedule:
+        return cfg.schedule
+    if cfg.model_name:
+        from ..models import get_spec
+
+        return get_spec(cfg.model_name).schedule
+    return "linear"
+
+
+def _plain_config(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """The model's constructor keywords when they are plain data (stored in checkpoints)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, dict):
+        return None
+    ok = all(v is None or isinstance(v, (bool, int, float, str)) for v in config.values())
+    return dict(config) if ok else None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains ``model`` (default: the UViT ``cfg.model`` names) with ``loss_fn`` (default:
+    :class:`DiffusionObjective`, noise prediction) on ``dataset`` (default: ``cfg.data``).
+
+    Args:
+        cfg: the run's settings.
+        model: a module to train instead of building one (e.g. an AdaDiff model whose backbone
+            is frozen: only parameters with ``requires_grad`` are optimised).
+        loss_fn: ``(model, x0, y, generator) -> (loss, metrics)``; see ``objective.py``.
+        dataset: a dataset to use instead of ``cfg.data``.
+        env: the distributed environment (default: detected from torchrun's variables).
+
+    Attributes: ``model`` (unwrapped), ``net`` (what the loss calls: DDP/compiled wrapper or the
+    model), ``ema``, ``optimizer``, ``scheduler``, ``step``, ``history`` (the log records).
+    """
+
+    def __init__(self, cfg: TrainConfig, model: Optional[nn.Module] = None, loss_fn: Optional[LossFn] = None,
+                 dataset: Optional[torch.utils.data.Dataset] = None, env: Optional[DistEnv] = None):
+        cfg.validate()
+        self.cfg = cfg
+        self.env = env or init_distributed(cfg.device)
+        self.device = self.env.device
+        self.is_main = self.env.is_main
+        self.history: List[Dict[str, Any]] = []
+
+        # Model init is seeded identically on every rank (DDP also broadcasts rank 0's weights).
+        _seed_everything(cfg.seed)
+        self.model = (model if model is not None else build_model(cfg)).to(self.device)
+        self.model_config = _plain_config(self.model)
+        self.num_classes = int(getattr(self.model, "num_classes", 0) or 0)
+        self.ema = EMA(self.model, cfg.ema_decay)
+        self.params = trainable_parameters(self.model)
+        self.optimizer = build_optimizer(self.params, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.warmup_steps)
+
+        self.schedule = None
+        if loss_fn is None:
+            from ..schedules import get_schedule
+
+            self.schedule = get_schedule(resolve_schedule_name(cfg))
+            loss_fn = DiffusionObjective(self.schedule, self.num_classes, cfg.resolved_p_uncond())
+        self.loss_fn = loss_fn
+
+        if dataset is None:
+            self.dataset = self._build_dataset()
+        else:
+            self.dataset = dataset
+            if hasattr(self.model, "img_size") and hasattr(self.model, "in_chans"):
+                check_dataset(dataset, int(self.model.img_size), int(self.model.in_chans), self.num_classes)
+        hflip = default_hflip(cfg.data, self.dataset) if dataset is None else False
+        self.sampler = StepSampler(len(self.dataset), cfg.batch_size, self.env.rank, self.env.world_size,
+                                   cfg.seed, hflip=hflip)
+
+        # Per-rank randomness (noise, t, label drops; global RNGs for anything else).
+        rank_seed = _mix_seed(cfg.seed, self.env.rank, 7)
+        _seed_everything(rank_seed)
+        self.generator = torch.Generator(device=self.device).manual_seed(rank_seed)
+
+        self.step = 0
+        self.last_lr = float(self.optimizer.param_groups[0]["lr"])
+        self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last)
+        self.resumed_from: Optional[str] = None
+        resume_path = self._resume_path()
+        if resume_path is not None:
+            self.load(resume_path)
+        elif cfg.init_weights:
+            self.load_initial_weights(cfg.init_weights)
+
+        self.net: nn.Module = self.model
+        if self.env.is_distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters)
+        if cfg.compile:
+            self.net = torch.compile(self.net)
+
+    def _build_dataset(self) -> torch.utils.data.Dataset:
+        img_size = getattr(self.model, "img_size", None)
+        in_chans = getattr(self.model, "in_chans", None)
+        if img_size is None or in_chans is None:
+            raise ValueError("the model has no img_size/in_chans attributes; pass a dataset explicitly")
+        return build_dataset(self.cfg.data, int(img_size), int(in_chans), self.num_classes)
+
+    def _resume_path(self) -> Optional[str]:
+        resume = self.cfg.resume
+        if not resume:
+            return None
+        if resume == "auto":
+            return self.checkpoints.latest()
+        if not os.path.isfile(resume):
+            raise FileNotFoundError(f"resume checkpoint {resume!r} does not exist")
+        return resume
+
+    # ------------------------------------------------------------------------------ precision
+    @property
+    def amp_dtype(self) -> Optional[torch.dtype]:
+        """bf16 when autocast is on, else None."""
+        amp = self.cfg.amp
+        if amp == "bf16" or (amp == "auto" and self.device.type == "cuda"):
+            return torch.bfloat16
+        return None
+
+    def _autocast(self):
+        dtype = self.amp_dtype
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    # ---------------------------------------------------------------------------- one update
+    def train_step(self, x: torch.Tensor, y: Optional[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """One optimizer update on a batch; returns detached metrics (tensors on the device).
+
+        Args:
+            x: (b, C, H, W) float clean data on the device; y: (b,) int64 labels or None.
+        """
+        self.net.train()
+        if self.num_classes <= 0:
+            y = None
+        with self._autocast():
+            loss, metrics = self.loss_fn(self.net, x, y, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = clip_gradients(self.params, self.cfg.grad_clip)
+        self.last_lr = float(self.optimizer.param_groups[0]["lr"])  # the lr of this update
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        self.step += 1
+        out = {k: (v.detach().float() if isinstance(v, torch.Tensor) else torch.tensor(float(v)))
+               for k, v in metrics.items()}
+        out.setdefault("loss", loss.detach().float())
+        if grad_norm is not None:
+            out["grad_norm"] = grad_norm.detach().float()
+        return out
+
+    # ---------------------------------------------------------------------------------- loop
+    def batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Endless batches for steps ``self.step``, ``self.step + 1``, ... on the device."""
+        pin = self.device.type == "cuda"
+        for x, y in iterate_batches(self.dataset, self.sampler, self.step, self.cfg.num_workers, pin):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def fit(self, steps: Optional[int] = None) -> Dict[str, Any]:
+        """Train until ``steps`` (default ``cfg.steps``) updates are done; returns the last log record."""
+        total = self.cfg.steps if steps is None else int(steps)
+        cfg = self.cfg
+        if self.is_main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            atomic_write_json(os.path.join(cfg.out_dir, CONFIG_NAME),
+                              {"train": cfg.to_dict(), "model": self.model_config,
+                               "world_size": self.env.world_size})
+        if self.step >= total:
+            return self.history[-1] if self.history else {}
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=self.step, disable=not (self.is_main and cfg.progress),
+                   desc="train", dynamic_ncols=True)
+        window: Dict[str, torch.Tensor] = {}
+        window_steps = 0
+        t_window = time.perf_counter()
+        last_saved = self.step if self.resumed_from else -1
+        stream = self.batches()
+        try:
+            for x, y in stream:
+                metrics = self.train_step(x, y)
+                for k, v in metrics.items():
+                    window[k] = window[k] + v if k in window else v.clone()
+                window_steps += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    record = self._log(window, window_steps, time.perf_counter() - t_window)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                    window, window_steps, t_window = {}, 0, time.perf_counter()
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save()
+                    last_saved = self.step
+                if self.step >= total:
+                    break
+        finally:
+            stream.close()
+            bar.close()
+        if last_saved != self.step:
+            self.save()
+        return self.history[-1] if self.history else {}
+
+    def _log(self, window: Dict[str, torch.Tensor], n: int, seconds: float) -> Dict[str, Any]:
+        keys = sorted(window)
+        means = torch.stack([window[k].to(self.device) / n for k in keys])
+        means = all_reduce_mean(means, self.env).tolist()
+        record: Dict[str, Any] = {"step": self.step, **dict(zip(keys, means))}
+        record["lr"] = self.last_lr
+        record["epoch"] = self.sampler.epoch_at(self.step)
+        record["steps_per_s"] = n / max(seconds, 1e-9)
+        record["samples_per_s"] = record["steps_per_s"] * self.cfg.batch_size
+        record["time"] = time.time()
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"training loss is {record['loss']} at step {self.step}")
+        self.history.append(record)
+        if self.is_main:
+            append_jsonl(os.path.join(self.cfg.out_dir, LOG_NAME), record)
+        return record
+
+    # --------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything a resume needs (collective under DDP: every rank must call it)."""
+        rng = all_gather_objects(capture_rng_state(self.generator), self.env)
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "step": self.step,
+            "model_state_dict": self.model.state_dict(),
+            "ema_state_dict": self.ema.state_dict(),
+            "ema_meta": self.ema.meta(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng,
+            "data": {"seed": self.cfg.seed, "step": self.step, "epoch": self.sampler.epoch_at(self.step),
+                     "global_batch": self.cfg.batch_size, "world_size": self.env.world_size,
+                     "num_samples": len(self.dataset), "hflip": self.sampler.hflip},
+            "config": self.cfg.to_dict(),
+            "model_config": self.model_config,
+        }
+
+    def save(self) -> Optional[str]:
+        """Write a checkpoint for the current step (rank 0 writes; all ranks must call)."""
+        state = self.state_dict()
+        path = None
+        if self.is_main:
+            path = self.checkpoints.save(state, self.step)
+        barrier(self.env)
+        return path
+
+    def load(self, path: str) -> None:
+        """Restore model, EMA, optimizer, scheduler, step and RNG states from a checkpoint."""
+        ckpt = load_checkpoint(path, map_location="cpu")
+        self.model.load_state_dict(ckpt["model_state_dict"])
+        self.ema.load_state_dict(ckpt["ema_state_dict"], ckpt.get("ema_meta"))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        data = ckpt.get("data", {})
+        changed = [k for k, mine in (("seed", self.cfg.seed), ("global_batch", self.cfg.batch_size),
+                                     ("num_samples", len(self.dataset)))
+                   if k in data and data[k] != mine]
+        if changed:
+            warnings.warn(f"resuming {path!r} with a different {', '.join(changed)}: the data order "
+                          "will differ from the original run")
+        rng = ckpt.get("rng") or []
+        if len(rng) == self.env.world_size:
+            restore_rng_state(rng[self.env.rank], self.generator)
+        else:
+            warnings.warn(f"{path!r} was written by {len(rng)} rank(s), this run has {self.env.world_size}; "
+                          "random streams are re-seeded from (seed, step, rank)")
+            seed = _mix_seed(self.cfg.seed, self.env.rank, self.step)
+            _seed_everything(seed)
+            self.generator.manual_seed(seed)
+        self.resumed_from = path
+        if self.is_main and self.cfg.progress:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    def load_initial_weights(self, path: str) -> None:
+        """Start from the weights in ``path`` (model and EMA); optimizer and step stay fresh."""
+        from ..models import load_weights
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"init_weights file {path!r} does not exist")
+        load_weights(self.model, path)
+        self.ema.copy_from(self.model)
+
+    def export_weights(self, path: str, ema: bool = True) -> None:
+        """Write a plain state dict (EMA weights by default) for sampling, atomically."""
+        module = self.ema.module if ema else self.model
+        if self.is_main:
+            atomic_torch_save(module.state_dict(), path)
+        barrier(self.env)
+
+    def close(self) -> None:
+        """Tear down the process group if this trainer started it."""
+        cleanup(self.env)
+
+
+def train(cfg: TrainConfig, model: Optional[nn.Module] = None, loss_fn: Optional[LossFn] = None,
+          dataset: Optional[torch.utils.data.Dataset] = None) -> Trainer:
+    """Build a :class:`Trainer` from ``cfg``, run it to ``cfg.steps`` and return it.
+
+    The returned trainer holds the trained ``model``, its ``ema`` and the log ``history``.
+    """
+    trainer = Trainer(cfg, model=model, loss_fn=loss_fn, dataset=dataset)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return trainer
