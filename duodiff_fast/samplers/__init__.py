@@ -1,0 +1,33 @@
+"""Solvers, classifier-free guidance, reproducible noise, the sampling driver and output writers."""
+from .ddim import DDIMSampler, ddim_sample
+from .ddpm import DDPMSampler, alpha_bar_grid, ddpm_sample, respaced_indices
+from .dpm_solver import DPMSolver, dpm_solver_sample, fast_orders
+from .driver import SOLVERS, generate, sample
+from .guidance import ClassifierFreeGuidance
+from .noise import NoiseSource, mix_seed, seeds_for
+from .outputs import load_npz, make_grid, save_npz, save_png_grid, save_tensor, to_uint8
+
+__all__ = [
+    "DDIMSampler",
+    "DDPMSampler",
+    "DPMSolver",
+    "ClassifierFreeGuidance",
+    "NoiseSource",
+    "SOLVERS",
+    "alpha_bar_grid",
+    "ddim_sample",
+    "ddpm_sample",
+    "dpm_solver_sample",
+    "fast_orders",
+    "generate",
+    "load_npz",
+    "make_grid",
+    "mix_seed",
+    "respaced_indices",
+    "sample",
+    "save_npz",
+    "save_png_grid",
+    "save_tensor",
+    "seeds_for",
+    "to_uint8",
+]

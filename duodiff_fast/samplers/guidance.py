@@ -1,0 +1,66 @@
+"""Classifier-free guidance as a denoiser wrapper."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .ddpm import Denoiser
+
+__all__ = ["ClassifierFreeGuidance"]
+
+
+class ClassifierFreeGuidance:
+    """Guided denoiser: ``cond + scale * (cond - uncond)`` (the U-ViT convention).
+
+    The conditional and unconditional rows are evaluated in ONE batched call of the wrapped
+    denoiser: x and t are concatenated twice, y with a row of ``null_class`` labels. With
+    ``scale == 0`` only the conditional batch is evaluated and returned.
+
+    Args:
+        denoiser: ``eps = denoiser(x, t, y)``.
+        scale: guidance scale s >= 0 (U-ViT's ``cond + s (cond - uncond)``; DPM-Solver's
+            ``uncond + w (cond - uncond)`` is w = s + 1).
+        null_class: label id of the "no class" embedding (the last id of a U-ViT label table).
+    """
+
+    def __init__(self, denoiser: Denoiser, scale: float, null_class: int):
+        if not callable(denoiser):
+            raise TypeError(f"denoiser must be callable, got {type(denoiser).__name__}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale >= 0:
+            raise ValueError(f"scale must be a number >= 0, got {scale!r}")
+        if isinstance(null_class, bool) or not isinstance(null_class, int) or null_class < 0:
+            raise ValueError(f"null_class must be a non-negative int, got {null_class!r}")
+        self.denoiser = denoiser
+        self.scale = float(scale)
+        self.null_class = null_class
+
+    def __repr__(self) -> str:
+        return f"ClassifierFreeGuidance(scale={self.scale}, null_class={self.null_class})"
+
+    def check(self, x: Tensor, t: Tensor, y: Optional[Tensor]) -> None:
+        """Validate inputs (and the null class) against the wrapped denoiser, if it can check."""
+        if y is None:
+            raise ValueError("classifier-free guidance needs class labels y of shape (B,), got None")
+        inner = getattr(self.denoiser, "check", None)
+        if inner is not None:
+            inner(x, t, y)
+            inner(x[:1], t.reshape(-1)[:1], torch.full_like(y[:1], self.null_class))
+
+    def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
+        """x (B, ...) float, t (B,) float, y (B,) integer class ids -> guided eps (B, ...)."""
+        if y is None:
+            raise ValueError("classifier-free guidance needs class labels y of shape (B,), got None")
+        if not isinstance(y, Tensor) or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"y must be an integer tensor of class ids, got {getattr(y, 'dtype', type(y).__name__)}")
+        B = x.shape[0]
+        if tuple(y.shape) != (B,):
+            raise ValueError(f"y must have shape ({B},), got {tuple(y.shape)}")
+        if self.scale == 0.0:
+            return self.denoiser(x, t, y)
+        t = t.reshape(-1).expand(B) if t.numel() == 1 else t
+        null = torch.full_like(y, self.null_class)
+        both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        cond, uncond = both[:B], both[B:]
+        return cond + self.scale * (cond - uncond)
