@@ -6,9 +6,34 @@ values, so they are cheap enough to run on every public call.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import contextlib
+import threading
+from typing import Iterator, Optional, Sequence
 
 import torch
+
+_STATE = threading.local()
+
+
+@contextlib.contextmanager
+def inputs_validated() -> Iterator[None]:
+    """Inside this block, skip the checks that read tensor *values* (ranges of t and labels).
+
+    Reading a value from a GPU tensor synchronises the host with the device, and under
+    ``torch.compile`` it breaks the graph. A sampler validates its inputs once, before its first
+    step, and then runs its loop inside this block: shape and dtype checks (free) still run.
+    """
+    previous = getattr(_STATE, "trusted", False)
+    _STATE.trusted = True
+    try:
+        yield
+    finally:
+        _STATE.trusted = previous
+
+
+def values_trusted() -> bool:
+    """True inside :func:`inputs_validated` or while ``torch.compile`` traces the code."""
+    return getattr(_STATE, "trusted", False) or torch.compiler.is_compiling()
 
 
 def check_image_batch(
@@ -54,6 +79,8 @@ def check_timesteps(
         raise ValueError(f"{name} must have shape ({batch},) or be a scalar, got {tuple(t.shape)}")
     if t.is_complex():
         raise TypeError(f"{name} must be real, got dtype {t.dtype}")
+    if values_trusted():
+        return
     if t.numel() and not bool(torch.isfinite(t.float()).all()):
         raise ValueError(f"{name} contains NaN or infinite values")
     if t.numel():
@@ -94,6 +121,8 @@ def check_labels(
         raise TypeError(f"{name} must be an integer tensor of class ids, got dtype {y.dtype}")
     if tuple(y.shape) != (batch,):
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(y.shape)}")
+    if values_trusted():
+        return
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
         raise ValueError(

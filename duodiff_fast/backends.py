@@ -1,0 +1,64 @@
+"""Execution backends for inference: one place that turns a model into the variant that runs.
+
+Backends:
+    reference      eager PyTorch in float32, attention computed in float32 (the official path).
+    eager-bf16     eager PyTorch with bfloat16 weights and activations, attention in bfloat16.
+    torch.compile  the eager-bf16 model compiled with ``torch.compile`` (the usual peer to beat).
+
+The solver state stays in float32 whatever the backend; :class:`~duodiff_fast.methods.ModelDenoiser`
+casts the network input to the backbone's dtype and the prediction back.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+BACKENDS = ("reference", "eager-bf16", "torch.compile")
+
+
+def check_backend(name: str) -> str:
+    """Return ``name`` if it is a known backend, else raise a ValueError listing the known ones."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return name
+
+
+def prepare_model(
+    model: torch.nn.Module,
+    backend: str = "reference",
+    compile_mode: Optional[str] = None,
+    copy_model: bool = True,
+) -> torch.nn.Module:
+    """The inference form of ``model`` for ``backend`` (in eval mode).
+
+    Args:
+        model: a UViT (any module with ``set_attention_upcast`` for the bf16 backends).
+        backend: one of :data:`BACKENDS`.
+        compile_mode: ``torch.compile`` mode for the "torch.compile" backend (default: PyTorch's).
+        copy_model: work on a deep copy so the caller's (training) model is left untouched.
+    """
+    check_backend(backend)
+    m = copy.deepcopy(model) if copy_model else model
+    m.eval()
+    if backend == "reference":
+        m.float()
+        if hasattr(m, "set_attention_upcast"):
+            m.set_attention_upcast(True)
+        return m
+    m.to(torch.bfloat16)
+    if hasattr(m, "set_attention_upcast"):
+        m.set_attention_upcast(False)
+    if backend == "torch.compile":
+        # Keep the model's attributes (in_chans, img_size, ...) reachable: compile the forward only.
+        m.forward = torch.compile(m.forward, mode=compile_mode, dynamic=False)
+    return m
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's first floating-point parameter (float32 if it has none)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
