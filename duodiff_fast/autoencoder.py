@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models.checkpoint import CheckpointError, read_checkpoint_file
+from .models.checkpoint import CheckpointError, key_mismatch_lines, read_checkpoint_file
 
 __all__ = [
     "AutoencoderKL",
@@ -386,27 +386,9 @@ def infer_ddconfig(state_dict: Mapping[str, torch.Tensor], resolution: int = 256
 
 
 def _mismatch_report(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> Optional[str]:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(sd)
-        if tuple(own[k].shape) != tuple(sd[k].shape)
-    )
-    if not (missing or unexpected or shapes):
+    lines = key_mismatch_lines(model, sd, what="autoencoder checkpoint")
+    if not lines:
         return None
-
-    def fmt(items: List[str], n: int = 10) -> str:
-        return ", ".join(items[:n]) + (f" ... (+{len(items) - n} more)" if len(items) > n else "")
-
-    lines = ["autoencoder checkpoint does not match the model:"]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): {fmt(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): {fmt(unexpected)}")
-    if shapes:
-        lines.append(f"  shape mismatches ({len(shapes)}): {fmt(shapes, 6)}")
     try:
         cfg, emb = infer_ddconfig(sd)
         lines.append(f"  the weights look like ddconfig={cfg}, embed_dim={emb}")

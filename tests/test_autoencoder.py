@@ -1,7 +1,4 @@
 """Tests for the Stable Diffusion KL-f8 autoencoder (duodiff_fast.autoencoder)."""
-import os
-import pathlib
-
 import pytest
 import torch
 
@@ -12,22 +9,13 @@ from duodiff_fast.autoencoder import (
     extract_autoencoder_state_dict,
     infer_ddconfig,
 )
-
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _golden_path() -> pathlib.Path:
-    env = os.environ.get("DUODIFF_GOLDEN")
-    if env:
-        p = pathlib.Path(env)
-        return p if p.is_absolute() else REPO_ROOT / p
-    return REPO_ROOT / ".." / "shared" / "golden" / "uvit_reference.pt"
+from tests.conftest import golden_path
 
 
 @pytest.fixture(scope="module")
 def ae_golden():
     """The golden ``autoencoder`` entry, or skip with the reason when it is absent."""
-    path = _golden_path()
+    path = golden_path()
     if not path.is_file():
         pytest.skip(f"golden file not found at {path} (set DUODIFF_GOLDEN to its path)")
     data = torch.load(path, map_location="cpu", weights_only=True)

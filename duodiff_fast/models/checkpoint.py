@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import zipfile
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -117,7 +117,11 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, object]:
     return config
 
 
-def _mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+def key_mismatch_lines(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str = "checkpoint") -> List[str]:
+    """Lines describing how ``sd`` differs from ``model``'s state dict (empty when it fits).
+
+    Lists missing keys, unexpected keys and shape mismatches (the first few of each).
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -127,18 +131,25 @@ def _mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> 
         if tuple(own[k].shape) != tuple(sd[k].shape)
     )
     if not (missing or unexpected or shapes):
-        return None
+        return []
 
     def fmt(items, n=10):
         return ", ".join(items[:n]) + (f" ... (+{len(items) - n} more)" if len(items) > n else "")
 
-    lines = ["checkpoint does not match the model:"]
+    lines = [f"{what} does not match the model:"]
     if missing:
         lines.append(f"  missing keys ({len(missing)}): {fmt(missing)}")
     if unexpected:
         lines.append(f"  unexpected keys ({len(unexpected)}): {fmt(unexpected)}")
     if shapes:
         lines.append(f"  shape mismatches ({len(shapes)}): {fmt(shapes, 6)}")
+    return lines
+
+
+def _mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+    lines = key_mismatch_lines(model, sd)
+    if not lines:
+        return None
     try:
         cfg = infer_config(sd)
         fits = matching_configs(cfg)
