@@ -1,11 +1,19 @@
 """Build script for duodiff-fast.
 
-The package is pure Python for now. ``kernels/`` (Triton kernels) is shipped as the
-subpackage ``duodiff_fast.kernels`` when it holds a package, and ``csrc/`` (C++/CUDA ops for
-``duodiff_fast._C``) is compiled here once it holds sources; with neither present the package
-installs and imports as plain Python.
+``kernels/`` (Triton kernels) is shipped as the subpackage ``duodiff_fast.kernels`` when it holds a
+package, and ``csrc/`` (C++/CUDA ops) is compiled into ``duodiff_fast._C`` with
+``torch.utils.cpp_extension``:
+
+* ``DUODIFF_FAST_BUILD=cuda|cpu|none`` picks the build; unset: ``cuda`` when a CUDA toolkit is found
+  (``CUDA_HOME``, else ``/usr/local/cuda`` when present), ``cpu`` otherwise.
+* ``TORCH_CUDA_ARCH_LIST`` (default: the supported architectures, Hopper included, see
+  ``DEFAULT_CUDA_ARCHS``) and ``MAX_JOBS`` are honoured.
+* torch must be importable while building: install with ``pip install --no-build-isolation`` (after
+  torch). Under build isolation torch is absent, the extension is skipped with a message and the
+  package runs on its PyTorch fallback.
 """
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -25,6 +33,51 @@ if os.path.isfile(os.path.join(HERE, "kernels", "__init__.py")):
     # kernels/ lives at the top level (see DESIGN.md) but installs as duodiff_fast.kernels.
     packages.append("duodiff_fast.kernels")
     package_dir["duodiff_fast.kernels"] = "kernels"
+
+# ---- duodiff_fast._C ----------------------------------------------------------------------------
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"  # A100, RTX 30xx/A10, L4/RTX 40xx, H100/H200 (+ PTX)
+
+
+def _native_extensions():
+    """([extension], cmdclass) for duodiff_fast._C, or ([], {}) when nothing is to be built."""
+    mode = os.environ.get("DUODIFF_FAST_BUILD", "").strip().lower() or "auto"
+    if mode not in ("auto", "cuda", "cpu", "none"):
+        raise SystemExit(f"DUODIFF_FAST_BUILD must be cuda, cpu or none, got {mode!r}")
+    csrc = os.path.join(HERE, "csrc")
+    cpp = sorted(f for f in os.listdir(csrc) if f.endswith(".cpp")) if os.path.isdir(csrc) else []
+    cu = sorted(f for f in os.listdir(csrc) if f.endswith(".cu")) if os.path.isdir(csrc) else []
+    if mode == "none" or not cpp:
+        return [], {}
+    try:
+        import torch  # noqa: F401
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("duodiff-fast: torch is not importable at build time (pip build isolation?): skipping "
+              "duodiff_fast._C; install with `pip install --no-build-isolation` to build it", file=sys.stderr)
+        return [], {}
+    if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+        cpp_extension.CUDA_HOME = "/usr/local/cuda"
+    has_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if mode == "cuda" and not has_cuda:
+        raise SystemExit("DUODIFF_FAST_BUILD=cuda but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch")
+    use_cuda = has_cuda and mode in ("auto", "cuda")
+    rel = lambda names: [os.path.join("csrc", n) for n in names]  # noqa: E731
+    cxx = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension (C++20 for torch >= 2.10)
+    if use_cuda:
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        # e.g. "8.0;9.0+PTX" -> 80_90_PTX: one preprocessor token, no quotes to lose in the shell
+        tag = "".join(c if c.isalnum() else ("" if c == "." else "_") for c in archs.strip())
+        macros = [("DUODIFF_WITH_CUDA", "1"), ("DUODIFF_CUDA_ARCHS", tag or "unknown")]
+        ext = cpp_extension.CUDAExtension(
+            "duodiff_fast._C", rel(cpp + cu), define_macros=macros,
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
+    else:
+        ext = cpp_extension.CppExtension("duodiff_fast._C", rel(cpp), extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _native_extensions()
 
 setup(
     name="duodiff-fast",
@@ -46,4 +99,6 @@ setup(
         "test": ["pytest>=7"],
     },
     entry_points={"console_scripts": ["duodiff-fast=duodiff_fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

@@ -4,6 +4,10 @@ Backends:
     reference      eager PyTorch in float32, attention computed in float32 (the official path).
     eager-bf16     eager PyTorch with bfloat16 weights and activations, attention in bfloat16.
     torch.compile  the eager-bf16 model compiled with ``torch.compile`` (the usual peer to beat).
+    triton         the fused Triton kernels (``duodiff_fast.models.fused.FusedUViT``): bfloat16 on
+                   CUDA; float32 on the CPU, where it runs only in Triton's interpreter (tests).
+                   Asking for it where it cannot run raises with the reason
+                   (``duodiff_fast.dispatch.triton_unavailable_reason``).
 
 The solver state stays in float32 whatever the backend; :class:`~duodiff_fast.methods.ModelDenoiser`
 casts the network input to the backbone's dtype and the prediction back.
@@ -15,7 +19,7 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("reference", "eager-bf16", "torch.compile")
+BACKENDS = ("reference", "eager-bf16", "torch.compile", "triton")
 
 
 def check_backend(name: str) -> str:
@@ -42,6 +46,8 @@ def prepare_model(
     check_backend(backend)
     m = copy.deepcopy(model) if copy_model else model
     m.eval()
+    if backend == "triton":
+        return _prepare_triton(m)
     if backend == "reference":
         m.float()
         if hasattr(m, "set_attention_upcast"):
@@ -54,6 +60,25 @@ def prepare_model(
         # Keep the model's attributes (in_chans, img_size, ...) reachable: compile the forward only.
         m.forward = torch.compile(m.forward, mode=compile_mode, dynamic=False)
     return m
+
+
+def _prepare_triton(m: torch.nn.Module) -> torch.nn.Module:
+    """Wrap a UViT for the Triton kernels (raises BackendUnavailable with the reason if they cannot run)."""
+    from . import dispatch
+    from .models.fused import FusedUViT
+
+    device = next((p.device for p in m.parameters()), torch.device("cpu"))
+    reason = dispatch.triton_unavailable_reason(device)
+    if reason is not None:
+        raise dispatch.BackendUnavailable(f"the 'triton' backend cannot run: {reason}")
+    if device.type == "cuda":
+        m.to(torch.bfloat16)
+        if hasattr(m, "set_attention_upcast"):
+            m.set_attention_upcast(False)
+    else:
+        m.float()
+    m.requires_grad_(False)
+    return FusedUViT(m, backend="triton").eval()
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:

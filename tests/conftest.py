@@ -5,6 +5,11 @@ import pathlib
 import pytest
 import torch
 
+# Without CUDA the Triton kernels can only run in Triton's CPU interpreter, which reads
+# TRITON_INTERPRET when triton is imported: set it before any test imports triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 

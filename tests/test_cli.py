@@ -98,11 +98,12 @@ def test_train_then_sample_from_its_checkpoint(tmp_path):
 def test_bench_cli_writes_json(tmp_path):
     out = tmp_path / "lat.json"
     main(["bench", "--configs", "tiny", "--solvers", "ddim", "--ddim-steps", "4", "--backends", "reference",
-          "--t-s", "0,500", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu",
+          "--t-s", "0,500", "--adadiff-thetas", "", "--methods", "", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu",
           "--out", str(out)])
     data = json.loads(out.read_text())
     assert data["environment"]["device"] and data["environment"]["torch"] == torch.__version__
-    assert [r["t_s"] for r in data["rows"]] == [0, 500]
+    duo = [r for r in data["rows"] if r.get("method") == "base" or str(r.get("method", "")).startswith("DuoDiff")]
+    assert [r["t_s"] for r in duo] == [0, 500]
     assert data["rows"][0]["per_sample"]["median_s"] > 0
 
 

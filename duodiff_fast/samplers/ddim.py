@@ -32,6 +32,7 @@ from .ddpm import (
     check_num_steps,
     check_solver_inputs,
     draw_noise,
+    fused_update,
     respaced_indices,
 )
 from .noise import NoiseSource
@@ -49,7 +50,14 @@ class DDIMSampler:
         spacing: see :func:`~duodiff_fast.samplers.ddpm.respaced_indices`.
     """
 
-    def __init__(self, schedule: NoiseSchedule, num_steps: Optional[int] = 50, eta: float = 0.0, spacing: str = "uniform"):
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        num_steps: Optional[int] = 50,
+        eta: float = 0.0,
+        spacing: str = "uniform",
+        fused: bool = False,
+    ):
         t_grid, ab_grid = alpha_bar_grid(schedule)
         N = t_grid.numel()
         if num_steps is None:
@@ -67,6 +75,7 @@ class DDIMSampler:
         self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
         ab, abp = self.alpha_bar, self.alpha_bar_prev
         self.sigmas = self.eta * torch.sqrt((1.0 - abp) / (1.0 - ab)) * torch.sqrt(1.0 - ab / abp)
+        self.fused = bool(fused)  # one a*x + b*eps + c*z update per step (see DDPMSampler)
 
     def sample(
         self,
@@ -86,8 +95,14 @@ class DDIMSampler:
             t = self.times[k]
             ab, abp, sigma = float(self.alpha_bar[k]), float(self.alpha_bar_prev[k]), float(self.sigmas[k])
             eps = call_denoiser(denoiser, x, t, y)
-            x0_pred = (x - (1.0 - ab) ** 0.5 * eps) / ab**0.5
             dir_coef = max(1.0 - abp - sigma * sigma, 0.0) ** 0.5
+            if self.fused:
+                a = (abp / ab) ** 0.5
+                x = fused_update(x, eps, a, dir_coef - a * (1.0 - ab) ** 0.5, sigma, noise_source)
+                if callback is not None:
+                    callback(step, torch.full((x.shape[0],), float(t), dtype=torch.float64), x)
+                continue
+            x0_pred = (x - (1.0 - ab) ** 0.5 * eps) / ab**0.5
             x = abp**0.5 * x0_pred + dir_coef * eps
             if sigma > 0:
                 x = x + sigma * draw_noise(noise_source, x)
@@ -106,6 +121,7 @@ def ddim_sample(
     eta: float = 0.0,
     spacing: str = "uniform",
     callback: Optional[StepCallback] = None,
+    fused: bool = False,
 ) -> Tensor:
     """Functional form of :class:`DDIMSampler`: returns x_0 with the shape of ``x_T``."""
-    return DDIMSampler(schedule, num_steps, eta, spacing).sample(denoiser, x_T, y, noise_source, callback)
+    return DDIMSampler(schedule, num_steps, eta, spacing, fused).sample(denoiser, x_T, y, noise_source, callback)

@@ -67,6 +67,7 @@ def _build(
     skip_type: str,
     predict_x0: bool,
     t_end: Optional[float],
+    fused: bool = False,
 ):
     """Return (run(x_T, y, noise_source, callback) -> x_0, number of progress steps)."""
     if num_steps is None:
@@ -74,19 +75,19 @@ def _build(
     if solver == "ddpm":
         grid = alpha_bar_grid(schedule)[0].numel()
         num_steps = grid if num_steps is None else check_num_steps(num_steps, grid)
-        s = DDPMSampler(schedule, num_steps, variance, spacing or "linspace")
+        s = DDPMSampler(schedule, num_steps, variance, spacing or "linspace", fused=fused)
         return (lambda x, y, ns, cb: s.sample(denoiser, x, y, ns, cb)), num_steps
     if solver == "ddim":
         grid = alpha_bar_grid(schedule)[0].numel()
         check_num_steps(num_steps, grid)
-        s = DDIMSampler(schedule, num_steps, eta, spacing or "uniform")
+        s = DDIMSampler(schedule, num_steps, eta, spacing or "uniform", fused=fused)
         return (lambda x, y, ns, cb: s.sample(denoiser, x, y, ns, cb)), num_steps
     # dpm_solver
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int for dpm_solver, got {num_steps!r}")
     if t_end is not None:
         schedule.check_t(torch.tensor(float(t_end), dtype=torch.float64), "t_end")
-    solver_obj = DPMSolver(denoiser, schedule, predict_x0=predict_x0)
+    solver_obj = DPMSolver(denoiser, schedule, predict_x0=predict_x0, fused=fused)
     if method == "multistep":
         n_outer = num_steps
     elif method == "singlestep_fixed":
@@ -125,6 +126,8 @@ def sample(
     dtype: torch.dtype = torch.float32,
     progress: bool = True,
     callback: Optional[Callable[[int, Tensor, Tensor], None]] = None,
+    noise: str = "torch",
+    fused: bool = False,
 ) -> Tensor:
     """Draw one batch of samples.
 
@@ -147,6 +150,10 @@ def sample(
         device, dtype: where and in which float dtype the sample is computed.
         progress: show a tqdm bar over the solver steps.
         callback: ``callback(step, t, x)`` after each solver step.
+        noise: ``"torch"`` (per-sample CPU generators, :class:`NoiseSource`) or ``"philox"``
+            (counter-based, drawn on ``device``: :class:`~duodiff_fast.samplers.philox.PhiloxNoise`;
+            what the CUDA-graph sampler uses).
+        fused: fuse each DDPM/DDIM/first-order DPM-Solver update into one op (native with ``_C``).
     Returns:
         x_0 of ``shape`` on ``device`` in ``dtype``.
     """
@@ -165,11 +172,19 @@ def sample(
         y = y.to(device=device, dtype=torch.long)
     if seeds is None:
         seeds = seeds_for(base_seed, 0, B)
-    noise_source = NoiseSource(seeds, device=device, dtype=dtype)
+    if noise not in ("torch", "philox"):
+        raise ValueError(f"noise must be 'torch' or 'philox', got {noise!r}")
+    if noise == "philox":
+        from .philox import PhiloxNoise
+
+        noise_source = PhiloxNoise(seeds, device=device, dtype=dtype)
+    else:
+        noise_source = NoiseSource(seeds, device=device, dtype=dtype)
     if len(noise_source) != B:
         raise ValueError(f"seeds must hold one seed per sample ({B}), got {len(noise_source)}")
     run, n_steps = _build(
-        solver, denoiser, schedule, num_steps, eta, order, variance, spacing, method, skip_type, predict_x0, t_end
+        solver, denoiser, schedule, num_steps, eta, order, variance, spacing, method, skip_type, predict_x0, t_end,
+        fused,
     )
     if x_T is None:
         x_T = noise_source.initial(shape)

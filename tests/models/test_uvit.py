@@ -139,3 +139,15 @@ class TestBadInput:
             UViT(img_size=16, patch_size=2, depth=3)
         with pytest.raises(ValueError, match="num_heads"):
             UViT(img_size=16, patch_size=2, embed_dim=30, num_heads=4, depth=2)
+
+
+def test_bf16_weights_with_time_mlp_and_labels():
+    """A bf16 model with mlp_time_embed (the latent configs) runs and stays close to float32."""
+    torch.manual_seed(0)
+    m = create_model("tiny-latent").eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3.0, 900.0]), torch.tensor([1, 10])
+    with torch.no_grad():
+        ref = m(x, t, y)
+        low = m.to(torch.bfloat16).set_attention_upcast(False)(x.bfloat16(), t, y)
+    assert low.dtype == torch.bfloat16
+    assert rel_err(low.float(), ref) < 0.05

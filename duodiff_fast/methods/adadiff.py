@@ -1,0 +1,473 @@
+"""AdaDiff: per-sample early exit through uncertainty estimation modules, with a real shrinking batch.
+
+AdaDiff (DuoDiff paper, appendix A) attaches to a U-ViT backbone with N = depth + 1 transformer
+layers, *before* each layer i = 0 .. N-1, an output head g_i and a timestep-aware uncertainty
+estimation module (UEM) u_i in [0, 1]. A sample exits at the first i with u_i <= theta and its
+noise prediction is g_i(L_i); if no UEM fires, the backbone's own final layer (``decode``) is the
+last exit g_N. So there are **N + 1 exit points** and N UEMs.
+
+Exit-layer numbering (the y axis of the paper's figure 1): the *exit layer* of a sample is the
+number of transformer layers it ran, a 1-based layer count: exiting at head i means layers
+1 .. i ran, so the exit layer is i (0 = exit at the head on the embedded tokens, before layer 1;
+N = the full network, exit through the backbone's decode). The work of a sample is proportional
+to its exit layer (plus the small heads and UEMs), hence the paper's time estimate
+``base time * mean exit layer / N``.
+
+Shapes and pooling (our choices where the paper is silent):
+    * activations L_i: (B, extras + L, D) tokens entering layer i (after embed for i = 0).
+    * output head g_i: LayerNorm(D) -> Linear(D, p*p*C) -> drop the extra (label/time) tokens ->
+      unpatchify -> 3x3 conv (Identity when the backbone has ``conv=False``): (B, C, H, W), the
+      backbone's final layer. By default each head starts as a copy of the final layer.
+    * UEM u_i: **mean over the patch tokens** (the extra tokens are left out) -> (B, D), then
+      LayerNorm(D); concatenated with the timestep embedding, the raw sinusoidal embedding of the
+      network's timestep input (B, D) -> (B, 2D); one Linear(2D, 1) and a sigmoid -> (B,).
+      That is the paper's eq. 4, u = f(w^T [L, timesteps] + b) with f = sigmoid, plus a LayerNorm
+      so that one weight scale fits every layer's activations. ``uem_hidden > 0`` inserts a hidden
+      layer (Linear, GELU) for the MLP variant of the paper's figure 7.
+
+Objective (eq. 6-8, :class:`AdaDiffObjective`): L = L_simple + lambda * L_u + beta * L_UAL with
+    L_simple = mean (g_N - eps)^2                           (the backbone's own output)
+    u_hat_i  = tanh(mean_{C,H,W} |g_i - eps|)  per sample   (pseudo-uncertainty, no gradient)
+    L_u      = sum_i mean_b (u_i - u_hat_i)^2
+    L_UAL    = sum_i mean_b (1 - u_i) * mean_{C,H,W} (g_i - eps)^2
+Squared norms are means over pixels (the scale of L_simple), summed over heads, averaged over the
+batch. The (1 - u) weight carries gradient, as written in eq. 7 (``detach_ual_weight=True`` stops it).
+
+Inference, two implementations that agree to rounding:
+    * :meth:`AdaDiffUViT.exit_simulated`: every sample through every layer and head, then pick
+      (the reference; what the DuoDiff authors timed).
+    * :meth:`AdaDiffUViT.exit_shrinking`: after each UEM the exiting rows run their head and are
+      written to their places in the output; the remaining rows, with their pending U-ViT skip
+      tensors and timestep embeddings, are compacted (``duodiff_fast.ops.compaction``) and go on,
+      so layer i processes only the rows still active.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..backends import model_dtype
+from ..models.uvit import UViT, timestep_embedding, unpatchify
+from ..ops.compaction import active_indices, gather_rows, scatter_rows
+from .denoiser import ModelDenoiser
+
+__all__ = [
+    "OutputHead",
+    "UncertaintyModule",
+    "AdaDiffUViT",
+    "AdaDiffOutputs",
+    "AdaDiffObjective",
+    "AdaDiff",
+    "check_theta",
+    "set_synthetic_exit_profile",
+]
+
+EXIT_MODES = ("shrinking", "simulated")
+
+
+def check_theta(theta) -> float:
+    """Return theta as a float if it is a number in [0, 1]; raise a clear error otherwise."""
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta):
+        raise ValueError(f"theta must be a finite number in [0, 1], got {theta!r}")
+    if not 0.0 <= float(theta) <= 1.0:
+        raise ValueError(f"theta must lie in [0, 1] (u is a sigmoid output), got {theta!r}")
+    return float(theta)
+
+
+class OutputHead(nn.Module):
+    """Early-exit head, shaped like U-ViT's final layer: (B, extras + L, D) -> (B, C, H, W)."""
+
+    def __init__(self, embed_dim: int, patch_size: int, in_chans: int, extras: int, conv: bool):
+        super().__init__()
+        self.extras = extras
+        self.in_chans = in_chans
+        self.norm = nn.LayerNorm(embed_dim)
+        self.decoder_pred = nn.Linear(embed_dim, patch_size ** 2 * in_chans)
+        self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_pred(self.norm(tokens))  # (B, N, p*p*C)
+        x = x[:, self.extras:, :]  # (B, L, p*p*C)
+        return self.final_layer(unpatchify(x, self.in_chans))  # (B, C, H, W)
+
+
+class UncertaintyModule(nn.Module):
+    """Timestep-aware UEM: tokens (B, N, D) and time embedding (B, D) -> u (B,) in [0, 1].
+
+    Mean over the patch tokens (tokens ``extras:``) -> (B, D), LayerNorm, concat with the time
+    embedding -> (B, 2D), Linear(2D, 1) (or Linear(2D, hidden), GELU, Linear(hidden, 1)), sigmoid.
+    Pooling before the norm keeps the module's cost at O(B N D) adds, small beside a layer.
+
+    The single-layer form is evaluated as ``w_a . LN(pool(L)) + (w_t . temb + b)``: the time part
+    (:meth:`time_logit`) depends only on t, so the shrinking batch computes it once per call for
+    every UEM; both exit paths use this same split so their u agree.
+    """
+
+    def __init__(self, embed_dim: int, extras: int, hidden: int = 0):
+        super().__init__()
+        self.extras = extras
+        self.embed_dim = embed_dim
+        self.norm = nn.LayerNorm(embed_dim)
+        if hidden > 0:
+            self.mlp = nn.Sequential(nn.Linear(2 * embed_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        else:
+            self.mlp = nn.Sequential(nn.Linear(2 * embed_dim, 1))
+
+    @property
+    def out_linear(self) -> nn.Linear:
+        return self.mlp[-1]
+
+    @property
+    def is_linear(self) -> bool:
+        return len(self.mlp) == 1
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, D): LayerNorm of the mean patch token."""
+        return self.norm(tokens[:, self.extras:, :].mean(dim=1))
+
+    def time_logit(self, temb: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B,): the time part of the logit, bias included (single-layer UEMs only)."""
+        lin = self.mlp[0]
+        return F.linear(temb.to(lin.weight.dtype), lin.weight[:, self.embed_dim:], lin.bias).squeeze(-1)
+
+    def act_logit(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B,): the activation part of the logit (single-layer UEMs only)."""
+        lin = self.mlp[0]
+        return F.linear(self.pooled(tokens), lin.weight[:, :self.embed_dim]).squeeze(-1)
+
+    def forward(self, tokens: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if self.is_linear:
+            return torch.sigmoid(self.act_logit(tokens) + self.time_logit(temb))  # (B,)
+        feats = torch.cat([self.pooled(tokens), temb.to(tokens.dtype)], dim=-1)  # (B, 2D)
+        return torch.sigmoid(self.mlp(feats).squeeze(-1))
+
+
+class AdaDiffOutputs(NamedTuple):
+    """Everything the training forward computes.
+
+    final: (B, C, H, W) the backbone's own output g_N; heads: (N, B, C, H, W) the early heads
+    g_0 .. g_{N-1}; u: (N, B) the UEM outputs u_0 .. u_{N-1}.
+    """
+
+    final: torch.Tensor
+    heads: torch.Tensor
+    u: torch.Tensor
+
+
+class AdaDiffUViT(nn.Module):
+    """Early-exit U-ViT wrapping ``backbone`` (its modules and parameters are used unchanged).
+
+    Args:
+        backbone: a :class:`~duodiff_fast.models.uvit.UViT`.
+        uem_hidden: hidden width of the UEM MLP; 0 (default) is the paper's single FC layer.
+        init_heads_from_final: start every head as a copy of the backbone's final layer.
+        freeze_backbone: leave the backbone's parameters out of training (the paper's setting).
+
+    ``forward(x, timesteps, y)`` is the training forward and returns :class:`AdaDiffOutputs`;
+    inference goes through :meth:`exit_simulated` / :meth:`exit_shrinking` (or the :class:`AdaDiff`
+    denoiser). Attributes ``num_layers`` (N), ``num_exits`` (N + 1).
+
+    Load the backbone's weights before wrapping (``AdaDiffUViT(load_model(path), freeze_backbone=True)``):
+    the wrapper's own state dict prefixes the backbone's keys with ``backbone.``.
+    """
+
+    def __init__(self, backbone: UViT, uem_hidden: int = 0, init_heads_from_final: bool = True,
+                 freeze_backbone: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        n = backbone.num_layers
+        d = backbone.embed_dim
+        conv = not isinstance(backbone.final_layer, nn.Identity)
+        self.heads = nn.ModuleList(
+            [OutputHead(d, backbone.patch_size, backbone.in_chans, backbone.extras, conv) for _ in range(n)])
+        self.uems = nn.ModuleList([UncertaintyModule(d, backbone.extras, uem_hidden) for _ in range(n)])
+        self._init_new_modules(init_heads_from_final)
+        if freeze_backbone:
+            self.freeze_backbone()
+
+    def _init_new_modules(self, from_final: bool) -> None:
+        for head in self.heads:
+            if from_final:
+                head.norm.load_state_dict(self.backbone.norm.state_dict())
+                head.decoder_pred.load_state_dict(self.backbone.decoder_pred.state_dict())
+                head.final_layer.load_state_dict(self.backbone.final_layer.state_dict())
+            else:
+                nn.init.trunc_normal_(head.decoder_pred.weight, std=0.02)
+                nn.init.zeros_(head.decoder_pred.bias)
+        for uem in self.uems:
+            for m in uem.mlp:
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------ properties
+    def freeze_backbone(self, frozen: bool = True) -> "AdaDiffUViT":
+        """Exclude (or re-include) the backbone's parameters from training."""
+        self.backbone.requires_grad_(not frozen)
+        return self
+
+    @property
+    def num_layers(self) -> int:
+        return self.backbone.num_layers
+
+    @property
+    def num_exits(self) -> int:
+        return self.backbone.num_layers + 1
+
+    # The backbone's interface, as the denoiser adapters and the trainer read it.
+    in_chans = property(lambda self: self.backbone.in_chans)
+    img_size = property(lambda self: self.backbone.img_size)
+    patch_size = property(lambda self: self.backbone.patch_size)
+    num_classes = property(lambda self: self.backbone.num_classes)
+    embed_dim = property(lambda self: self.backbone.embed_dim)
+    is_conditional = property(lambda self: self.backbone.is_conditional)
+    null_class = property(lambda self: self.backbone.null_class)
+
+    def set_attention_upcast(self, upcast: bool) -> "AdaDiffUViT":
+        self.backbone.set_attention_upcast(upcast)
+        return self
+
+    # --------------------------------------------------------------- pieces
+    def _start(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor]):
+        """Embedded tokens (B, N, D) and the UEMs' time embedding (B, D)."""
+        b = x.shape[0]
+        if timesteps.dim() == 0 or timesteps.shape[0] == 1:
+            timesteps = timesteps.reshape(1).expand(b)
+        tokens = self.backbone.embed(x, timesteps, y)
+        temb = timestep_embedding(timesteps, self.backbone.embed_dim).to(tokens.dtype)
+        return tokens, temb
+
+    def _layer(self, i: int, h: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
+        """Run transformer layer i (0-based, execution order) on h, maintaining the skip stack."""
+        bb = self.backbone
+        n_in = len(bb.in_blocks)
+        if i < n_in:
+            h = bb._call(bb.in_blocks[i], h)
+            skips.append(h)
+        elif i == n_in:
+            h = bb._call(bb.mid_block, h)
+        else:
+            h = bb._call(bb.out_blocks[i - n_in - 1], h, skips.pop())
+        return h
+
+    # -------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None) -> AdaDiffOutputs:
+        """Every layer, head and UEM on the whole batch (training, and the simulated exit)."""
+        if not torch.compiler.is_compiling():
+            self.backbone.check_inputs(x, timesteps, y)
+        h, temb = self._start(x, timesteps, y)
+        skips: List[torch.Tensor] = []
+        heads, us = [], []
+        for i in range(self.num_layers):
+            heads.append(self.heads[i](h))
+            us.append(self.uems[i](h, temb))
+            h = self._layer(i, h, skips)
+        final = self.backbone.decode(h)
+        return AdaDiffOutputs(final, torch.stack(heads), torch.stack(us))
+
+    @staticmethod
+    def exit_layers_from_u(u: torch.Tensor, theta: float) -> torch.Tensor:
+        """(N, B) uncertainties -> (B,) int64 exit layer: first i with u_i <= theta, else N."""
+        n = u.shape[0]
+        fire = u.float() <= theta  # (N, B)
+        idx = torch.arange(n, device=u.device).unsqueeze(1).expand_as(fire)
+        return torch.where(fire, idx, torch.full_like(idx, n)).min(dim=0).values
+
+    @torch.no_grad()
+    def exit_simulated(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor],
+                       theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Reference exit: all samples through all layers, then pick each one's exit output.
+
+        Returns eps (B, C, H, W) and exit layers (B,) int64 in [0, N].
+        """
+        theta = check_theta(theta)
+        out = self.forward(x, timesteps, y)
+        exits = self.exit_layers_from_u(out.u, theta)
+        every = torch.cat([out.heads, out.final.unsqueeze(0)])  # (N + 1, B, C, H, W)
+        eps = every[exits, torch.arange(x.shape[0], device=x.device)]
+        return eps, exits
+
+    @torch.no_grad()
+    def exit_shrinking(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor],
+                       theta: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Shrinking-batch exit: layer i only processes the rows still active before it.
+
+        Returns eps (B, C, H, W) and exit layers (B,) int64 in [0, N], equal (to rounding) to
+        :meth:`exit_simulated`.
+        """
+        theta = check_theta(theta)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Row counts are read on the host after every UEM: no single graph can hold this.
+            raise RuntimeError("the shrinking batch cannot be captured in one CUDA graph (its shapes are "
+                               "decided on the host after every layer); use mode='simulated' under capture")
+        if not torch.compiler.is_compiling():
+            self.backbone.check_inputs(x, timesteps, y)
+        b = x.shape[0]
+        h, temb = self._start(x, timesteps, y)  # (B, N, D), (B, D)
+        out = torch.empty((b, self.in_chans, self.img_size, self.img_size), dtype=h.dtype, device=x.device)
+        exits = torch.full((b,), self.num_layers, dtype=torch.long, device=x.device)
+        rows = torch.arange(b, device=x.device)  # original batch position of every active row
+        skips: List[torch.Tensor] = []
+        linear = all(uem.is_linear for uem in self.uems)
+        if linear:  # the time part of every UEM's logit, once: (B, N); compacted like the rows
+            temb = torch.stack([uem.time_logit(temb) for uem in self.uems], dim=1)
+        for i in range(self.num_layers):
+            uem = self.uems[i]
+            u = torch.sigmoid(uem.act_logit(h) + temb[:, i]) if linear else uem(h, temb)
+            done = u.float() <= theta  # (K,)
+            n_done = int(done.sum())
+            if n_done:
+                leave = active_indices(done)
+                (h_done,) = gather_rows([h], leave)
+                scatter_rows(out, rows[leave], self.heads[i](h_done))
+                exits[rows[leave]] = i
+                if n_done == rows.numel():
+                    return out, exits
+                stay = active_indices(~done)
+                h, temb, *skips = gather_rows([h, temb, *skips], stay)
+                rows = rows[stay]
+            h = self._layer(i, h, skips)
+        if rows.numel() == b:
+            return self.backbone.decode(h), exits
+        scatter_rows(out, rows, self.backbone.decode(h))
+        return out, exits
+
+
+def set_synthetic_exit_profile(model: AdaDiffUViT, schedule, t_switch: float = 0.6, exit_layer: int = 2,
+                               theta: float = 0.07, sharpness: float = 12.0, sample_spread: float = 0.5,
+                               seed: int = 0) -> AdaDiffUViT:
+    """Program the UEMs (NOT training) so that exits follow a figure-1-like pattern, for benchmarks.
+
+    With random weights the exit pattern is arbitrary; this sets every UEM's output layer so that
+    u_i is high (no exit) for i != ``exit_layer``, and u at ``exit_layer`` falls below ``theta``
+    for times t above about ``t_switch`` (noisy steps exit after ``exit_layer`` layers, the rest
+    run the full network). The time dependence uses the lowest-frequency sine of the UEM's time
+    embedding (monotone in the timestep input over [0, 1000]); random activation weights of logit
+    scale ``sample_spread`` make samples near the switch differ. Only for timing: these are not
+    a trained model's exits.
+    """
+    d = model.backbone.embed_dim
+    half = d // 2
+    feature = 2 * half - 1  # index of sin(timesteps * f_min) inside the time embedding
+    f_min = math.exp(-math.log(10000.0) * (half - 1) / half)
+
+    def level(t: float) -> float:
+        ts = float(schedule.model_input(torch.tensor([t], dtype=torch.float64))[0])
+        return math.sin(ts * f_min)
+
+    lo, hi = level(0.0), level(1.0)
+    scale = sharpness / max(hi - lo, 1e-12)
+    logit_theta = math.log(theta / (1 - theta))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, uem in enumerate(model.uems):
+            lin = uem.out_linear
+            lin.weight.zero_()
+            lin.bias.fill_(6.0)  # u ~ 0.998: no exit
+            if i != exit_layer:
+                continue
+            if isinstance(lin, nn.Linear) and len(uem.mlp) == 1:
+                lin.weight[0, :d] = torch.randn(d, generator=g) * (sample_spread / math.sqrt(d))
+                # logit = logit(theta) - scale * (level(t) - level(t_switch))
+                lin.weight[0, d + feature] = -scale
+                lin.bias.fill_(logit_theta + scale * level(t_switch))
+            else:
+                raise ValueError("set_synthetic_exit_profile needs single-layer UEMs (uem_hidden=0)")
+    return model
+
+
+class AdaDiffObjective:
+    """The AdaDiff training loss L_simple + lambda L_u + beta L_UAL (DuoDiff paper eq. 6-8).
+
+    Same protocol as :class:`~duodiff_fast.training.objective.DiffusionObjective`
+    (``loss, metrics = objective(model, x0, y, generator)``); the model must return
+    :class:`AdaDiffOutputs` from ``model(x_t, timesteps, y)`` (an :class:`AdaDiffUViT`, possibly
+    DDP-wrapped). Metrics: loss, l_simple, l_u, l_ual.
+    """
+
+    def __init__(self, schedule, num_classes: int = 0, p_uncond: float = 0.1, lam: float = 1.0,
+                 beta: float = 1.0, detach_ual_weight: bool = False):
+        from ..training.objective import DiffusionObjective
+
+        self.base = DiffusionObjective(schedule, num_classes, p_uncond)
+        self.lam = float(lam)
+        self.beta = float(beta)
+        self.detach_ual_weight = bool(detach_ual_weight)
+
+    @staticmethod
+    def losses(out: AdaDiffOutputs, noise: torch.Tensor, detach_ual_weight: bool = False) -> Dict[str, torch.Tensor]:
+        """The three loss terms from the model outputs and the true noise (B, C, H, W)."""
+        noise = noise.float()
+        l_simple = (out.final.float() - noise).pow(2).mean()
+        err = out.heads.float() - noise.unsqueeze(0)  # (N, B, C, H, W)
+        mae = err.abs().flatten(2).mean(-1)  # (N, B)
+        mse = err.pow(2).flatten(2).mean(-1)  # (N, B)
+        u = out.u.float()  # (N, B)
+        target = torch.tanh(mae).detach()
+        l_u = (u - target).pow(2).mean(dim=1).sum()
+        weight = (1 - u).detach() if detach_ual_weight else (1 - u)
+        l_ual = (weight * mse).mean(dim=1).sum()
+        return {"l_simple": l_simple, "l_u": l_u, "l_ual": l_ual}
+
+    def __call__(self, model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor],
+                 generator: Optional[torch.Generator] = None):
+        base = self.base
+        t, noise, x_t = base.sample(x0, generator)
+        if base.num_classes > 0:
+            if y is None:
+                raise ValueError(f"the model is class-conditional (num_classes={base.num_classes}) but no labels came")
+            from ..training.objective import drop_labels
+
+            y = drop_labels(y, base.p_uncond, base.num_classes - 1, generator)
+        else:
+            y = None
+        timesteps = base.schedule.model_input(t).to(device=x0.device, dtype=torch.float32)
+        out = model(x_t, timesteps, y)
+        terms = self.losses(out, noise, self.detach_ual_weight)
+        loss = terms["l_simple"] + self.lam * terms["l_u"] + self.beta * terms["l_ual"]
+        metrics = {k: v.detach() for k, v in terms.items()}
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+class AdaDiff(ModelDenoiser):
+    """Early-exit denoiser ``eps = AdaDiff(model, schedule, theta)(x, t, y)``.
+
+    Args:
+        model: an :class:`AdaDiffUViT` (any backend form of it, e.g. from ``prepare_model``).
+        schedule: the noise schedule it was trained with.
+        theta: exit threshold in [0, 1]; a sample exits at the first layer whose u <= theta.
+        mode: "shrinking" (compacted batch, the fast path) or "simulated" (reference).
+        recorder: an object with ``record(t (B,), exit_layers (B,))`` called on every evaluation
+            (e.g. :class:`duodiff_fast.analysis.ExitRecorder`). Under classifier-free guidance the
+            cond and uncond rows are both recorded (they exit independently).
+
+    Works with every solver; rows may sit at different t. ``last_exits`` holds the (B,) exit
+    layers of the latest call. Under the CUDA-graph runtime (``runtime.graphs.GraphDenoiser``)
+    the simulated mode has fixed shapes and can be captured; the shrinking mode refuses capture
+    (the runtime then warns once and calls it directly).
+    """
+
+    def __init__(self, model: AdaDiffUViT, schedule, theta: float, mode: str = "shrinking", recorder=None):
+        super().__init__(model, schedule)
+        self.theta = check_theta(theta)
+        if mode not in EXIT_MODES:
+            raise ValueError(f"mode must be one of {EXIT_MODES}, got {mode!r}")
+        self.mode = mode
+        self.recorder = recorder
+        self.last_exits: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.check(x, t, y)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
+        run = self.model.exit_shrinking if self.mode == "shrinking" else self.model.exit_simulated
+        eps, exits = run(x.to(model_dtype(self.model)), timesteps, y, self.theta)
+        self.last_exits = exits
+        if self.recorder is not None:
+            self.recorder.record(t, exits)
+        return eps.to(x.dtype)

@@ -1,0 +1,363 @@
+"""ASE (Adaptive Score Estimation, Moon et al. 2023): time-dependent dropping of U-ViT decoder blocks.
+
+A *dropping schedule* maps continuous time t in [0, 1] (t = 0 data, t = 1 pure noise) to the number
+k(t) of out- (decoder) blocks that run in full. On U-ViT, as the paper prescribes:
+
+* in-blocks and the mid-block always run (they feed the long skip connections);
+* out-blocks ``0 .. k-1`` (the ones nearest the mid-block, in execution order) run in full;
+* every later out-block is *dropped*: it still applies its ``skip_linear`` (so the long skip from
+  its in-block is kept), but its attention and MLP branches are skipped.
+
+This is the early-exit reading of the paper: the network exits after k full decoder blocks, and the
+remaining decoder blocks reduce to their skip merges before the final layer.
+
+The paper's U-ViT schedules (its Table 2, U-ViT-S/4 with 6 out-blocks, CelebA 64) give the number of
+kept out-blocks on five equal fifths of the time axis. Column order in :data:`PAPER_SCHEDULES` is
+t in [0, 0.2) (near the data, hardest: most blocks), [0.2, 0.4), [0.4, 0.6), [0.6, 0.8),
+[0.8, 1.0] (near the noise, easiest: fewest blocks). A t that sits exactly on a boundary belongs to
+the noisier (right-hand) fifth. The paper's measured accelerations (EM sampler, 1000 steps) are in
+:data:`PAPER_SPEEDUP_PCT`.
+
+Work saved is real: within one solver step every row shares the timestep, so the dropped blocks'
+attention and MLP are not computed for the whole batch. Rows at different timesteps (possible with a
+custom solver, and always the case in training) are grouped per block: block j transforms only the
+rows whose k(t) exceeds j.
+
+API: :class:`DroppingSchedule`, :func:`get_dropping_schedule`, :func:`ase_forward` (the truncated
+forward), :class:`ASEUViT` (a U-ViT whose forward takes per-row kept counts, for training),
+:class:`ASEDenoiser` (the solver-facing denoiser), :class:`ASEObjective` and
+:func:`ase_finetune_config` / :func:`finetune_ase` (fine-tuning for a schedule).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from ..backends import model_dtype
+from ..models.uvit import UViT
+from ..training.objective import DiffusionObjective, drop_labels
+from .denoiser import ModelDenoiser
+
+# Kept out-blocks per fifth of [0, 1]; first entry t in [0, 0.2) (data side), last [0.8, 1] (noise).
+PAPER_SCHEDULES: Dict[str, Tuple[int, ...]] = {
+    "D1": (6, 5, 4, 3, 2),
+    "D2": (6, 5, 3, 2, 1),
+    "D3": (6, 4, 3, 2, 1),
+    "D4": (5, 4, 2, 2, 1),
+    "D5": (5, 4, 2, 1, 1),
+    "D6": (5, 3, 2, 1, 1),
+}
+# The paper's measured sampling acceleration (Table 2 / Table 4, U-ViT on CelebA 64, EM-1000), percent.
+PAPER_SPEEDUP_PCT: Dict[str, float] = {
+    "D1": 16.26, "D2": 22.27, "D3": 24.77, "D4": 28.03, "D5": 30.71, "D6": 32.09,
+}
+PAPER_OUT_BLOCKS = 6  # U-ViT-S/4 (depth 12): the model the paper's U-ViT schedules were written for
+
+KeepSpec = Union[int, torch.Tensor]
+
+
+class DroppingSchedule:
+    """Number of kept out-blocks as a step function of continuous time t in [0, 1].
+
+    Args:
+        kept: kept out-blocks per interval, first entry nearest the data (t = 0); ints >= 0.
+        boundaries: interior interval edges, strictly increasing inside (0, 1), one fewer than
+            ``kept``; default: equal intervals (``len(kept)`` of them). Interval i is
+            [b_{i-1}, b_i) (the last one closed at 1): a t on an edge goes to the noisier side.
+        name: label for tables and errors.
+
+    Example: ``DroppingSchedule([6, 5, 4, 3, 2])`` is D1-U-ViT.
+    """
+
+    def __init__(self, kept: Sequence[int], boundaries: Optional[Sequence[float]] = None,
+                 name: Optional[str] = None):
+        kept = list(kept)
+        if not kept:
+            raise ValueError("a dropping schedule needs at least one interval (kept is empty)")
+        for k in kept:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+                raise ValueError(f"kept block counts must be ints >= 0, got {kept!r}")
+        if boundaries is None:
+            boundaries = [i / len(kept) for i in range(1, len(kept))]
+        boundaries = [float(b) for b in boundaries]
+        if len(boundaries) != len(kept) - 1:
+            raise ValueError(f"{len(kept)} intervals need {len(kept) - 1} interior boundaries, got {len(boundaries)}")
+        for a, b in zip([0.0] + boundaries, boundaries + [1.0]):
+            if not a < b:
+                raise ValueError(
+                    f"boundaries must be strictly increasing inside (0, 1), got {boundaries!r}")
+        self.kept = tuple(kept)
+        self.boundaries = tuple(boundaries)
+        self.name = name or "custom"
+
+    def __repr__(self) -> str:
+        return f"DroppingSchedule(name={self.name!r}, kept={self.kept}, boundaries={self.boundaries})"
+
+    @property
+    def max_kept(self) -> int:
+        return max(self.kept)
+
+    def validate(self, num_out_blocks: int) -> None:
+        """Raise ValueError when the schedule asks for more out-blocks than the model has."""
+        if self.max_kept > num_out_blocks:
+            raise ValueError(
+                f"dropping schedule {self.name} keeps up to {self.max_kept} out-blocks but the model has "
+                f"only {num_out_blocks} (depth {2 * num_out_blocks}); use a deeper model or a schedule "
+                f"with at most {num_out_blocks} kept blocks (see DroppingSchedule.rescaled)")
+
+    def interval(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) long index of the interval holding each t (t clamped to [0, 1])."""
+        t = torch.as_tensor(t).detach().reshape(-1)
+        if not t.is_floating_point():
+            t = t.to(torch.float64)
+        # Edges in t's own dtype, so a float32 t equal to float32(edge) counts as on the edge.
+        edges = torch.tensor(self.boundaries, dtype=t.dtype, device=t.device)
+        return torch.searchsorted(edges, t.clamp(0.0, 1.0).contiguous(), right=True)
+
+    def kept_blocks(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) long: kept out-blocks at continuous times t (B,)."""
+        idx = self.interval(t)
+        table = torch.tensor(self.kept, dtype=torch.long, device=idx.device)
+        return table[idx]
+
+    def mean_kept(self) -> float:
+        """Kept out-blocks averaged over t uniform in [0, 1]."""
+        edges = (0.0,) + self.boundaries + (1.0,)
+        return sum(k * (b - a) for k, a, b in zip(self.kept, edges[:-1], edges[1:]))
+
+    def rescaled(self, num_out_blocks: int, reference: int = PAPER_OUT_BLOCKS) -> "DroppingSchedule":
+        """The same schedule for a model with ``num_out_blocks`` out-blocks: counts scaled by
+        num_out_blocks / reference and rounded half up, at least 1 wherever the original keeps any."""
+        if num_out_blocks <= 0:
+            raise ValueError(f"num_out_blocks must be positive, got {num_out_blocks}")
+        kept = []
+        for k in self.kept:
+            v = int(k * num_out_blocks / reference + 0.5)
+            kept.append(min(num_out_blocks, max(1 if k > 0 else 0, v)))
+        return DroppingSchedule(kept, self.boundaries, name=f"{self.name}@{num_out_blocks}")
+
+
+def get_dropping_schedule(spec) -> DroppingSchedule:
+    """A schedule from a paper name ("D1".."D6", also "D3-U-ViT"), a list of kept counts per equal
+    interval, or a :class:`DroppingSchedule` (returned as is)."""
+    if isinstance(spec, DroppingSchedule):
+        return spec
+    if isinstance(spec, str):
+        key = spec.upper().replace("-U-VIT", "").replace("_U_VIT", "")
+        if key not in PAPER_SCHEDULES:
+            raise ValueError(f"unknown dropping schedule {spec!r}; named ones: {sorted(PAPER_SCHEDULES)}")
+        return DroppingSchedule(PAPER_SCHEDULES[key], name=key)
+    if isinstance(spec, (list, tuple)):
+        return DroppingSchedule(spec)
+    raise TypeError(f"a dropping schedule is a name, a list of kept counts or a DroppingSchedule, got {spec!r}")
+
+
+# --------------------------------------------------------------------------- truncated forward
+def _transform(model: UViT, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if model.use_checkpoint and model.training and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(blk.transform, x, use_reentrant=False)
+    return blk.transform(x)
+
+
+def run_blocks_dropped(model: UViT, tokens: torch.Tensor, keep: KeepSpec) -> torch.Tensor:
+    """U-ViT layers with out-blocks ``>= keep`` reduced to their skip merge; (B, N, D) -> (B, N, D).
+
+    Args:
+        model: a UViT (any module with ``in_blocks``, ``mid_block``, ``out_blocks`` of Blocks).
+        tokens: (B, N, D) output of ``model.embed``.
+        keep: kept out-blocks: an int for the whole batch, or a (B,) long tensor per row.
+    """
+    skips = []
+    x = tokens
+    for blk in model.in_blocks:
+        x = model._call(blk, x)
+        skips.append(x)
+    x = model._call(model.mid_block, x)
+    per_row = isinstance(keep, torch.Tensor) and keep.dim() > 0
+    for j, blk in enumerate(model.out_blocks):
+        x = blk.merge_skip(x, skips.pop())  # the long skip is kept whether or not the block runs
+        if not per_row:
+            if j < int(keep):
+                x = _transform(model, blk, x)
+            continue
+        rows = (keep > j).nonzero().squeeze(1)
+        if rows.numel() == x.shape[0]:
+            x = _transform(model, blk, x)
+        elif rows.numel() > 0:
+            x = x.index_copy(0, rows, _transform(model, blk, x.index_select(0, rows)))
+    return x
+
+
+def _check_keep(model: UViT, keep: KeepSpec, batch: int) -> None:
+    n_out = len(model.out_blocks)
+    if isinstance(keep, torch.Tensor) and keep.dim() > 0:
+        if keep.shape != (batch,):
+            raise ValueError(f"keep must be an int or a ({batch},) tensor, got shape {tuple(keep.shape)}")
+        lo, hi = int(keep.min()), int(keep.max())
+    else:
+        lo = hi = int(keep)
+    if lo < 0 or hi > n_out:
+        raise ValueError(f"kept out-blocks must lie in [0, {n_out}] for this model, got values in [{lo}, {hi}]")
+
+
+def ase_forward(model: UViT, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor],
+                keep: KeepSpec, check: bool = True) -> torch.Tensor:
+    """The truncated U-ViT forward: (B, C, H, W) -> eps (B, C, H, W).
+
+    Args:
+        model: the U-ViT. x: images. timesteps: (B,) the network's timestep input. y: labels or None.
+        keep: kept out-blocks (int for the batch or (B,) long); ``len(model.out_blocks)`` is the
+            plain forward (bit-identical).
+        check: validate inputs and ``keep`` (off inside the sampling loop: the denoiser checked).
+    """
+    if check:
+        model.check_inputs(x, timesteps, y)
+        _check_keep(model, keep, x.shape[0])
+    return model.decode(run_blocks_dropped(model, model.embed(x, timesteps, y), keep))
+
+
+class ASEUViT(UViT):
+    """A U-ViT whose forward also takes the kept out-blocks (same modules and state-dict keys).
+
+    ``forward(x, timesteps, y=None, keep=None)``: ``keep`` None runs every block (the plain U-ViT);
+    otherwise an int or a (B,) long tensor, as in :func:`ase_forward`. Training goes through this
+    forward so that DistributedDataParallel sees it.
+    """
+
+    @classmethod
+    def from_uvit(cls, model: UViT) -> "ASEUViT":
+        """A copy of ``model`` (config and weights) as an ASEUViT."""
+        new = cls(**model.config)
+        new.load_state_dict(model.state_dict())
+        return new.to(next(model.parameters()).device)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None,
+                keep: Optional[KeepSpec] = None) -> torch.Tensor:
+        if keep is None:
+            return super().forward(x, timesteps, y)
+        return ase_forward(self, x, timesteps, y, keep, check=not torch.compiler.is_compiling())
+
+
+# ---------------------------------------------------------------------------------- denoiser
+class ASEDenoiser(ModelDenoiser):
+    """Block-dropping denoiser for every solver: eps = denoiser(x, t, y), t continuous in (0, 1].
+
+    Args:
+        model: a UViT (plain or :class:`ASEUViT`), ideally fine-tuned for ``dropping``.
+        schedule: the noise schedule the model was trained with.
+        dropping: a :class:`DroppingSchedule`, a paper name ("D1".."D6") or a list of kept counts.
+
+    ``calls`` counts, per out-block, how many rows had attention+MLP computed (measured work).
+    """
+
+    def __init__(self, model: UViT, schedule, dropping):
+        super().__init__(model, schedule)
+        for attr in ("out_blocks", "embed", "decode"):
+            if not hasattr(model, attr):
+                raise TypeError(f"ASE needs a U-ViT (with {attr}); got {type(model).__name__}")
+        self.dropping = get_dropping_schedule(dropping)
+        self.dropping.validate(len(model.out_blocks))
+
+    def kept_blocks(self, t: torch.Tensor) -> torch.Tensor:
+        """(B,) long: kept out-blocks at times t."""
+        return self.dropping.kept_blocks(t)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self.check(x, t, y)
+        t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
+        keep = self.kept_blocks(t).to(x.device)
+        lo, hi = int(keep.min()), int(keep.max())
+        keep_spec: KeepSpec = lo if lo == hi else keep  # one shared timestep: an int, no row split
+        timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
+        dtype = model_dtype(self.model)
+        return ase_forward(self.model, x.to(dtype), timesteps, y, keep_spec, check=False).to(x.dtype)
+
+
+# ------------------------------------------------------------------------------- fine-tuning
+class ASEObjective(DiffusionObjective):
+    """L_simple through the truncated forward: each row runs the blocks its own t keeps.
+
+    ``model`` must accept ``keep=`` (an :class:`ASEUViT`, possibly DDP-wrapped). The paper's
+    re-weighting lambda(t) (its Algorithm 1) is optional: ``time_weight(t) -> (B,)`` multiplies each
+    row's loss (default 1, which is what the paper switches to after its re-weighting cycle).
+    """
+
+    def __init__(self, schedule, dropping, num_classes: int = 0, p_uncond: float = 0.1, time_weight=None):
+        super().__init__(schedule, num_classes, p_uncond)
+        self.dropping = get_dropping_schedule(dropping)
+        self.time_weight = time_weight
+
+    def __call__(self, model, x0, y, generator=None):
+        inner = getattr(model, "module", model)
+        if hasattr(inner, "out_blocks"):
+            self.dropping.validate(len(inner.out_blocks))
+        t, noise, x_t = self.sample(x0, generator)
+        if self.num_classes > 0:
+            if y is None:
+                raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) but no labels came")
+            y = drop_labels(y, self.p_uncond, self.num_classes - 1, generator)
+        else:
+            y = None
+        timesteps = self.schedule.model_input(t).to(device=x0.device, dtype=torch.float32)
+        keep = self.dropping.kept_blocks(t).to(x0.device)
+        eps = model(x_t, timesteps, y, keep=keep)  # (B, C, H, W)
+        per_row = (eps.float() - noise).pow(2).flatten(1).mean(1)  # (B,)
+        if self.time_weight is not None:
+            per_row = per_row * self.time_weight(t).to(per_row)
+        loss = per_row.mean()
+        return loss, {"loss": loss.detach(), "mean_kept": keep.float().mean()}
+
+
+ASE_FINETUNE_LR = 2e-5  # the paper's fine-tuning learning rate (constant, AdamW; DiT experiments)
+ASE_FINETUNE_EMA = 0.9999
+
+
+def ase_finetune_config(cfg, **changes):
+    """A :class:`~duodiff_fast.training.TrainConfig` for ASE fine-tuning, from a base config.
+
+    Settings (the paper's Appendix B.1): AdamW, learning rate 2e-5, no warm-up, EMA 0.9999 (the
+    paper's "teacher" is the EMA of the student), the base run's batch and weight decay. The paper
+    used cosine annealing for U-ViT; the foundation trainer has warm-up + constant only, so the rate
+    stays constant at 2e-5 here. ``changes`` override any field.
+    """
+    base = dict(lr=ASE_FINETUNE_LR, warmup_steps=0, ema_decay=ASE_FINETUNE_EMA)
+    base.update(changes)
+    return cfg.replace(**base)
+
+
+def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, schedule=None):
+    """Fine-tune a U-ViT for a dropping schedule with the foundation trainer; returns the Trainer.
+
+    Args:
+        cfg: a TrainConfig (its ``init_weights`` can point at the pretrained weights); pass it
+            through :func:`ase_finetune_config` for the paper's settings.
+        dropping: schedule name, kept list or DroppingSchedule.
+        model: the pretrained U-ViT (copied into an :class:`ASEUViT`); default: built from cfg.
+        dataset: training data (default ``cfg.data``).
+        schedule: the noise schedule (default: the config's).
+
+    The trained weights are plain U-ViT weights (``trainer.export_weights``) for :class:`ASEDenoiser`.
+    """
+    from ..schedules import get_schedule
+    from ..training import build_model, resolve_schedule_name, train
+
+    if model is None:
+        torch.manual_seed(cfg.seed)  # the same init as the foundation trainer's own build
+    base = model if model is not None else build_model(cfg)
+    ase_model = ASEUViT.from_uvit(base)
+    dropping = get_dropping_schedule(dropping)
+    dropping.validate(len(ase_model.out_blocks))
+    schedule = schedule or get_schedule(resolve_schedule_name(cfg))
+    objective = ASEObjective(schedule, dropping, ase_model.num_classes, cfg.resolved_p_uncond())
+    return train(cfg, model=ase_model, loss_fn=objective, dataset=dataset)
+
+
+__all__ = [
+    "PAPER_SCHEDULES", "PAPER_SPEEDUP_PCT", "DroppingSchedule", "get_dropping_schedule",
+    "run_blocks_dropped", "ase_forward", "ASEUViT", "ASEDenoiser", "ASEObjective",
+    "ase_finetune_config", "finetune_ase",
+]

@@ -1,0 +1,95 @@
+"""Device constants that are safe to use while a CUDA graph is being captured.
+
+Solvers compute their per-step scalars (times, update coefficients) on the host. Turning one into
+a device tensor is a host-to-device copy, which cannot be captured. Inside
+:func:`static_constants`, such tensors come from a :class:`ConstantTable`: while ``recording``
+(the eager warm-up run before capture) they are made and kept; while capturing they are only
+looked up, so the graph reads tensors that stay alive, and a value that was not recorded raises
+:class:`GraphUnsafe` (the runtime then falls back to the plain loop). Outside the block nothing is
+cached: behaviour is unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Dict, Iterator, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["ConstantTable", "GraphUnsafe", "static_constants", "device_constant", "cached_time", "host_time"]
+
+_STATE = threading.local()
+
+
+class GraphUnsafe(RuntimeError):
+    """A host value needed on the device during capture was not recorded by the warm-up run."""
+
+
+class ConstantTable:
+    """Device tensors of host constants, keyed by (values, device, dtype[, batch])."""
+
+    def __init__(self):
+        self.tensors: Dict[tuple, Tensor] = {}
+        self.host_values: Dict[int, float] = {}  # id(time tensor) -> its host time
+        self.recording = True
+
+    def get(self, key: tuple, make) -> Tensor:
+        t = self.tensors.get(key)
+        if t is None:
+            if not self.recording:
+                raise GraphUnsafe(f"device constant {key[:2]} was not recorded before capture")
+            t = make()
+            self.tensors[key] = t
+        return t
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+
+def _table() -> Optional[ConstantTable]:
+    return getattr(_STATE, "table", None)
+
+
+@contextlib.contextmanager
+def static_constants(table: ConstantTable, recording: bool = True) -> Iterator[ConstantTable]:
+    """Serve device constants from ``table`` in this block (``recording``: create missing ones)."""
+    previous = _table()
+    table.recording = recording
+    _STATE.table = table
+    try:
+        yield table
+    finally:
+        _STATE.table = previous
+
+
+def device_constant(values: Tuple[float, ...], device, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``torch.tensor(values)`` on ``device``: cached in the active table, else made fresh."""
+    device = torch.device(device)
+    make = lambda: torch.tensor([float(v) for v in values], dtype=dtype).to(device)  # noqa: E731
+    table = _table()
+    if table is None:
+        return make()
+    return table.get(("const", tuple(float(v) for v in values), str(device), dtype), make)
+
+
+def cached_time(t, x: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
+    """The (B,) device time vector for host time ``t`` (float or 0-d CPU tensor) when a table is
+    active; None otherwise (or when ``t`` is a device / per-row tensor the caller converts itself)."""
+    table = _table()
+    if table is None:
+        return None
+    if isinstance(t, Tensor) and (t.numel() != 1 or t.device.type != "cpu"):
+        return None
+    value = float(t)
+    B = x.shape[0]
+    make = lambda: torch.full((B,), value, dtype=torch.float64).to(device=x.device, dtype=dtype)  # noqa: E731
+    vec = table.get(("time", value, str(x.device), dtype, B), make)
+    table.host_values[id(vec)] = value
+    return vec
+
+
+def host_time(t_vec: Tensor) -> Optional[float]:
+    """The host time a cached time vector was made from (None if it is not one)."""
+    table = _table()
+    return None if table is None else table.host_values.get(id(t_vec))

@@ -1,0 +1,29 @@
+"""Fused Triton kernels for the U-ViT inference path (installed as ``duodiff_fast.kernels``).
+
+One module per op family; each holds its ``@triton.jit`` kernels and the Python launchers, and its
+docstring names the PyTorch reference the launchers match:
+
+    layernorm     LayerNorm, optionally fused with the residual add before it
+    linear        x @ W^T with fused epilogues (bias, exact GELU, residual add) and the two-input
+                  form ``cat[x, skip] @ W^T`` that never builds the concatenation
+    attention     multi-head self-attention read straight from the fused qkv projection output
+    frontend      patch embedding + time/label tokens + position embedding in one pass
+    final_layer   LayerNorm + decoder_pred + drop extra tokens + unpatchify in one pass
+
+The kernels know nothing about models: ``duodiff_fast.dispatch`` registers them as
+``torch.library`` custom ops and ``duodiff_fast.models.fused`` calls them. Set
+``TRITON_INTERPRET=1`` *before* this package is imported to run them on CPU tensors.
+"""
+from .attention import attention_qkv, attention_reference, attention_tiles
+from .final_layer import final_layer, final_layer_reference
+from .frontend import frontend, frontend_reference
+from .layernorm import layernorm, layernorm_reference
+from .linear import linear, linear_reference
+
+__all__ = [
+    "attention_qkv", "attention_reference", "attention_tiles",
+    "final_layer", "final_layer_reference",
+    "frontend", "frontend_reference",
+    "layernorm", "layernorm_reference",
+    "linear", "linear_reference",
+]

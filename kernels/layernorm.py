@@ -1,0 +1,93 @@
+"""LayerNorm over the last axis, optionally fused with the residual add that precedes it.
+
+Reference: ``torch.nn.functional.layer_norm(x, (D,), weight, bias, eps)``; with a residual,
+``s = x + residual`` (rounded to the activations' dtype, as eager PyTorch stores it) and
+``(layer_norm(s), s)``. Statistics and the affine transform are computed in float32.
+
+One program normalizes ROWS rows held entirely in registers (the row width is padded to a power
+of two), so the input is read once and each output written once: the op is memory-bound and
+this is the minimum traffic.
+"""
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import check_dtype, next_pow2
+
+
+@triton.jit
+def _layernorm_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, sum_ptr,
+    M, D, eps,
+    HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_D)
+    row_ok = rows < M
+    col_ok = cols < D
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + offs, mask=mask, other=0.0)
+        s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the sum eager PyTorch would store
+        tl.store(sum_ptr + offs, s, mask=mask)
+        x = s
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=1) / D
+    diff = tl.where(mask, xf - mean[:, None], 0.0)
+    var = tl.sum(diff * diff, axis=1) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    y = diff * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def layernorm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float = 1e-5,
+    residual: Optional[torch.Tensor] = None,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
+    """LayerNorm of ``x`` (or of ``x + residual``) over the last axis.
+
+    Args:
+        x: (..., D) float32/float16/bfloat16.
+        weight, bias: (D,) affine parameters (any float dtype; used in float32).
+        eps: variance epsilon.
+        residual: optional (..., D) tensor added to ``x`` first.
+    Returns:
+        y (..., D) in x's dtype; with ``residual`` the pair (y, x + residual).
+    """
+    check_dtype("x", x)
+    d = x.shape[-1]
+    x2 = x.reshape(-1, d).contiguous()
+    m = x2.shape[0]
+    y = torch.empty_like(x2)
+    s = torch.empty_like(x2) if residual is not None else y
+    r2 = residual.reshape(-1, d).contiguous().to(x.dtype) if residual is not None else x2
+    block_d = next_pow2(d, 16)
+    # Enough rows per program to give each one ~4K elements of work (fewer, fatter programs).
+    rows = max(1, min(64, 4096 // block_d))
+    grid = (triton.cdiv(m, rows),)
+    _layernorm_kernel[grid](
+        x2, r2, weight.contiguous(), bias.contiguous(), y, s, m, d, float(eps),
+        HAS_RES=residual is not None, ROWS=rows, BLOCK_D=block_d,
+        num_warps=4 if block_d <= 1024 else 8,
+    )
+    if residual is not None:
+        return y.reshape(x.shape), s.reshape(x.shape)
+    return y.reshape(x.shape)
+
+
+def layernorm_reference(x, weight, bias, eps=1e-5, residual=None):
+    """The PyTorch computation :func:`layernorm` matches."""
+    if residual is not None:
+        s = x + residual
+        return F.layer_norm(s, (x.shape[-1],), weight.to(s.dtype), bias.to(s.dtype), eps), s
+    return F.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), eps)
