@@ -4,8 +4,11 @@ Backends:
     reference      eager PyTorch in float32, attention computed in float32 (the official path).
     eager-bf16     eager PyTorch with bfloat16 weights and activations, attention in bfloat16.
     torch.compile  the eager-bf16 model compiled with ``torch.compile`` (the usual peer to beat).
-    triton         the fused Triton kernels (``duodiff_fast.models.fused.FusedUViT``): bfloat16 on
-                   CUDA; float32 on the CPU, where it runs only in Triton's interpreter (tests).
+    triton         the fused Triton kernels for every model of the package: a plain U-ViT becomes a
+                   ``duodiff_fast.models.fused.FusedUViT``; a method's model (AdaDiffUViT,
+                   MultistageUViT, ...) keeps its class and every U-ViT inside it runs its layer
+                   program on the Triton executor. bfloat16 on CUDA; float32 on the CPU, where it
+                   runs only in Triton's interpreter (tests).
                    Asking for it where it cannot run raises with the reason
                    (``duodiff_fast.dispatch.triton_unavailable_reason``).
 
@@ -63,9 +66,14 @@ def prepare_model(
 
 
 def _prepare_triton(m: torch.nn.Module) -> torch.nn.Module:
-    """Wrap a UViT for the Triton kernels (raises BackendUnavailable with the reason if they cannot run)."""
+    """``m`` on the Triton kernels (raises BackendUnavailable with the reason if they cannot run)."""
     from . import dispatch
     from .models.fused import FusedUViT
+    from .models.uvit import UViT
+
+    uvits = [mod for mod in m.modules() if isinstance(mod, UViT)]
+    if not uvits:
+        raise TypeError(f"the 'triton' backend runs U-ViT models; {type(m).__name__} holds no UViT")
 
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
     reason = dispatch.triton_unavailable_reason(device)
@@ -78,7 +86,11 @@ def _prepare_triton(m: torch.nn.Module) -> torch.nn.Module:
     else:
         m.float()
     m.requires_grad_(False)
-    return FusedUViT(m, backend="triton").eval()
+    if isinstance(m, UViT):
+        return FusedUViT(m, backend="triton").eval()
+    for uvit in uvits:  # the methods' programs run on the executor their U-ViT asks for
+        uvit.kernel_backend = "triton"
+    return m
 
 
 def model_dtype(model: torch.nn.Module) -> torch.dtype:

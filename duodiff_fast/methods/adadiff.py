@@ -38,8 +38,9 @@ Inference, two implementations that agree to rounding:
       (the reference; what the DuoDiff authors timed).
     * :meth:`AdaDiffUViT.exit_shrinking`: after each UEM the exiting rows run their head and are
       written to their places in the output; the remaining rows, with their pending U-ViT skip
-      tensors and timestep embeddings, are compacted (``duodiff_fast.ops.compaction``) and go on,
-      so layer i processes only the rows still active.
+      tensors and time logits, are compacted and go on, so layer i processes only the rows still
+      active. Both run as hooks of the backbone's layer program (``duodiff_fast.models.program``),
+      so they run on whichever backend the backbone asks for (``prepare_model(m, "triton")``).
 """
 from __future__ import annotations
 
@@ -51,8 +52,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backends import model_dtype
-from ..models.uvit import UViT, timestep_embedding, unpatchify
-from ..ops.compaction import active_indices, gather_rows, scatter_rows
+from ..models.program import program_for
+from ..models.uvit import UViT, final_layer
 from .denoiser import ModelDenoiser
 
 __all__ = [
@@ -90,9 +91,7 @@ class OutputHead(nn.Module):
         self.final_layer = nn.Conv2d(in_chans, in_chans, 3, padding=1) if conv else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.decoder_pred(self.norm(tokens))  # (B, N, p*p*C)
-        x = x[:, self.extras:, :]  # (B, L, p*p*C)
-        return self.final_layer(unpatchify(x, self.in_chans))  # (B, C, H, W)
+        return final_layer(self, self.extras, self.in_chans, tokens)  # (B, C, H, W)
 
 
 class UncertaintyModule(nn.Module):
@@ -231,43 +230,24 @@ class AdaDiffUViT(nn.Module):
         self.backbone.set_attention_upcast(upcast)
         return self
 
-    # --------------------------------------------------------------- pieces
-    def _start(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor]):
-        """Embedded tokens (B, N, D) and the UEMs' time embedding (B, D)."""
+    # -------------------------------------------------------------- forward
+    def _program(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor], check: bool = True):
+        """The backbone's layer program for this call, and the UEMs' (B, D) time embedding."""
+        if check and not torch.compiler.is_compiling():
+            self.backbone.check_inputs(x, timesteps, y)
+        program = program_for(self.backbone, x, owner=self)
         b = x.shape[0]
         if timesteps.dim() == 0 or timesteps.shape[0] == 1:
             timesteps = timesteps.reshape(1).expand(b)
-        tokens = self.backbone.embed(x, timesteps, y)
-        temb = timestep_embedding(timesteps, self.backbone.embed_dim).to(tokens.dtype)
-        return tokens, temb
+        temb = program.ex.timestep_embedding(timesteps, self.backbone.embed_dim).to(self.backbone.pos_embed.dtype)
+        return program, timesteps, temb
 
-    def _layer(self, i: int, h: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
-        """Run transformer layer i (0-based, execution order) on h, maintaining the skip stack."""
-        bb = self.backbone
-        n_in = len(bb.in_blocks)
-        if i < n_in:
-            h = bb._call(bb.in_blocks[i], h)
-            skips.append(h)
-        elif i == n_in:
-            h = bb._call(bb.mid_block, h)
-        else:
-            h = bb._call(bb.out_blocks[i - n_in - 1], h, skips.pop())
-        return h
-
-    # -------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None) -> AdaDiffOutputs:
         """Every layer, head and UEM on the whole batch (training, and the simulated exit)."""
-        if not torch.compiler.is_compiling():
-            self.backbone.check_inputs(x, timesteps, y)
-        h, temb = self._start(x, timesteps, y)
-        skips: List[torch.Tensor] = []
-        heads, us = [], []
-        for i in range(self.num_layers):
-            heads.append(self.heads[i](h))
-            us.append(self.uems[i](h, temb))
-            h = self._layer(i, h, skips)
-        final = self.backbone.decode(h)
-        return AdaDiffOutputs(final, torch.stack(heads), torch.stack(us))
+        program, timesteps, temb = self._program(x, timesteps, y)
+        hook = _EveryExit(self)
+        final = program.run(x, timesteps, y, hook=hook, carry={"temb": temb})
+        return AdaDiffOutputs(final, torch.stack(hook.heads), torch.stack(hook.us))
 
     @staticmethod
     def exit_layers_from_u(u: torch.Tensor, theta: float) -> torch.Tensor:
@@ -304,37 +284,53 @@ class AdaDiffUViT(nn.Module):
             # Row counts are read on the host after every UEM: no single graph can hold this.
             raise RuntimeError("the shrinking batch cannot be captured in one CUDA graph (its shapes are "
                                "decided on the host after every layer); use mode='simulated' under capture")
-        if not torch.compiler.is_compiling():
-            self.backbone.check_inputs(x, timesteps, y)
-        b = x.shape[0]
-        h, temb = self._start(x, timesteps, y)  # (B, N, D), (B, D)
-        out = torch.empty((b, self.in_chans, self.img_size, self.img_size), dtype=h.dtype, device=x.device)
-        exits = torch.full((b,), self.num_layers, dtype=torch.long, device=x.device)
-        rows = torch.arange(b, device=x.device)  # original batch position of every active row
-        skips: List[torch.Tensor] = []
-        linear = all(uem.is_linear for uem in self.uems)
-        if linear:  # the time part of every UEM's logit, once: (B, N); compacted like the rows
-            temb = torch.stack([uem.time_logit(temb) for uem in self.uems], dim=1)
-        for i in range(self.num_layers):
-            uem = self.uems[i]
-            u = torch.sigmoid(uem.act_logit(h) + temb[:, i]) if linear else uem(h, temb)
-            done = u.float() <= theta  # (K,)
-            n_done = int(done.sum())
-            if n_done:
-                leave = active_indices(done)
-                (h_done,) = gather_rows([h], leave)
-                scatter_rows(out, rows[leave], self.heads[i](h_done))
-                exits[rows[leave]] = i
-                if n_done == rows.numel():
-                    return out, exits
-                stay = active_indices(~done)
-                h, temb, *skips = gather_rows([h, temb, *skips], stay)
-                rows = rows[stay]
-            h = self._layer(i, h, skips)
-        if rows.numel() == b:
-            return self.backbone.decode(h), exits
-        scatter_rows(out, rows, self.backbone.decode(h))
-        return out, exits
+        program, timesteps, temb = self._program(x, timesteps, y)
+        hook = _FirstExit(self, theta)
+        if hook.linear:  # the time part of every UEM's logit, once: (B, N); compacted like the rows
+            carry = {"tlogit": torch.stack([uem.time_logit(temb) for uem in self.uems], dim=1)}
+        else:
+            carry = {"temb": temb}
+        state = program.encode(x, timesteps, y, hook=hook, carry=carry)
+        eps = state.out if state.done else program.decode(state, hook=hook)
+        exits = state.exits
+        if exits is None:  # no row left early
+            exits = torch.full((x.shape[0],), self.num_layers, dtype=torch.long, device=x.device)
+        return eps, exits
+
+
+class _EveryExit:
+    """Layer-program hook: every head and UEM on every row before each layer; no row leaves."""
+
+    def __init__(self, model: AdaDiffUViT):
+        self.model = model
+        self.heads: List[torch.Tensor] = []
+        self.us: List[torch.Tensor] = []
+
+    def before_layer(self, i: int, state, program) -> None:
+        bb = self.model.backbone
+        self.heads.append(program.ex.final(self.model.heads[i], bb.extras, bb.in_chans, state.h))
+        self.us.append(self.model.uems[i](state.h, state.carry["temb"]))
+        return None
+
+
+class _FirstExit:
+    """Layer-program hook: before layer i, the rows whose u_i <= theta leave through head i."""
+
+    def __init__(self, model: AdaDiffUViT, theta: float):
+        self.model = model
+        self.theta = theta
+        self.linear = all(uem.is_linear for uem in model.uems)
+
+    def head(self, i: int) -> nn.Module:
+        return self.model.heads[i]
+
+    def before_layer(self, i: int, state, program) -> torch.Tensor:
+        uem = self.model.uems[i]
+        if self.linear:
+            u = torch.sigmoid(uem.act_logit(state.h) + state.carry["tlogit"][:, i])
+        else:
+            u = uem(state.h, state.carry["temb"])
+        return u.float() <= self.theta  # (K,) rows that leave
 
 
 def set_synthetic_exit_profile(model: AdaDiffUViT, schedule, t_switch: float = 0.6, exit_layer: int = 2,

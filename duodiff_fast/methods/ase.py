@@ -36,7 +36,9 @@ import torch
 import torch.nn as nn
 
 from ..backends import model_dtype
+from ..models.program import program_for
 from ..models.uvit import UViT
+from ..samplers.constants import host_time
 from ..training.objective import DiffusionObjective, drop_labels
 from .denoiser import ModelDenoiser
 
@@ -155,41 +157,15 @@ def get_dropping_schedule(spec) -> DroppingSchedule:
 
 
 # --------------------------------------------------------------------------- truncated forward
-def _transform(model: UViT, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    if model.use_checkpoint and model.training and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-
-        return checkpoint(blk.transform, x, use_reentrant=False)
-    return blk.transform(x)
-
-
 def run_blocks_dropped(model: UViT, tokens: torch.Tensor, keep: KeepSpec) -> torch.Tensor:
     """U-ViT layers with out-blocks ``>= keep`` reduced to their skip merge; (B, N, D) -> (B, N, D).
 
     Args:
-        model: a UViT (any module with ``in_blocks``, ``mid_block``, ``out_blocks`` of Blocks).
+        model: a UViT (or a FusedUViT: then on its backend).
         tokens: (B, N, D) output of ``model.embed``.
         keep: kept out-blocks: an int for the whole batch, or a (B,) long tensor per row.
     """
-    skips = []
-    x = tokens
-    for blk in model.in_blocks:
-        x = model._call(blk, x)
-        skips.append(x)
-    x = model._call(model.mid_block, x)
-    per_row = isinstance(keep, torch.Tensor) and keep.dim() > 0
-    for j, blk in enumerate(model.out_blocks):
-        x = blk.merge_skip(x, skips.pop())  # the long skip is kept whether or not the block runs
-        if not per_row:
-            if j < int(keep):
-                x = _transform(model, blk, x)
-            continue
-        rows = (keep > j).nonzero().squeeze(1)
-        if rows.numel() == x.shape[0]:
-            x = _transform(model, blk, x)
-        elif rows.numel() > 0:
-            x = x.index_copy(0, rows, _transform(model, blk, x.index_select(0, rows)))
-    return x
+    return program_for(model, tokens).run_layers(tokens, keep)
 
 
 def _check_keep(model: UViT, keep: KeepSpec, batch: int) -> None:
@@ -217,7 +193,7 @@ def ase_forward(model: UViT, x: torch.Tensor, timesteps: torch.Tensor, y: Option
     if check:
         model.check_inputs(x, timesteps, y)
         _check_keep(model, keep, x.shape[0])
-    return model.decode(run_blocks_dropped(model, model.embed(x, timesteps, y), keep))
+    return program_for(model, x).run(x, timesteps, y, keep=keep)
 
 
 class ASEUViT(UViT):
@@ -268,10 +244,16 @@ class ASEDenoiser(ModelDenoiser):
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check(x, t, y)
+        host = host_time(t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        keep = self.kept_blocks(t).to(x.device)
-        lo, hi = int(keep.min()), int(keep.max())
-        keep_spec: KeepSpec = lo if lo == hi else keep  # one shared timestep: an int, no row split
+        if host is not None:
+            # The step's time is known on the host (sampling runtime): no device read, so a CUDA
+            # graph can capture the call with its kept blocks fixed.
+            keep_spec: KeepSpec = int(self.kept_blocks(torch.tensor([host], dtype=t.dtype))[0])
+        else:
+            keep = self.kept_blocks(t).to(x.device)
+            lo, hi = int(keep.min()), int(keep.max())
+            keep_spec = lo if lo == hi else keep  # one shared timestep: an int, no row split
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
         dtype = model_dtype(self.model)
         return ase_forward(self.model, x.to(dtype), timesteps, y, keep_spec, check=False).to(x.dtype)

@@ -27,7 +27,10 @@ import torch
 import torch.nn as nn
 
 from ..backends import model_dtype
-from ..models.uvit import Block, UViT, unpatchify
+from ..models.program import RowState, program_for
+from ..models.uvit import Block, UViT
+from ..ops.compaction import split_rows, take_rows
+from ..samplers.constants import host_time
 from ..training.objective import DiffusionObjective, drop_labels
 from .denoiser import ModelDenoiser
 
@@ -184,6 +187,7 @@ class MultistageUViT(nn.Module):
     num_classes = property(lambda self: self.shared.num_classes)
     embed_dim = property(lambda self: self.shared.embed_dim)
     is_conditional = property(lambda self: self.shared.is_conditional)
+    null_class = property(lambda self: self.shared.null_class)
 
     def stage_of(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) long stage index of continuous times t."""
@@ -198,34 +202,28 @@ class MultistageUViT(nn.Module):
         return self
 
     # --------------------------------------------------------------------------------- forward
-    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor]):
-        """Shared part: (B, C, H, W) -> (mid-block tokens (B, N, D), skips [in-block outputs])."""
-        s = self.shared
-        h = s.embed(x, timesteps, y)
-        skips = []
-        for blk in s.in_blocks:
-            h = s._call(blk, h)
-            skips.append(h)
-        return s._call(s.mid_block, h), skips
+    def _program(self, x: torch.Tensor):
+        return program_for(self.shared, x, owner=self)
 
-    def decode_stage(self, i: int, h: torch.Tensor, skips: List[torch.Tensor]) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor], program=None):
+        """Shared part: (B, C, H, W) -> (mid-block tokens (B, N, D), skips [in-block outputs])."""
+        state = (program or self._program(x)).encode(x, timesteps, y)
+        return state.h, state.skips
+
+    def decode_stage(self, i: int, h: torch.Tensor, skips: List[torch.Tensor], program=None) -> torch.Tensor:
         """Stage i's decoder: (B, N, D) + skips -> eps (B, C, H, W)."""
-        stage = self.stages[i]
-        h = stage.proj_in(h)  # (B, N, W)
-        for blk, skip in zip(stage.out_blocks, reversed(skips)):
-            h = self.shared._call(blk, h, skip)
-        h = stage.decoder_pred(stage.norm(h))
-        h = h[:, self.shared.extras:, :]
-        return stage.final_layer(unpatchify(h, self.in_chans))
+        state = RowState(h)
+        state.skips = list(skips)
+        return (program or self._program(h)).decode(state, decoder=self.stages[i])
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None,
                 stage: Optional[StageSpec] = None) -> torch.Tensor:
         if stage is None:
             raise ValueError("a multistage model needs stage= (an int, or a (B,) tensor of stage indices); "
                              "MultistageDenoiser and MultistageObjective pass it from t")
-        if not torch.compiler.is_compiling():
+        if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.shared.check_inputs(x, timesteps, y)
-        h, skips = self.encode(x, timesteps, y)
+        program = self._program(x)
         if isinstance(stage, torch.Tensor) and stage.dim() > 0:
             if stage.shape != (x.shape[0],):
                 raise ValueError(f"stage must be an int or a ({x.shape[0]},) tensor, got {tuple(stage.shape)}")
@@ -233,18 +231,19 @@ class MultistageUViT(nn.Module):
             if lo < 0 or hi >= self.num_stages:
                 raise ValueError(f"stage indices must lie in [0, {self.num_stages - 1}], got [{lo}, {hi}]")
             if lo != hi:
-                out = torch.empty(x.shape, dtype=h.dtype, device=x.device)
-                for i in range(lo, hi + 1):
-                    rows = (stage == i).nonzero().squeeze(1)
-                    if rows.numel():
-                        out = out.index_copy(0, rows, self.decode_stage(
-                            i, h.index_select(0, rows), [s.index_select(0, rows) for s in skips]).to(out.dtype))
-                return out
+                h, skips = self.encode(x, timesteps, y, program)
+
+                def run(i, rows):  # the shared encoder ran once; each stage decodes its rows
+                    sub = [take_rows(t, rows) for t in (h, *skips)]
+                    return self.decode_stage(i, sub[0], sub[1:], program)
+
+                return split_rows(stage, range(lo, hi + 1), run)
             stage = lo
         stage = int(stage)
         if not 0 <= stage < self.num_stages:
             raise ValueError(f"stage must lie in [0, {self.num_stages - 1}], got {stage}")
-        return self.decode_stage(stage, h, skips)
+        h, skips = self.encode(x, timesteps, y, program)
+        return self.decode_stage(stage, h, skips, program)
 
 
 # -------------------------------------------------------------------------------- save / load
@@ -287,8 +286,12 @@ class MultistageDenoiser(ModelDenoiser):
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check(x, t, y)
+        host = host_time(t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        stage = self.model.stage_of(t).to(x.device)
+        if host is not None:  # the step's time is known on the host: route without a device read
+            stage = int(self.model.stage_of(torch.tensor([host], dtype=t.dtype))[0])
+        else:
+            stage = self.model.stage_of(t).to(x.device)
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
         dtype = model_dtype(self.model)
         return self.model(x.to(dtype), timesteps, y, stage=stage).to(x.dtype)

@@ -11,9 +11,11 @@ Token order inside the network: [label token (conditional only), time token, pat
 ``depth`` counts in-blocks + out-blocks: depth d gives d//2 in-blocks, one mid-block and d//2
 out-blocks (d + 1 transformer layers; DuoDiff's "three-layer" shallow backbone is depth 2).
 
-The forward is split into :meth:`UViT.embed`, :meth:`UViT.run_blocks` and :meth:`UViT.decode` so
-that the acceleration methods (early exit, block dropping, multistage decoders) reuse the exact
-same modules and parameters as the plain forward.
+The forward runs through the layer program (:mod:`duodiff_fast.models.program`) on the executor
+picked per call (:mod:`duodiff_fast.models.executor`); the acceleration methods (early exit, block
+dropping, multistage decoders) plug into that same program and use the same modules and
+parameters. ``kernel_backend`` ("torch" by default; ``backends.prepare_model(m, "triton")`` sets
+"triton") is the backend this model's calls ask for; it is not part of the state dict.
 """
 from __future__ import annotations
 
@@ -27,14 +29,9 @@ import torch.nn.functional as F
 from ..validation import check_image_batch, check_labels, check_timesteps
 
 
-def _native_ops_available() -> bool:
-    from .. import _native  # late: keeps model import free of extension loading
-
-    return _native.available()
-
-
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal timestep embedding, [cos | sin] halves, as U-ViT (and ADM) compute it.
+    """Sinusoidal timestep embedding, [cos | sin] halves, as U-ViT (and ADM) compute it (the
+    PyTorch reference; the executor uses the native kernel on CUDA where it is built).
 
     Args:
         timesteps: (B,) float or int tensor, the value the network is fed (e.g. t * 999).
@@ -42,10 +39,6 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     Returns:
         (B, D) float32 tensor; an odd D gets one trailing zero column.
     """
-    if timesteps.is_cuda and timesteps.dim() == 1 and _native_ops_available():
-        # One kernel instead of five (duodiff_fast._C); the same float32 operations, equal to
-        # within a few float ulps of the arguments. CPU keeps this reference (golden tests).
-        return torch.ops.duodiff.timestep_embedding(timesteps, dim, float(max_period))
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
@@ -74,6 +67,17 @@ def unpatchify(tokens: torch.Tensor, channels: int) -> torch.Tensor:
         raise ValueError(f"cannot unpatchify tokens of shape {tuple(tokens.shape)} with {channels} channels")
     x = tokens.reshape(b, h, w, p, p, channels)
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * p, w * p)
+
+
+def final_layer(head: nn.Module, extras: int, channels: int, tokens: torch.Tensor) -> torch.Tensor:
+    """U-ViT's final layer with the modules of ``head`` (``norm``, ``decoder_pred``, ``final_layer``):
+    LayerNorm, patch prediction, drop the ``extras`` leading tokens, unpatchify, conv.
+
+    (B, extras + L, D) -> (B, C, H, W). The U-ViT, AdaDiff's exit heads and multistage decoders share it.
+    """
+    x = head.decoder_pred(head.norm(tokens))  # (B, extras + L, p*p*C)
+    x = unpatchify(x[:, extras:, :], channels)  # (B, C, H, W)
+    return head.final_layer(x)
 
 
 class PatchEmbed(nn.Module):
@@ -220,6 +224,7 @@ class UViT(nn.Module):
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
+        self.kernel_backend = "torch"  # "auto" / "torch" / "triton": see duodiff_fast.dispatch
         self.config = dict(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
@@ -297,53 +302,47 @@ class UViT(nn.Module):
         check_labels(y, x.shape[0], self.num_classes)
 
     # --------------------------------------------------------------- forward
-    def embed(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Token front end: (B, C, H, W) -> (B, extras + L, D) with position embedding added."""
+    def embed(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None,
+              sinusoid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token front end: (B, C, H, W) -> (B, extras + L, D) with position embedding added.
+
+        ``sinusoid``: the (B, D) float32 time embedding when the caller computed it already.
+        """
         tokens = self.patch_embed(x)  # (B, L, D)
         b = tokens.shape[0]
         if timesteps.dim() == 0 or timesteps.shape[0] == 1:
             timesteps = timesteps.reshape(1).expand(b)
+        if sinusoid is None:
+            sinusoid = timestep_embedding(timesteps, self.embed_dim)
         # The sinusoid is computed in float32; the time MLP (if any) runs in the tokens' dtype.
-        time_token = self.time_embed(timestep_embedding(timesteps, self.embed_dim).to(tokens.dtype)).unsqueeze(1)
+        time_token = self.time_embed(sinusoid.to(tokens.dtype)).unsqueeze(1)
         front = [time_token.to(tokens.dtype)]
         if y is not None:
             front.insert(0, self.label_emb(y).unsqueeze(1).to(tokens.dtype))
         tokens = torch.cat([*front, tokens], dim=1)  # (B, extras + L, D)
         return tokens + self.pos_embed
 
-    def _call(self, blk: Block, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            from torch.utils.checkpoint import checkpoint
-
-            return checkpoint(blk, x, skip, use_reentrant=False)
-        return blk(x, skip)
-
     def run_blocks(self, tokens: torch.Tensor) -> torch.Tensor:
-        """All transformer layers with the long skips; (B, N, D) -> (B, N, D)."""
-        skips = []
-        x = tokens
-        for blk in self.in_blocks:
-            x = self._call(blk, x)
-            skips.append(x)
-        x = self._call(self.mid_block, x)
-        for blk in self.out_blocks:
-            x = self._call(blk, x, skips.pop())
-        return x
+        """All transformer layers with the long skips (eager); (B, N, D) -> (B, N, D)."""
+        from .executor import TorchExecutor
+        from .program import LayerProgram
+
+        checkpoint = self.use_checkpoint and self.training and torch.is_grad_enabled()
+        return LayerProgram(self, TorchExecutor(checkpoint)).run_layers(tokens)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Final layer: LayerNorm, patch prediction, drop extra tokens, unpatchify, conv.
 
         (B, extras + L, D) -> (B, C, H, W).
         """
-        x = self.decoder_pred(self.norm(tokens))
-        x = x[:, self.extras:, :]
-        x = unpatchify(x, self.in_chans)
-        return self.final_layer(x)
+        return final_layer(self, self.extras, self.in_chans, tokens)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if not torch.compiler.is_compiling():
-            self.check_inputs(x, timesteps, y)
-        return self.decode(self.run_blocks(self.embed(x, timesteps, y)))
+        if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            self.check_inputs(x, timesteps, y)  # value checks would synchronise under capture
+        from .program import run_model
+
+        return run_model(self, x, timesteps, y)
 
     def set_attention_upcast(self, upcast: bool) -> "UViT":
         """Compute attention in float32 (True, official behaviour) or in the activations' dtype."""

@@ -1,4 +1,12 @@
-"""Small tensor ops with a PyTorch reference implementation (native kernels may replace them)."""
-from .compaction import active_indices, gather_rows, scatter_rows
+"""The package's ops, in one home.
 
-__all__ = ["active_indices", "gather_rows", "scatter_rows"]
+* :mod:`.availability`  what can run where (Triton kernels, native ops) and why not, per device.
+* :mod:`.native`        loading of the C++/CUDA extension ``duodiff_fast._C`` (``torch.ops.duodiff``).
+* :mod:`.triton_ops`    the Triton custom ops (``torch.ops.duodiff_triton``).
+* :mod:`.compaction`    batch compaction and row routing (native ops where they run, else PyTorch).
+"""
+from .availability import native_available, native_unavailable_reason, triton_unavailable_reason
+from .compaction import active_indices, gather_rows, scatter_rows, split_rows, take_rows
+
+__all__ = ["active_indices", "gather_rows", "scatter_rows", "split_rows", "take_rows", "native_available",
+           "native_unavailable_reason", "triton_unavailable_reason"]

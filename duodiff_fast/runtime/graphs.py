@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..profiling import nvtx_range
 from ..validation import inputs_validated
-from .constants import ConstantTable, GraphUnsafe, host_time, static_constants
+from ..samplers.constants import ConstantTable, GraphUnsafe, host_time, static_constants
 
 __all__ = ["GraphKey", "GraphSampler", "GraphDenoiser", "choose_bucket", "graph_pool", "HostRoutedDenoiser"]
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..profiling import nvtx_range
-from ..runtime.constants import cached_time
+from .constants import cached_time
 from ..schedules import DiscreteSchedule, NoiseSchedule
 from .noise import NoiseSource
 

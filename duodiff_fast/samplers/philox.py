@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import _native
+from ..ops.availability import native_available
 from .noise import NoiseSource, _as_seed_list
 
 __all__ = ["PhiloxNoise", "philox_normal", "philox_normal_reference", "philox4x32_10_reference", "fused_update"]
@@ -94,7 +94,7 @@ def philox_normal_reference(seeds: Tensor, steps: Union[int, Tensor], sample_sha
 
 def philox_normal(seeds: Tensor, step: int, sample_shape, dtype=torch.float32) -> Tensor:
     """:func:`philox_normal_reference` through the native op when ``_C`` is built (same values)."""
-    if _native.available():
+    if native_available(seeds.device):
         return torch.ops.duodiff.philox_normal(seeds, int(step), [int(s) for s in sample_shape], dtype)
     return philox_normal_reference(seeds, int(step), sample_shape, dtype)
 
@@ -196,15 +196,15 @@ def fused_update(x: Tensor, eps: Tensor, a: float, b: float, c: float, noise_sou
     With the extension and a :class:`PhiloxNoise` (or c == 0) this is one kernel
     (``torch.ops.duodiff.solver_update``, the noise drawn inside it); otherwise the same arithmetic
     in PyTorch ops. The coefficients travel as a device tensor (cached under CUDA-graph capture,
-    see :mod:`duodiff_fast.runtime.constants`).
+    see :mod:`duodiff_fast.samplers.constants`).
     """
-    from ..runtime.constants import device_constant
+    from .constants import device_constant
 
     draws = c != 0.0
     if draws and noise_source is None:
         z = torch.randn_like(x)
         return a * x + b * eps + c * z
-    native_ok = _native.available() and (not draws or isinstance(noise_source, PhiloxNoise))
+    native_ok = native_available(x.device) and (not draws or isinstance(noise_source, PhiloxNoise))
     if native_ok and draws:
         steps = noise_source.next_steps()
         native_ok = bool(steps) and all(s == steps[0] for s in steps)

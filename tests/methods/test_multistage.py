@@ -96,7 +96,7 @@ def test_denoiser_routes_each_step_to_its_stage():
     den = MultistageDenoiser(m, sched)
     calls = []
     orig = m.decode_stage
-    m.decode_stage = lambda i, h, skips: (calls.append((i, h.shape[0])), orig(i, h, skips))[1]
+    m.decode_stage = lambda i, h, skips, *rest: (calls.append((i, h.shape[0])), orig(i, h, skips, *rest))[1]
     seen = []
 
     def spy(x, t, y=None):

@@ -6,7 +6,7 @@ import torch
 from duodiff_fast.methods import DuoDiff, ModelDenoiser
 from duodiff_fast.models import create_model
 from duodiff_fast.runtime import ConstantTable, static_constants
-from duodiff_fast.runtime.constants import GraphUnsafe, cached_time, device_constant, host_time
+from duodiff_fast.samplers.constants import GraphUnsafe, cached_time, device_constant, host_time
 from duodiff_fast.runtime.graphs import GraphDenoiser, GraphKey, GraphSampler, HostRoutedDenoiser, choose_bucket
 from duodiff_fast.samplers import sample
 from duodiff_fast.samplers.ddim import DDIMSampler
