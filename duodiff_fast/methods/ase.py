@@ -242,15 +242,19 @@ class ASEDenoiser(ModelDenoiser):
         """(B,) long: kept out-blocks at times t."""
         return self.dropping.kept_blocks(t)
 
+    def host_route(self, t: torch.Tensor) -> Optional[int]:
+        """Kept out-blocks when the step's time is known on the host (sampling runtime), else None:
+        then no device value is read, so a CUDA graph can capture the call."""
+        host = host_time(t)
+        if host is None:
+            return None
+        return int(self.kept_blocks(torch.tensor([host], dtype=torch.float64).to(t.dtype))[0])
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check(x, t, y)
-        host = host_time(t)
+        keep_spec: Optional[KeepSpec] = self.host_route(t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        if host is not None:
-            # The step's time is known on the host (sampling runtime): no device read, so a CUDA
-            # graph can capture the call with its kept blocks fixed.
-            keep_spec: KeepSpec = int(self.kept_blocks(torch.tensor([host], dtype=t.dtype))[0])
-        else:
+        if keep_spec is None:
             keep = self.kept_blocks(t).to(x.device)
             lo, hi = int(keep.min()), int(keep.max())
             keep_spec = lo if lo == hi else keep  # one shared timestep: an int, no row split

@@ -16,7 +16,10 @@ DDIM-50 on indices 980, 960, ..., 0 with t_s = 300 runs the shallow model at i >
 its 50 steps. t_s = 0 is the base (full) model everywhere; t_s = T is the shallow model everywhere.
 
 Rows of one batch may sit at different timesteps: they are split between the two backbones and the
-results written back in place, so the denoiser is exact for any t.
+results written back in place, so the denoiser is exact for any t. Inside the sampling runtime the
+step's time is known on the host (:func:`~duodiff_fast.samplers.constants.host_time`): then the
+backbone is chosen without reading the device (no synchronisation), so a CUDA graph can capture
+the call, also under classifier-free guidance.
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..ops.compaction import split_rows, take_rows
+from ..samplers.constants import host_time
 from .denoiser import ModelDenoiser
 
 
@@ -70,19 +75,25 @@ class DuoDiff(ModelDenoiser):
         t = torch.as_tensor(list(ts), dtype=torch.float64)
         return ["shallow" if s else "full" for s in self.uses_shallow(t).tolist()]
 
+    def host_route(self, t: torch.Tensor) -> Optional[str]:
+        """"shallow" or "full" when every row is at the step whose time the host knows, else None."""
+        if self.t_s == 0:
+            return "full"
+        host = host_time(t)
+        if host is None:
+            return None
+        probe = torch.tensor([host], dtype=torch.float64).to(t.dtype)  # the device value's rounding
+        return "shallow" if bool(self.uses_shallow(probe)[0]) else "full"
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check(x, t, y)
+        route = self.host_route(t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        if self.t_s == 0:
-            return self._run(self.full, x, t, y)
-        shallow_rows = self.uses_shallow(t)
-        n_shallow = int(shallow_rows.sum())
-        if n_shallow == x.shape[0]:
-            return self._run(self.shallow, x, t, y)
-        if n_shallow == 0:
-            return self._run(self.full, x, t, y)
-        out = torch.empty_like(x)
-        for rows, model in ((shallow_rows, self.shallow), (~shallow_rows, self.full)):
-            idx = rows.nonzero().squeeze(1)
-            out[idx] = self._run(model, x[idx], t[idx], None if y is None else y[idx])
-        return out
+        if route is not None:
+            return self._run(getattr(self, route), x, t, y)
+
+        def run(shallow, rows):
+            model = self.shallow if shallow else self.full
+            return self._run(model, take_rows(x, rows), take_rows(t, rows), take_rows(y, rows))
+
+        return split_rows(self.uses_shallow(t).to(x.device), (True, False), run)

@@ -281,16 +281,21 @@ class MultistageDenoiser(ModelDenoiser):
             raise TypeError(f"MultistageDenoiser needs a MultistageUViT, got {type(model).__name__}")
         super().__init__(model, schedule)
 
+    def host_route(self, t: torch.Tensor) -> Optional[int]:
+        """The stage when the step's time is known on the host (sampling runtime), else None."""
+        host = host_time(t)
+        if host is None:
+            return None
+        return int(self.model.stage_of(torch.tensor([host], dtype=torch.float64).to(t.dtype))[0])
+
     def routing(self, ts: Sequence[float]) -> list:
         return self.model.stage_of(torch.as_tensor(list(ts), dtype=torch.float64)).tolist()
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         self.check(x, t, y)
-        host = host_time(t)
+        stage = self.host_route(t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
-        if host is not None:  # the step's time is known on the host: route without a device read
-            stage = int(self.model.stage_of(torch.tensor([host], dtype=t.dtype))[0])
-        else:
+        if stage is None:
             stage = self.model.stage_of(t).to(x.device)
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
         dtype = model_dtype(self.model)

@@ -2,8 +2,9 @@
 
 :class:`GraphSampler` captures, per (solver settings, batch bucket, sample shape, dtype, device,
 conditional or not), the complete sampling loop -- starting noise, every denoiser evaluation
-(DuoDiff's switch between its two backbones included: the routing of each step is decided on the
-host while capturing, from the step's time), every solver update -- into one
+(DuoDiff's switch between its two backbones, ASE's kept blocks and multistage's stage included, also
+under classifier-free guidance: the routing of each step is decided on the host while capturing,
+from the step's time), every solver update -- into one
 ``torch.cuda.CUDAGraph``. A call writes new seeds and labels into the graph's static buffers and
 replays it: no recapture. Noise is Philox (:class:`~duodiff_fast.samplers.philox.PhiloxNoise`),
 a pure function of (seed, step, element), so the replay draws each sample's own noise and padding a
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from ..profiling import nvtx_range
 from ..validation import inputs_validated
-from ..samplers.constants import ConstantTable, GraphUnsafe, host_time, static_constants
+from ..samplers.constants import ConstantTable, GraphUnsafe, bind_host_time, host_time, static_constants
 
 __all__ = ["GraphKey", "GraphSampler", "GraphDenoiser", "choose_bucket", "graph_pool", "HostRoutedDenoiser"]
 
@@ -70,41 +71,32 @@ class GraphKey:
 
 
 class HostRoutedDenoiser:
-    """A DuoDiff denoiser whose backbone choice is made on the host from the step's time.
+    """A denoiser seen by the route it takes at a step whose time the host knows.
 
-    ``DuoDiff.__call__`` counts the rows of each backbone on the device (a synchronisation, which
-    cannot be captured). A sampler gives every row the same time, so inside the runtime the
-    routing follows from the host time of the step (:func:`~.constants.host_time`); rows at
-    different times, or an unknown time, go through the original call.
+    Routed denoisers (DuoDiff's backbones, ASE's kept blocks, multistage's stage, and
+    classifier-free guidance around any of them) choose their path from
+    :func:`~duodiff_fast.samplers.constants.host_time` inside the runtime, without reading the
+    device, and say which through ``host_route(t)``; the graph of a call is specific to that
+    route. :meth:`route` is "model" for a denoiser without routes and None where the route is not
+    known on the host (rows at different times): then the call is not captured.
     """
 
-    def __init__(self, duodiff):
-        self.inner = duodiff
+    def __init__(self, denoiser):
+        self.inner = denoiser
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def route(self, t: Tensor) -> Optional[str]:
-        host = host_time(t)
-        if host is None:
-            return None
-        if self.inner.t_s == 0:
-            return "full"
-        probe = torch.tensor([host], dtype=torch.float64).to(t.dtype)  # the device value's rounding
-        return "shallow" if bool(self.inner.uses_shallow(probe)[0]) else "full"
+    def route(self, t: Tensor):
+        host_route = getattr(self.inner, "host_route", None)
+        return "model" if host_route is None else host_route(t)
 
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         route = self.route(t)
         if route is None:
             return self.inner(x, t, y)
-        with nvtx_range(f"backbone {route}"):
-            return self.inner._run(getattr(self.inner, route), x, t, y)
-
-
-def _host_routed(denoiser):
-    from ..methods.duodiff import DuoDiff
-
-    return HostRoutedDenoiser(denoiser) if isinstance(denoiser, DuoDiff) else denoiser
+        with nvtx_range(f"route {route}"):
+            return self.inner(x, t, y)
 
 
 class _Captured:
@@ -186,7 +178,7 @@ class GraphSampler:
         from ..samplers.philox import PhiloxNoise
 
         o = self.options
-        run, _ = _build(self.solver, _host_routed(self.denoiser), self.schedule, self.num_steps,
+        run, _ = _build(self.solver, self.denoiser, self.schedule, self.num_steps,
                         o.get("eta", 0.0), o.get("order", 3), o.get("variance", "beta"), o.get("spacing"),
                         o.get("method", "fast"), o.get("skip_type", "logSNR"), o.get("predict_x0", False),
                         o.get("t_end"), True)
@@ -255,13 +247,14 @@ class GraphDenoiser:
     """``denoiser(x, t, y)`` replayed from CUDA graphs, one per (batch, shape, dtype, route).
 
     For solvers whose loop stays in Python: each call copies x, t (and y) into static buffers,
-    replays and returns a copy of the output. DuoDiff routes on the host when the step's time is
-    known (inside :func:`~.constants.static_constants`), else its plain call runs. On a CPU, or
+    replays and returns a copy of the output. Routed denoisers (DuoDiff, ASE, multistage, CFG around
+    them) route on the host when the step's time is known (inside
+    :func:`~duodiff_fast.samplers.constants.static_constants`), else their plain call runs. On a CPU, or
     after a capture error (one warning), the denoiser is called directly.
     """
 
     def __init__(self, denoiser: Callable, warmup: int = 2):
-        self.inner = _host_routed(denoiser)
+        self.inner = HostRoutedDenoiser(denoiser)
         self.warmup = max(1, int(warmup))
         self.graphs: Dict[tuple, tuple] = {}
         self.failed: Dict[tuple, str] = {}
@@ -269,20 +262,16 @@ class GraphDenoiser:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def _route(self, t: Tensor) -> Optional[str]:
-        if isinstance(self.inner, HostRoutedDenoiser):
-            return self.inner.route(t)
-        return "model"
+    def _route(self, t: Tensor):
+        return self.inner.route(t)
 
     def _capture(self, key, x: Tensor, t: Tensor, y: Optional[Tensor], route: str):
         xs, ts = x.clone(), t.clone()
         ys = None if y is None else y.clone()
-        fn = self.inner
-        if isinstance(fn, HostRoutedDenoiser):
-            inner, model = fn.inner, getattr(fn.inner, route)
-            call = lambda a, b, c: inner._run(model, a, b, c)  # noqa: E731
-        else:
-            call = fn
+        host = host_time(t)
+        if host is not None:  # the static time buffer stands for the same step: same route
+            bind_host_time(ts, host)
+        call = self.inner
         side = torch.cuda.Stream(x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.no_grad(), inputs_validated(), torch.cuda.stream(side):

@@ -17,7 +17,8 @@ from typing import Dict, Iterator, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["ConstantTable", "GraphUnsafe", "static_constants", "device_constant", "cached_time", "host_time"]
+__all__ = ["ConstantTable", "GraphUnsafe", "static_constants", "device_constant", "cached_time", "host_time",
+           "bind_host_time"]
 
 _STATE = threading.local()
 
@@ -87,6 +88,14 @@ def cached_time(t, x: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
     vec = table.get(("time", value, str(x.device), dtype, B), make)
     table.host_values[id(vec)] = value
     return vec
+
+
+def bind_host_time(t_vec: Tensor, value: float) -> None:
+    """Declare that ``t_vec`` holds host time ``value`` (a static buffer a graph is captured with)."""
+    table = _table()
+    if table is None:
+        raise GraphUnsafe("bind_host_time needs an active static_constants table")
+    table.host_values[id(t_vec)] = float(value)
 
 
 def host_time(t_vec: Tensor) -> Optional[float]:

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .constants import cached_time, host_time
 from .ddpm import Denoiser
 
 __all__ = ["ClassifierFreeGuidance"]
@@ -36,6 +37,11 @@ class ClassifierFreeGuidance:
         self.scale = float(scale)
         self.null_class = null_class
 
+    def host_route(self, t: Tensor):
+        """The wrapped denoiser's host-side route for time ``t`` (see DuoDiff.host_route), if it has one."""
+        inner = getattr(self.denoiser, "host_route", None)
+        return "model" if inner is None else inner(t)
+
     def __repr__(self) -> str:
         return f"ClassifierFreeGuidance(scale={self.scale}, null_class={self.null_class})"
 
@@ -59,8 +65,13 @@ class ClassifierFreeGuidance:
             raise ValueError(f"y must have shape ({B},), got {tuple(y.shape)}")
         if self.scale == 0.0:
             return self.denoiser(x, t, y)
+        host = host_time(t)
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
         null = torch.full_like(y, self.null_class)
-        both = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        x2 = torch.cat([x, x])
+        # Inside the sampling runtime the doubled time vector keeps the host value of the step, so
+        # a routed denoiser (DuoDiff, ASE, multistage) decides on the host and the call captures.
+        t2 = cached_time(host, x2, t.dtype) if host is not None else None
+        both = self.denoiser(x2, torch.cat([t, t]) if t2 is None else t2, torch.cat([y, null]))
         cond, uncond = both[:B], both[B:]
         return cond + self.scale * (cond - uncond)
