@@ -167,13 +167,58 @@ def test_denoiser_with_all_blocks_equals_model_denoiser():
     assert torch.equal(a, b)
 
 
+def _explicit_ase(m, x, ts, y, keep: int):
+    """An independent U-ViT forward written out block by block, out-blocks >= keep reduced to
+    their skip merge (any depth)."""
+    from duodiff_fast.models.uvit import timestep_embedding, unpatchify
+
+    tokens = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    front = [m.time_embed(timestep_embedding(ts, m.embed_dim)).unsqueeze(1)]
+    if y is not None:
+        front.insert(0, m.label_emb(y).unsqueeze(1))
+    h = torch.cat([*front, tokens], dim=1) + m.pos_embed
+    skips = []
+    for blk in m.in_blocks:
+        h = h + blk.attn(blk.norm1(h))
+        h = h + blk.mlp(blk.norm2(h))
+        skips.append(h)
+    h = h + m.mid_block.attn(m.mid_block.norm1(h))
+    h = h + m.mid_block.mlp(m.mid_block.norm2(h))
+    for j, blk in enumerate(m.out_blocks):
+        h = blk.skip_linear(torch.cat([h, skips.pop()], dim=-1))
+        if j < keep:
+            h = h + blk.attn(blk.norm1(h))
+            h = h + blk.mlp(blk.norm2(h))
+    out = m.decoder_pred(m.norm(h))[:, m.extras:, :]
+    return m.final_layer(unpatchify(out, m.in_chans))
+
+
+class _ExplicitASE:
+    """Reference denoiser: each row through :func:`_explicit_ase` with its own kept count."""
+
+    def __init__(self, m, sched, dropping):
+        self.m, self.sched, self.dropping = m, sched, dropping
+
+    def __call__(self, x, t, y=None):
+        t = t.reshape(-1).expand(x.shape[0])
+        ts = self.sched.model_input(t).float()
+        keep = self.dropping.kept_blocks(t)
+        rows = [_explicit_ase(self.m, x[i:i + 1], ts[i:i + 1], None if y is None else y[i:i + 1], int(keep[i]))
+                for i in range(x.shape[0])]
+        return torch.cat(rows)
+
+
 @pytest.mark.parametrize("solver,steps", [("ddpm", 8), ("ddim", 8), ("dpm_solver", 6)])
 def test_samples_with_every_solver(solver, steps):
     m = _model(depth=12)
     sched = linear_ddpm()
     den = ASEDenoiser(m, sched, "D4")
-    out = sample(den, sched, (2, 3, 16, 16), solver=solver, num_steps=steps, progress=False, spacing=None)
-    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    with torch.no_grad():
+        out = sample(den, sched, (2, 3, 16, 16), solver=solver, num_steps=steps, progress=False, spacing=None,
+                     base_seed=5)
+        ref = sample(_ExplicitASE(m, sched, den.dropping), sched, (2, 3, 16, 16), solver=solver, num_steps=steps,
+                     progress=False, spacing=None, base_seed=5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_conditional_model():
@@ -181,8 +226,12 @@ def test_conditional_model():
     m = create_model("tiny-cond").eval()
     sched = linear_ddpm()
     den = ASEDenoiser(m, sched, [2, 1])
-    out = den(torch.randn(2, 3, 16, 16), torch.tensor([0.9, 0.9], dtype=torch.float64), torch.tensor([1, 10]))
-    assert torch.isfinite(out).all()
+    x, t, y = torch.randn(3, 3, 16, 16), torch.tensor([0.9, 0.2, 0.6], dtype=torch.float64), torch.tensor([1, 10, 3])
+    with torch.no_grad():
+        out = den(x, t, y)
+        ref = _ExplicitASE(m, sched, den.dropping)(x, t, y)
+    assert den.dropping.kept_blocks(t).tolist() == [1, 2, 1]  # rows really keep different blocks
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------ fine-tuning

@@ -110,20 +110,82 @@ def test_denoiser_routes_each_step_to_its_stage():
     assert set(expected) == {0, 1, 2}
 
 
+def _block(blk, h, skip=None):
+    if skip is not None:
+        h = blk.skip_linear(torch.cat([h, skip], dim=-1))
+    h = h + blk.attn(blk.norm1(h))
+    return h + blk.mlp(blk.norm2(h))
+
+
+def _explicit_stage(m, x, ts, y, i):
+    """An independent forward of stage i, written out module by module."""
+    from duodiff_fast.models.uvit import timestep_embedding, unpatchify
+
+    s, st = m.shared, m.stages[i]
+    tokens = s.patch_embed.proj(x).flatten(2).transpose(1, 2)
+    front = [s.time_embed(timestep_embedding(ts, s.embed_dim)).unsqueeze(1)]
+    if y is not None:
+        front.insert(0, s.label_emb(y).unsqueeze(1))
+    h = torch.cat([*front, tokens], dim=1) + s.pos_embed
+    skips = []
+    for blk in s.in_blocks:
+        h = _block(blk, h)
+        skips.append(h)
+    h = st.proj_in(_block(s.mid_block, h))
+    for blk in st.out_blocks:
+        h = _block(blk, h, skips.pop())
+    out = st.decoder_pred(st.norm(h))[:, s.extras:, :]
+    return st.final_layer(unpatchify(out, s.in_chans))
+
+
+class _ExplicitMultistage:
+    """Reference denoiser: each row through its own stage, by :func:`_explicit_stage`."""
+
+    def __init__(self, m, sched):
+        self.m, self.sched = m, sched
+
+    def __call__(self, x, t, y=None):
+        t = t.reshape(-1).expand(x.shape[0])
+        ts = self.sched.model_input(t).float()
+        stage = self.m.stage_of(t)
+        return torch.cat([_explicit_stage(self.m, x[i:i + 1], ts[i:i + 1], None if y is None else y[i:i + 1],
+                                          int(stage[i])) for i in range(x.shape[0])])
+
+
 @pytest.mark.parametrize("solver,steps", [("ddpm", 8), ("ddim", 8), ("dpm_solver", 6)])
 def test_samples_with_every_solver(solver, steps):
     sched = vp_linear()
-    out = sample(MultistageDenoiser(_ms(), sched), sched, (2, 3, 16, 16), solver=solver, num_steps=steps,
-                 progress=False)
-    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    m = _ms()
+    with torch.no_grad():
+        out = sample(MultistageDenoiser(m, sched), sched, (2, 3, 16, 16), solver=solver, num_steps=steps,
+                     progress=False, base_seed=3)
+        ref = sample(_ExplicitMultistage(m, sched), sched, (2, 3, 16, 16), solver=solver, num_steps=steps,
+                     progress=False, base_seed=3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_conditional_multistage():
     torch.manual_seed(0)
     m = MultistageUViT((0.5,), stage_widths=[64, 32], **get_config("tiny-cond")).eval()
     den = MultistageDenoiser(m, linear_ddpm())
-    out = den(torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.8], dtype=torch.float64), torch.tensor([1, 10]))
-    assert torch.isfinite(out).all()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.8], dtype=torch.float64), torch.tensor([1, 10])
+    with torch.no_grad():
+        out = den(x, t, y)
+        torch.testing.assert_close(out, _ExplicitMultistage(m, linear_ddpm())(x, t, y), rtol=1e-5, atol=1e-6)
+
+
+def test_classifier_free_guidance_uses_the_null_class():
+    from duodiff_fast.samplers import ClassifierFreeGuidance
+
+    torch.manual_seed(0)
+    m = MultistageUViT((0.5,), stage_widths=[64, 32], **get_config("tiny-cond")).eval()
+    assert m.null_class == get_config("tiny-cond")["num_classes"] - 1
+    den = MultistageDenoiser(m, linear_ddpm())
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.8], dtype=torch.float64), torch.tensor([1, 4])
+    with torch.no_grad():
+        out = ClassifierFreeGuidance(den, 1.5, m.null_class)(x, t, y)
+        cond, uncond = den(x, t, y), den(x, t, torch.full_like(y, m.null_class))
+    torch.testing.assert_close(out, cond + 1.5 * (cond - uncond), rtol=1e-5, atol=1e-6)
 
 
 # --------------------------------------------------------------------------------- training

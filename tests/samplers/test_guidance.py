@@ -92,3 +92,44 @@ def test_sampler_validates_labels_once_before_the_loop():
         sample(ModelDenoiser(create_model("tiny"), sched), sched, (1, 3, 16, 16), y=torch.tensor([0]),
                progress=False)
     assert calls == []
+
+
+class _NoHostRead(torch.Tensor):
+    """A tensor whose values cannot be read on the host (as under CUDA graph capture)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise AssertionError("a device value was read on the host")
+
+    item = tolist = __int__ = __float__ = __bool__ = __index__ = _refuse
+
+
+@pytest.mark.parametrize("step_time,route", [(0.9, "shallow"), (0.2, "full")])
+def test_cfg_around_duodiff_routes_on_the_host_time(step_time, route, monkeypatch):
+    """CFG(DuoDiff) inside the sampling runtime: the backbone follows from the step's host time,
+    with no row count read from the device, so the call can be captured."""
+    from duodiff_fast.methods import DuoDiff
+    from duodiff_fast.methods import duodiff as duodiff_module
+    from duodiff_fast.models import create_model
+    from duodiff_fast.samplers.constants import ConstantTable, bind_host_time, cached_time, static_constants
+    from duodiff_fast.schedules import linear_ddpm
+    from duodiff_fast.validation import inputs_validated
+
+    torch.manual_seed(0)
+    full, shallow = create_model("tiny-cond").eval(), create_model("tiny-cond", depth=0).eval()
+    duo = DuoDiff(shallow, full, linear_ddpm(), t_s=300)
+    cfg = ClassifierFreeGuidance(duo, 2.0, full.null_class)
+    x = torch.randn(2, 3, 16, 16)
+    y = torch.tensor([1, 4])
+    with torch.no_grad():  # the expected output: the chosen backbone alone, guided by hand
+        backbone = shallow if route == "shallow" else full
+        t2 = torch.full((4,), step_time)
+        both = duo._run(backbone, torch.cat([x, x]), t2, torch.cat([y, torch.full_like(y, full.null_class)]))
+        expected = both[:2] + 2.0 * (both[:2] - both[2:])
+    monkeypatch.setattr(duodiff_module, "split_rows", lambda *a, **k: pytest.fail("routed on the device"))
+    table = ConstantTable()
+    with torch.no_grad(), inputs_validated(), static_constants(table):
+        t = cached_time(step_time, x, torch.float32).as_subclass(_NoHostRead)
+        bind_host_time(t, step_time)
+        assert cfg.host_route(t) == route
+        out = cfg(x, t, y)
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), expected, rtol=1e-5, atol=1e-6)
