@@ -163,8 +163,32 @@ def test_structure_and_documented_numbering():
     out = model(x, ts, y)
     assert out.final.shape == (2, 3, 16, 16) and out.heads.shape == (n, 2, 3, 16, 16) and out.u.shape == (n, 2)
     assert bool(((out.u >= 0) & (out.u <= 1)).all())
-    # heads start as copies of the final layer, so the last head on the last activations is decode
     torch.testing.assert_close(out.final, model.backbone(x, ts, y))
+
+
+def test_heads_start_as_copies_of_the_final_layer():
+    torch.manual_seed(0)
+    backbone = create_model("tiny")
+    with torch.no_grad():  # a final layer far from its default init, so a copy is recognisable
+        for p in (*backbone.norm.parameters(), *backbone.decoder_pred.parameters(),
+                  *backbone.final_layer.parameters()):
+            p.normal_()
+    model = AdaDiffUViT(backbone).eval()
+    final = {k: v for k, v in backbone.state_dict().items()
+             if k.split(".")[0] in ("norm", "decoder_pred", "final_layer")}
+    for head in model.heads:
+        assert head.state_dict().keys() == final.keys()
+        for k, v in head.state_dict().items():
+            assert torch.equal(v, final[k]), k
+            assert v.data_ptr() != final[k].data_ptr()  # a copy, not shared parameters
+    x, ts, y = inputs(model, 2)
+    with torch.no_grad():
+        out = model(x, ts, y)
+        tokens = backbone.embed(x, ts, y)
+        # head 0 sees the embedded tokens: it must equal the backbone's own final layer on them
+        torch.testing.assert_close(out.heads[0], backbone.decode(tokens))
+    fresh = AdaDiffUViT(backbone, init_heads_from_final=False)
+    assert not torch.equal(fresh.heads[0].decoder_pred.weight, backbone.decoder_pred.weight)
 
 
 class _StubModel(torch.nn.Module):
