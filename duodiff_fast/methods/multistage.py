@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from ..backends import model_dtype
 from ..models.program import RowState, program_for
-from ..models.uvit import Block, UViT
+from ..models.uvit import Block, UViT, init_linear_and_norm
 from ..ops.compaction import split_rows, take_rows
 from ..samplers.constants import host_time
 from ..training.objective import DiffusionObjective, drop_labels
@@ -148,20 +148,9 @@ class MultistageUViT(nn.Module):
             for w, h in zip(widths, stage_num_heads)
         ])
         for stage in self.stages:
-            self._init_stage(stage)
+            init_linear_and_norm(stage)
         self.config = dict(cfg, boundaries=list(self.boundaries), stage_widths=widths,
                            stage_num_heads=stage_num_heads)
-
-    @staticmethod
-    def _init_stage(stage: nn.Module) -> None:
-        for m in stage.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
     @classmethod
     def from_uvit(cls, model: UViT, boundaries: Sequence[float] = CIFAR10_BOUNDARIES) -> "MultistageUViT":

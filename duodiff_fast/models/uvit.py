@@ -69,6 +69,19 @@ def unpatchify(tokens: torch.Tensor, channels: int) -> torch.Tensor:
     return x.permute(0, 5, 1, 3, 2, 4).reshape(b, channels, h * p, w * p)
 
 
+def init_linear_and_norm(module: nn.Module) -> None:
+    """The official U-ViT initialisation of every Linear (trunc-normal(0.02) weight, zero bias) and
+    LayerNorm (unit weight, zero bias) inside ``module``, in module order."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def final_layer(head: nn.Module, extras: int, channels: int, tokens: torch.Tensor) -> torch.Tensor:
     """U-ViT's final layer with the modules of ``head`` (``norm``, ``decoder_pred``, ``final_layer``):
     LayerNorm, patch prediction, drop the ``extras`` leading tokens, unpatchify, conv.
@@ -262,14 +275,7 @@ class UViT(nn.Module):
         """Initialise as the official code does: trunc-normal(0.02) Linear weights and pos_embed,
         zero biases, unit LayerNorms (convs and embeddings keep PyTorch's defaults)."""
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self)
 
     # ------------------------------------------------------------ properties
     @property
