@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .. import dispatch
 from ..ops.availability import native_available
-from .uvit import Block, UViT, final_layer, timestep_embedding
+from .functional import final_layer, timestep_embedding
 
 __all__ = ["TorchExecutor", "TritonExecutor", "executor_for", "needs_grad"]
 
@@ -61,7 +61,7 @@ class TorchExecutor:
     def timestep_embedding(self, timesteps: torch.Tensor, dim: int) -> torch.Tensor:
         return _sinusoid(timesteps, dim)
 
-    def embed(self, model: UViT, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed(self, model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         timesteps = _batch_timesteps(timesteps, x.shape[0])
         return model.embed(x, timesteps, y, sinusoid=self.timestep_embedding(timesteps, model.embed_dim))
 
@@ -72,13 +72,13 @@ class TorchExecutor:
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def block(self, blk: Block, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def block(self, blk: nn.Module, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self._run(blk, x, skip)
 
-    def merge_skip(self, blk: Block, x: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
+    def merge_skip(self, blk: nn.Module, x: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
         return blk.merge_skip(x, skip)
 
-    def transform(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
+    def transform(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self._run(blk.transform, x)
 
     def final(self, head: nn.Module, extras: int, channels: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -100,7 +100,7 @@ class TritonExecutor(TorchExecutor):
         super().__init__(checkpoint=False)
         self.matmul = dispatch.matmul_impl()
 
-    def embed(self, model: UViT, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
+    def embed(self, model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         """``model.embed`` in one kernel: (B, C, H, W) -> (B, E + L, D)."""
         x = x.to(model.pos_embed.dtype)
         timesteps = _batch_timesteps(timesteps, x.shape[0])
@@ -111,10 +111,10 @@ class TritonExecutor(TorchExecutor):
         return dispatch.frontend(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.pos_embed,
                                  emb.float(), label, y if label is not None else None)
 
-    def block(self, blk: Block, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def block(self, blk: nn.Module, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.transform(blk, self.merge_skip(blk, x, skip))
 
-    def merge_skip(self, blk: Block, x: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
+    def merge_skip(self, blk: nn.Module, x: torch.Tensor, skip: Optional[torch.Tensor]) -> torch.Tensor:
         """skip_linear(cat[x, skip]) without the concatenation; (B, N, W) + (B, N, D) -> (B, N, W)."""
         if blk.skip_linear is None:
             return x
@@ -126,7 +126,7 @@ class TritonExecutor(TorchExecutor):
             return torch.addmm(out, skip.flatten(0, -2), lin.weight[:, d:].t()).view(*x.shape[:-1], -1)
         return dispatch.linear(x, lin.weight, lin.bias, None, skip, False)
 
-    def transform(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
+    def transform(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Attention and MLP residual branches through the fused ops; (B, N, D) -> (B, N, D)."""
         attn = blk.attn
         h = dispatch.layernorm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)

@@ -28,10 +28,9 @@ import torch
 import torch.nn as nn
 
 from ..ops.compaction import active_indices, gather_rows, scatter_rows, split_rows
-from .executor import executor_for, needs_grad
-from .uvit import UViT
+from .executor import TorchExecutor, executor_for, needs_grad
 
-__all__ = ["RowState", "LayerProgram", "program_for", "run_model"]
+__all__ = ["RowState", "LayerProgram", "program_for", "run_model", "run_layers"]
 
 KeepSpec = Union[int, torch.Tensor]
 
@@ -86,7 +85,7 @@ class LayerProgram:
         executor: a :class:`~duodiff_fast.models.executor.TorchExecutor` or ``TritonExecutor``.
     """
 
-    def __init__(self, model: UViT, executor):
+    def __init__(self, model: nn.Module, executor):
         self.model = model
         self.ex = executor
         self.n_in = len(model.in_blocks)
@@ -198,10 +197,10 @@ class LayerProgram:
 
 def _encoder_and_backend(model: nn.Module):
     """The U-ViT a model's program runs on, and the backend asked for (FusedUViT wraps a UViT)."""
-    inner = getattr(model, "uvit", None)
-    if isinstance(inner, UViT):
+    inner = model.__dict__.get("_modules", {}).get("uvit")
+    if inner is not None:
         return inner, model.backend
-    if not isinstance(model, UViT):
+    if not hasattr(model, "kernel_backend"):
         raise TypeError(f"the layer program runs a UViT, got {type(model).__name__}")
     return model, model.kernel_backend
 
@@ -223,3 +222,9 @@ def run_model(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: Opt
               **hooks) -> torch.Tensor:
     """``model``'s forward through its program (input checks are the caller's)."""
     return program_for(model, x).run(x, timesteps, y, **hooks)
+
+
+def run_layers(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """Every layer of a U-ViT on embedded tokens, eager (autograd, checkpointing): (B, N, D) -> (B, N, D)."""
+    checkpoint = model.use_checkpoint and model.training and torch.is_grad_enabled()
+    return LayerProgram(model, TorchExecutor(checkpoint)).run_layers(tokens)
