@@ -170,27 +170,17 @@ def test_denoiser_with_all_blocks_equals_model_denoiser():
 def _explicit_ase(m, x, ts, y, keep: int):
     """An independent U-ViT forward written out block by block, out-blocks >= keep reduced to
     their skip merge (any depth)."""
-    from duodiff_fast.models.uvit import timestep_embedding, unpatchify
+    from tests.methods import explicit
 
-    tokens = m.patch_embed.proj(x).flatten(2).transpose(1, 2)
-    front = [m.time_embed(timestep_embedding(ts, m.embed_dim)).unsqueeze(1)]
-    if y is not None:
-        front.insert(0, m.label_emb(y).unsqueeze(1))
-    h = torch.cat([*front, tokens], dim=1) + m.pos_embed
+    h = explicit.embed(m, x, ts, y)
     skips = []
     for blk in m.in_blocks:
-        h = h + blk.attn(blk.norm1(h))
-        h = h + blk.mlp(blk.norm2(h))
+        h = explicit.block(blk, h)
         skips.append(h)
-    h = h + m.mid_block.attn(m.mid_block.norm1(h))
-    h = h + m.mid_block.mlp(m.mid_block.norm2(h))
+    h = explicit.block(m.mid_block, h)
     for j, blk in enumerate(m.out_blocks):
-        h = blk.skip_linear(torch.cat([h, skips.pop()], dim=-1))
-        if j < keep:
-            h = h + blk.attn(blk.norm1(h))
-            h = h + blk.mlp(blk.norm2(h))
-    out = m.decoder_pred(m.norm(h))[:, m.extras:, :]
-    return m.final_layer(unpatchify(out, m.in_chans))
+        h = explicit.block(blk, h, skips.pop(), transform=j < keep)
+    return explicit.final(m, m.extras, m.in_chans, h)
 
 
 class _ExplicitASE:

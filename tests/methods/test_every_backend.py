@@ -21,13 +21,7 @@ from duodiff_fast.samplers import ClassifierFreeGuidance
 from duodiff_fast.schedules import get_schedule
 
 
-@pytest.fixture(scope="module")
-def device():
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = dispatch.triton_unavailable_reason(dev)
-    if reason:
-        pytest.skip(f"Triton kernels cannot run: {reason}")
-    return dev
+from tests.kernels.conftest import device  # noqa: F401,E402  (the device the kernels run on, or skip)
 
 
 def _models():

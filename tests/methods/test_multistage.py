@@ -110,32 +110,20 @@ def test_denoiser_routes_each_step_to_its_stage():
     assert set(expected) == {0, 1, 2}
 
 
-def _block(blk, h, skip=None):
-    if skip is not None:
-        h = blk.skip_linear(torch.cat([h, skip], dim=-1))
-    h = h + blk.attn(blk.norm1(h))
-    return h + blk.mlp(blk.norm2(h))
-
-
 def _explicit_stage(m, x, ts, y, i):
     """An independent forward of stage i, written out module by module."""
-    from duodiff_fast.models.uvit import timestep_embedding, unpatchify
+    from tests.methods import explicit
 
     s, st = m.shared, m.stages[i]
-    tokens = s.patch_embed.proj(x).flatten(2).transpose(1, 2)
-    front = [s.time_embed(timestep_embedding(ts, s.embed_dim)).unsqueeze(1)]
-    if y is not None:
-        front.insert(0, s.label_emb(y).unsqueeze(1))
-    h = torch.cat([*front, tokens], dim=1) + s.pos_embed
+    h = explicit.embed(s, x, ts, y)
     skips = []
     for blk in s.in_blocks:
-        h = _block(blk, h)
+        h = explicit.block(blk, h)
         skips.append(h)
-    h = st.proj_in(_block(s.mid_block, h))
+    h = st.proj_in(explicit.block(s.mid_block, h))
     for blk in st.out_blocks:
-        h = _block(blk, h, skips.pop())
-    out = st.decoder_pred(st.norm(h))[:, s.extras:, :]
-    return st.final_layer(unpatchify(out, s.in_chans))
+        h = explicit.block(blk, h, skips.pop())
+    return explicit.final(st, s.extras, s.in_chans, h)
 
 
 class _ExplicitMultistage:
