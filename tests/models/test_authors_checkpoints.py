@@ -144,3 +144,13 @@ def test_make_schedule_time_inputs():
     with pytest.raises(ValueError, match="time_input"):
         make_schedule("linear", "seconds")
     assert make_schedule("vp-linear", "index").model_input(torch.tensor([1.0])).item() == pytest.approx(999.0)
+
+
+def test_model_specs_carry_a_valid_time_input():
+    from duodiff_fast.models import TIME_INPUTS, ModelSpec
+
+    assert TIME_INPUTS == DiscreteSchedule.TIME_INPUTS
+    assert get_spec("cifar10-s2").time_input == "index"
+    assert get_spec("tiny").make_schedule(time_input="normalized").time_input == "normalized"
+    with pytest.raises(ValueError, match="time_input"):
+        ModelSpec("x", {}, "linear", time_input="t/1000")
