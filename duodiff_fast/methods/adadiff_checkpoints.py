@@ -74,7 +74,10 @@ class PixelCertaintyUEM(nn.Module):
 
 
 class NoExitUEM(nn.Module):
-    """An exit point the source model does not have: u = +inf, above every theta in [0, 1]."""
+    """An exit point the source model does not have: u = +inf, above every theta in [0, 1].
+
+    For inference only: AdaDiffObjective on a model holding one gives an infinite L_u.
+    """
 
     is_linear = False
 
@@ -88,13 +91,13 @@ def load_adadiff(checkpoint: Union[str, os.PathLike, Mapping[str, object]], num_
 
     Accepts the DuoDiff authors' early-exit files (their trainer's dict with ``model_state_dict`` and
     ``args``, or a bare state dict), AdaDiff's (``nnet.pth`` / ``nnet_ema.pth``: U-ViT keys plus
-    ``lte_classifer.*``) and this package's AdaDiffUViT state dicts (single-layer UEMs). The backbone
+    ``lte_classifer.*``, or their ``<step>.ckpt/`` folder: ``use_ema`` picks ``nnet_ema.pth``) and
+    this package's AdaDiffUViT state dicts (single-layer UEMs). The backbone
     architecture is inferred from the weights; ``num_heads`` (not visible in weights) comes from
     the argument, the authors' ``args``, or a registered config of the same width. A declared time
     input is recorded as ``model.time_input`` (see :mod:`duodiff_fast.models.checkpoint`).
     """
-    where = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
-    obj = load_checkpoint_object(checkpoint)
+    obj, use_ema, where = load_checkpoint_object(checkpoint, use_ema)
     sd = extract_state_dict(obj, use_ema=use_ema)
     try:
         layout = layouts.detect_layout(sd)

@@ -32,7 +32,7 @@ import argparse
 import dataclasses
 import os
 import zipfile
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -157,12 +157,45 @@ class CheckpointInfo:
     layout_error: Optional[str] = None
 
 
-def load_checkpoint_object(checkpoint: Union[str, os.PathLike, Mapping[str, object]]) -> Mapping[str, object]:
-    """A checkpoint path read safely (:func:`read_checkpoint_file`), or an already-loaded dict with
-    any top-level ``argparse.Namespace`` turned into a dict."""
+# A U-ViT / AdaDiff training-state folder (``<step>.ckpt/``) keeps each part in its own file.
+_TRAIN_STATE_FILES = {False: "nnet.pth", True: "nnet_ema.pth"}
+
+
+def resolve_checkpoint_path(path: Union[str, os.PathLike], use_ema: bool = False) -> Tuple[str, bool]:
+    """(file to read, whether the EMA weights still have to be picked inside it).
+
+    A folder written by the U-ViT / AdaDiff trainers (``<step>.ckpt/`` with ``nnet.pth``,
+    ``nnet_ema.pth``, ``optimizer.pth``, ``step.pth``) resolves to ``nnet_ema.pth`` when
+    ``use_ema`` and ``nnet.pth`` otherwise; a file resolves to itself.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path, use_ema
+    name = _TRAIN_STATE_FILES[bool(use_ema)]
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{path} is a folder without {name} (U-ViT/AdaDiff training-state folders hold nnet.pth and "
+            f"nnet_ema.pth); it holds: {sorted(os.listdir(path))[:10]}")
+    return file, False
+
+
+def load_checkpoint_object(checkpoint: Union[str, os.PathLike, Mapping[str, object]],
+                           use_ema: bool = False) -> Tuple[Mapping[str, object], bool, str]:
+    """Read a checkpoint for loading: (object, ``use_ema`` left for :func:`extract_state_dict`, name).
+
+    Paths (files or training-state folders, see :func:`resolve_checkpoint_path`) are read safely
+    with :func:`read_checkpoint_file`; an already-loaded dict gets any top-level
+    ``argparse.Namespace`` turned into a dict.
+    """
     if isinstance(checkpoint, (str, os.PathLike)):
-        return read_checkpoint_file(checkpoint)
-    return _plain_namespaces(checkpoint)
+        path, use_ema = resolve_checkpoint_path(checkpoint, use_ema)
+        obj = read_checkpoint_file(path)
+        if path.endswith(".safetensors"):  # what save_weights records travels as metadata
+            meta = _safetensors_metadata(path)
+            obj = {"state_dict": obj, **({"time_input": meta["time_input"]} if "time_input" in meta else {})}
+        return obj, use_ema, path
+    return _plain_namespaces(checkpoint), use_ema, "checkpoint"
 
 
 def declared_time_input(obj: Mapping[str, object], where: str = "checkpoint") -> Optional[str]:
@@ -188,13 +221,12 @@ def checkpoint_info(checkpoint: Union[str, os.PathLike, Mapping[str, object]], u
 
     Torch files are memory-mapped, so this is cheap even for large checkpoints.
     """
-    where = os.fspath(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else "checkpoint"
+    where = "checkpoint"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint, use_ema = resolve_checkpoint_path(checkpoint, use_ema)
+        where = checkpoint
     if isinstance(checkpoint, (str, os.PathLike)) and where.endswith(".safetensors"):
-        if not os.path.isfile(where):
-            raise FileNotFoundError(f"checkpoint file not found: {where}")
-        meta = _safetensors_metadata(where)
-        obj: Mapping[str, object] = {"state_dict": read_checkpoint_file(where), **(
-            {"time_input": meta["time_input"]} if "time_input" in meta else {})}
+        obj, use_ema, _ = load_checkpoint_object(where, use_ema)
         source = "safetensors"
     else:
         is_path = isinstance(checkpoint, (str, os.PathLike))
@@ -352,15 +384,11 @@ def load_weights(
     see the module docstring).
     """
     is_path = isinstance(checkpoint, (str, os.PathLike))
-    obj = load_checkpoint_object(checkpoint)
+    obj, use_ema, where = load_checkpoint_object(checkpoint, use_ema)
     sd = extract_state_dict(obj, use_ema=use_ema)
     report = _mismatch_report(model, sd)
     if report:
-        where = f" ({os.fspath(checkpoint)})" if is_path else ""
-        raise CheckpointError(report.replace("checkpoint", f"checkpoint{where}", 1))
-    where = os.fspath(checkpoint) if is_path else "checkpoint"
-    if is_path and where.endswith(".safetensors"):
-        obj = {k: v for k, v in _safetensors_metadata(where).items() if k == "time_input"}
+        raise CheckpointError(report.replace("checkpoint", f"checkpoint ({where})" if is_path else "checkpoint", 1))
     time_input = declared_time_input(obj, where)
     model.load_state_dict(sd, strict=True)
     model.time_input = time_input
@@ -380,7 +408,7 @@ def load_model(
     from .configs import create_model
     from .uvit import UViT
 
-    obj = load_checkpoint_object(checkpoint)
+    obj, use_ema, _ = load_checkpoint_object(checkpoint, use_ema)
     if config is None:
         args = obj.get("args") if isinstance(obj.get("args"), Mapping) else {}
         model = UViT(**infer_config(extract_state_dict(obj, use_ema=use_ema), num_heads=args.get("num_heads")))

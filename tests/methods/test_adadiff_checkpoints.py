@@ -226,3 +226,24 @@ def test_own_adadiff_state_dict_round_trip():
     again = load_adadiff({"model_state_dict": {"module." + k: v for k, v in model.state_dict().items()}})
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v)
+
+
+def test_training_state_folder_of_uvit_and_adadiff(tmp_path):
+    """U-ViT / AdaDiff trainers save <step>.ckpt/ folders: nnet.pth, nnet_ema.pth, optimizer.pth, step.pth."""
+    bb, ema = _backbone(seed=0), _backbone(seed=3)
+    folder = tmp_path / "200000.ckpt"
+    folder.mkdir()
+    torch.save(adadiff_official_sd(bb), folder / "nnet.pth")
+    torch.save(adadiff_official_sd(ema), folder / "nnet_ema.pth")
+    torch.save(200000, folder / "step.pth")
+    assert torch.equal(load_adadiff(folder).backbone.pos_embed, bb.pos_embed)
+    assert torch.equal(load_adadiff(folder, use_ema=True).backbone.pos_embed, ema.pos_embed)
+    assert checkpoint_info(folder, use_ema=True).layout == "adadiff-official"
+    plain = tmp_path / "uvit.ckpt"
+    plain.mkdir()
+    torch.save(bb.state_dict(), plain / "nnet_ema.pth")
+    from duodiff_fast.models import load_model
+
+    assert torch.equal(load_model(plain, use_ema=True).pos_embed, bb.pos_embed)
+    with pytest.raises(FileNotFoundError, match="nnet.pth"):
+        load_model(plain)

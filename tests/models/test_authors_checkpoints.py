@@ -154,3 +154,11 @@ def test_model_specs_carry_a_valid_time_input():
     assert get_spec("tiny").make_schedule(time_input="normalized").time_input == "normalized"
     with pytest.raises(ValueError, match="time_input"):
         ModelSpec("x", {}, "linear", time_input="t/1000")
+
+
+def test_load_model_keeps_the_safetensors_time_input(tmp_path):
+    m = create_model("tiny")
+    save_weights(m, tmp_path / "w.safetensors", time_input="normalized")
+    assert load_model(tmp_path / "w.safetensors").time_input == "normalized"
+    save_weights(m, tmp_path / "i.safetensors")
+    assert load_model(tmp_path / "i.safetensors").time_input is None
