@@ -8,7 +8,11 @@ Accepted files:
   * the DuoDiff authors' training checkpoints (razvanmatisan/duodiff): ``step``,
     ``model_state_dict``, optimizer / GradScaler / LR-scheduler / data-sampler states, ``train_state``
     and ``args``, their ``argparse.Namespace`` of command-line settings;
-  * files written by :func:`save_weights` that record the model's time input (below).
+  * files written by :func:`save_weights` that record the model's time input (below);
+  * U-ViT / AdaDiff training-state folders (``<step>.ckpt/`` holding ``nnet.pth`` and
+    ``nnet_ema.pth``; ``use_ema`` picks the latter).
+Other projects' key layouts (the DuoDiff authors' and AdaDiff's early-exit models) are recognised
+by :mod:`.layouts` and loaded by ``duodiff_fast.methods.adadiff_checkpoints.load_adadiff``.
 Torch files are read with ``weights_only=True``: no pickled code runs. The one class allowed
 besides tensors and plain containers is ``argparse.Namespace`` (a bag of attributes, needed for
 the DuoDiff authors' ``args``); it is turned into a plain dict on load. ``module.`` (DDP) and
@@ -112,7 +116,7 @@ def _safetensors_metadata(path: str) -> Dict[str, str]:
 
 
 def extract_state_dict(obj: Mapping[str, object], use_ema: bool = False) -> StateDict:
-    """Find the model weights in a loaded checkpoint object and strip a DDP ``module.`` prefix."""
+    """Find the model weights in a loaded checkpoint object; strip ``module.`` / ``_orig_mod.`` prefixes."""
     if use_ema:
         for key in ("ema_state_dict", "ema"):
             if isinstance(obj.get(key), Mapping):
