@@ -215,8 +215,15 @@ def declared_time_input(obj: Mapping[str, object], where: str = "checkpoint") ->
         return str(value)
     args = obj.get("args")
     if isinstance(args, Mapping) and "normalize_timesteps" in args:
-        # The DuoDiff authors' models divide the step index by 1000 when this flag is set.
-        return "normalized" if bool(args["normalize_timesteps"]) else "index"
+        # The DuoDiff authors' models divide the step index by 1000 when this flag is set, which
+        # is index / N only for their default N = 1000 steps.
+        if not bool(args["normalize_timesteps"]):
+            return "index"
+        steps = args.get("num_timesteps", 1000)
+        if steps != 1000:
+            raise CheckpointError(f"{where} was trained with normalize_timesteps and num_timesteps={steps}: its "
+                                  "network input index / 1000 is not a time input this package can express")
+        return "normalized"
     return None
 
 

@@ -162,3 +162,12 @@ def test_load_model_keeps_the_safetensors_time_input(tmp_path):
     assert load_model(tmp_path / "w.safetensors").time_input == "normalized"
     save_weights(m, tmp_path / "i.safetensors")
     assert load_model(tmp_path / "i.safetensors").time_input is None
+
+
+def test_their_normalization_assumes_1000_steps(tmp_path):
+    path = authors_training_file(tmp_path / "a.pth", create_model("tiny"))
+    blob = torch.load(path, weights_only=False)
+    blob["args"].num_timesteps = 500
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match="num_timesteps=500"):
+        load_model(path)
