@@ -175,16 +175,17 @@ def cmd_sample(args) -> int:
 
     from .backends import check_backend, prepare_model
     from .methods import DuoDiff, ModelDenoiser
-    from .models import get_spec, shallow_name
+    from .models import get_spec, resolve_time_input, shallow_name
     from .samplers import ClassifierFreeGuidance, generate, save_npz, save_png_grid
-    from .schedules import get_schedule
 
     spec = get_spec(args.config)
     check_backend(args.backend)
     if args.n_samples < 1 or args.batch_size < 1:
         raise SystemExit("--n-samples and --batch-size must be >= 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    schedule = get_schedule(args.schedule or spec.schedule)
+    # The time input the checkpoints declare (e.g. the DuoDiff authors' t/1000), else the config's.
+    time_input = resolve_time_input(spec.time_input, [args.checkpoint, args.shallow_checkpoint if args.t_s else None])
+    schedule = spec.make_schedule(args.schedule, time_input)
     full = prepare_model(_load_backbone(args.config, args.checkpoint, args).to(device), args.backend)
     if args.t_s:
         if not args.shallow_checkpoint and not args.random_weights:

@@ -36,6 +36,7 @@ __all__ = [
     "vp_linear",
     "SCHEDULES",
     "get_schedule",
+    "make_schedule",
 ]
 
 
@@ -403,3 +404,21 @@ def get_schedule(name: str, **kw) -> NoiseSchedule:
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; expected one of {sorted(SCHEDULES)}")
     return SCHEDULES[name](**kw)
+
+
+def make_schedule(name: str, time_input: str = "index") -> NoiseSchedule:
+    """Schedule ``name`` feeding the network ``time_input``.
+
+    ``"index"``: each schedule's native input (discrete: the step index; continuous: t * 999).
+    ``"normalized"``: index / N, discrete schedules only (the continuous VP schedule has no step
+    index to normalise; a ValueError says so).
+    """
+    if time_input not in DiscreteSchedule.TIME_INPUTS:
+        raise ValueError(f"time_input must be one of {DiscreteSchedule.TIME_INPUTS}, got {time_input!r}")
+    schedule = get_schedule(name)
+    if time_input == "index":
+        return schedule
+    if not isinstance(schedule, DiscreteSchedule):
+        raise ValueError(f"time_input={time_input!r} needs a discrete schedule; {name!r} is continuous "
+                         "(its network input is t * 999)")
+    return get_schedule(name, time_input=time_input)

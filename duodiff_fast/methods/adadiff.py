@@ -377,34 +377,58 @@ def set_synthetic_exit_profile(model: AdaDiffUViT, schedule, t_switch: float = 0
 
 
 class AdaDiffObjective:
-    """The AdaDiff training loss L_simple + lambda L_u + beta L_UAL (DuoDiff paper eq. 6-8).
+    """The AdaDiff training loss L_simple + lambda L_u + beta L_UAL (DuoDiff paper eq. 5-8).
 
     Same protocol as :class:`~duodiff_fast.training.objective.DiffusionObjective`
     (``loss, metrics = objective(model, x0, y, generator)``); the model must return
     :class:`AdaDiffOutputs` from ``model(x_t, timesteps, y)`` (an :class:`AdaDiffUViT`, possibly
     DDP-wrapped). Metrics: loss, l_simple, l_u, l_ual.
+
+    Args:
+        target: the pseudo-uncertainty u_hat_i per sample, never differentiated:
+            ``"mean_tanh"`` (default) mean_{C,H,W} tanh|g_i - eps|, the per-element F = tanh of
+            eq. 5 and of the DuoDiff authors' code; ``"tanh_mean"`` tanh(mean_{C,H,W} |g_i - eps|),
+            this package's earlier form (smaller where errors are spread unevenly over pixels).
+        detach_ual_weight: weight L_UAL by the detached (1 - u_i) (default), so the UEMs learn
+            only from L_u; False lets L_UAL's gradient reach u as eq. 7 is written, which rewards
+            a UEM for reporting high uncertainty.
     """
 
+    TARGETS = ("mean_tanh", "tanh_mean")
+
     def __init__(self, schedule, num_classes: int = 0, p_uncond: float = 0.1, lam: float = 1.0,
-                 beta: float = 1.0, detach_ual_weight: bool = False):
+                 beta: float = 1.0, detach_ual_weight: bool = True, target: str = "mean_tanh"):
         from ..training.objective import DiffusionObjective
 
+        if target not in self.TARGETS:
+            raise ValueError(f"target must be one of {self.TARGETS}, got {target!r}")
         self.base = DiffusionObjective(schedule, num_classes, p_uncond)
         self.lam = float(lam)
         self.beta = float(beta)
         self.detach_ual_weight = bool(detach_ual_weight)
+        self.target = target
 
     @staticmethod
-    def losses(out: AdaDiffOutputs, noise: torch.Tensor, detach_ual_weight: bool = False) -> Dict[str, torch.Tensor]:
-        """The three loss terms from the model outputs and the true noise (B, C, H, W)."""
+    def losses(out: AdaDiffOutputs, noise: torch.Tensor, detach_ual_weight: bool = True,
+               target: str = "mean_tanh") -> Dict[str, torch.Tensor]:
+        """The three loss terms from the model outputs and the true noise (B, C, H, W).
+
+        L_simple = mean (g_N - eps)^2; L_u = sum_i mean_b (u_i - u_hat_i)^2;
+        L_UAL = sum_i mean_b (1 - u_i) mean_{C,H,W} (g_i - eps)^2 (u_hat_i: see ``target``).
+        """
+        if target not in AdaDiffObjective.TARGETS:
+            raise ValueError(f"target must be one of {AdaDiffObjective.TARGETS}, got {target!r}")
         noise = noise.float()
         l_simple = (out.final.float() - noise).pow(2).mean()
         err = out.heads.float() - noise.unsqueeze(0)  # (N, B, C, H, W)
-        mae = err.abs().flatten(2).mean(-1)  # (N, B)
         mse = err.pow(2).flatten(2).mean(-1)  # (N, B)
         u = out.u.float()  # (N, B)
-        target = torch.tanh(mae).detach()
-        l_u = (u - target).pow(2).mean(dim=1).sum()
+        with torch.no_grad():
+            if target == "mean_tanh":
+                u_hat = torch.tanh(err.abs()).flatten(2).mean(-1)  # (N, B)
+            else:
+                u_hat = torch.tanh(err.abs().flatten(2).mean(-1))
+        l_u = (u - u_hat).pow(2).mean(dim=1).sum()
         weight = (1 - u).detach() if detach_ual_weight else (1 - u)
         l_ual = (weight * mse).mean(dim=1).sum()
         return {"l_simple": l_simple, "l_u": l_u, "l_ual": l_ual}
@@ -423,7 +447,7 @@ class AdaDiffObjective:
             y = None
         timesteps = base.schedule.model_input(t).to(device=x0.device, dtype=torch.float32)
         out = model(x_t, timesteps, y)
-        terms = self.losses(out, noise, self.detach_ual_weight)
+        terms = self.losses(out, noise, self.detach_ual_weight, self.target)
         loss = terms["l_simple"] + self.lam * terms["l_u"] + self.beta * terms["l_ual"]
         metrics = {k: v.detach() for k, v in terms.items()}
         metrics["loss"] = loss.detach()

@@ -1,17 +1,22 @@
 """U-ViT models, the named config registry and checkpoint loading."""
 from .checkpoint import (
     CheckpointError,
+    CheckpointInfo,
+    checkpoint_info,
     extract_state_dict,
     infer_config,
     load_model,
     load_weights,
     read_checkpoint_file,
+    resolve_time_input,
     save_weights,
 )
 from .configs import (
     PAPER_CONFIGS,
     REGISTRY,
+    TIME_INPUTS,
     ModelSpec,
+    check_time_input,
     create_model,
     describe,
     get_config,
@@ -28,4 +33,5 @@ __all__ = [
     "list_configs", "matching_configs", "shallow_name", "describe",
     "CheckpointError", "read_checkpoint_file", "extract_state_dict", "infer_config",
     "load_weights", "load_model", "save_weights",
+    "TIME_INPUTS", "check_time_input", "CheckpointInfo", "checkpoint_info", "resolve_time_input",
 ]

@@ -4,32 +4,81 @@ Accepted files:
   * plain state dicts with the official key names (the published U-ViT ``nnet*.pth`` files);
   * dicts holding the weights under ``model_state_dict`` (the DuoDiff authors' trainer and this
     package's trainer), ``ema_state_dict``/``ema`` on request, or ``state_dict``;
-  * ``.safetensors`` files.
-Torch files are read with ``weights_only=True``: no pickled code runs. A ``module.`` prefix left by
-DistributedDataParallel is removed. Mismatches produce one error listing the missing and
-unexpected keys and the shape mismatches, and naming the registered configs the checkpoint fits.
+  * ``.safetensors`` files;
+  * the DuoDiff authors' training checkpoints (razvanmatisan/duodiff): ``step``,
+    ``model_state_dict``, optimizer / GradScaler / LR-scheduler / data-sampler states, ``train_state``
+    and ``args``, their ``argparse.Namespace`` of command-line settings;
+  * files written by :func:`save_weights` that record the model's time input (below);
+  * U-ViT / AdaDiff training-state folders (``<step>.ckpt/`` holding ``nnet.pth`` and
+    ``nnet_ema.pth``; ``use_ema`` picks the latter).
+Other projects' key layouts (the DuoDiff authors' and AdaDiff's early-exit models) are recognised
+by :mod:`.layouts` and loaded by ``duodiff_fast.methods.adadiff_checkpoints.load_adadiff``.
+Torch files are read with ``weights_only=True``: no pickled code runs. The one class allowed
+besides tensors and plain containers is ``argparse.Namespace`` (a bag of attributes, needed for
+the DuoDiff authors' ``args``); it is turned into a plain dict on load. ``module.`` (DDP) and
+``_orig_mod.`` (torch.compile) prefixes are removed. Mismatches produce one error listing the
+missing and unexpected keys and the shape mismatches, naming the registered configs the checkpoint
+fits, and the checkpoint's layout when it is another model's (see :mod:`.layouts`).
+
+Time input. What the network is fed at time t is a property of how it was trained, not of its
+weights: ``"index"`` (the step index of a discrete schedule, t * 999 for the continuous one; the
+official U-ViT and this package's default) or ``"normalized"`` (index / N: the DuoDiff authors'
+CIFAR-10 and CelebA models, ``normalize_timesteps=True`` in their ``args``). A checkpoint
+*declares* it when it says so (their ``args``; a ``time_input`` entry or safetensors metadata
+written by :func:`save_weights`; this package's training checkpoints); :func:`load_weights` then
+records it on the model as ``model.time_input`` and :func:`save_weights` writes it back, so a
+re-saved model keeps it. Files that declare nothing (published U-ViT weights, plain state dicts)
+take the model config's ``time_input`` (:class:`~duodiff_fast.models.configs.ModelSpec`).
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 import zipfile
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .configs import matching_configs
+from .configs import TIME_INPUTS, check_time_input, matching_configs
+from .layouts import LayoutError, detect_layout, strip_prefixes, summarize_keys
 
 StateDict = Dict[str, torch.Tensor]
 
 _WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
+WEIGHTS_FORMAT = "duodiff_fast.weights/1"
+# The only non-tensor class a torch checkpoint may hold (the DuoDiff authors' ``args``).
+_SAFE_CLASSES = (argparse.Namespace,)
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
-def read_checkpoint_file(path: Union[str, os.PathLike]) -> Mapping[str, object]:
-    """Read a checkpoint file safely (safetensors, or torch with ``weights_only=True``)."""
+def _torch_load_safe(path: str, mmap: bool):
+    """``torch.load(weights_only=True)`` that also accepts ``argparse.Namespace`` (and nothing else)."""
+    with torch.serialization.safe_globals(list(_SAFE_CLASSES)):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if mmap and "mmap" in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                return torch.load(path, map_location="cpu", weights_only=True)
+            raise
+
+
+def _plain_namespaces(obj: Mapping[str, object]) -> Mapping[str, object]:
+    """Top-level ``argparse.Namespace`` values (the DuoDiff authors' ``args``) as plain dicts."""
+    if not any(isinstance(v, argparse.Namespace) for v in obj.values()):
+        return obj
+    return {k: dict(vars(v)) if isinstance(v, argparse.Namespace) else v for k, v in obj.items()}
+
+
+def read_checkpoint_file(path: Union[str, os.PathLike], mmap: bool = False) -> Mapping[str, object]:
+    """Read a checkpoint file safely (safetensors, or torch with ``weights_only=True``).
+
+    ``mmap=True`` maps a torch file's tensors instead of reading them (for a cheap look at the
+    other entries); a top-level ``argparse.Namespace`` comes back as a dict.
+    """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file not found: {path}")
@@ -43,21 +92,31 @@ def read_checkpoint_file(path: Union[str, os.PathLike]) -> Mapping[str, object]:
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = _torch_load_safe(path, mmap)
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is corrupt or not a PyTorch checkpoint: {e}") from e
     except Exception as e:  # weights_only refuses pickled objects with an UnpicklingError
         raise CheckpointError(
             f"{path} could not be loaded with weights_only=True (it holds objects other than "
-            f"tensors and plain containers, or is corrupt): {e}"
+            f"tensors, plain containers and argparse.Namespace, or is corrupt): {e}"
         ) from e
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, expected a dict of tensors")
-    return obj
+    return _plain_namespaces(obj)
+
+
+def _safetensors_metadata(path: str) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            return dict(f.metadata() or {})
+    except Exception as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
 
 
 def extract_state_dict(obj: Mapping[str, object], use_ema: bool = False) -> StateDict:
-    """Find the model weights in a loaded checkpoint object and strip a DDP ``module.`` prefix."""
+    """Find the model weights in a loaded checkpoint object; strip ``module.`` / ``_orig_mod.`` prefixes."""
     if use_ema:
         for key in ("ema_state_dict", "ema"):
             if isinstance(obj.get(key), Mapping):
@@ -78,17 +137,157 @@ def extract_state_dict(obj: Mapping[str, object], use_ema: bool = False) -> Stat
             "checkpoint is not a state dict: entries that are not tensors: "
             f"{non_tensors[:8]}{' ...' if len(non_tensors) > 8 else ''}"
         )
-    sd = dict(obj)
-    if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    return strip_prefixes(obj)
 
 
-def infer_config(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, object]:
+# ------------------------------------------------------------------------------ what a file says
+@dataclasses.dataclass
+class CheckpointInfo:
+    """What a checkpoint says about itself besides the weights.
+
+    Attributes:
+        layout: the weights' key layout (one of ``layouts.LAYOUTS``), or None when unrecognised.
+        time_input: the declared time input ("index" / "normalized"), None when the file does not say.
+        source: "duodiff-authors" (their trainer's file, with ``args``), "duodiff-fast-train",
+            "duodiff-fast-weights", "safetensors" or "state-dict".
+        args: the DuoDiff authors' ``args`` as a dict ({} otherwise).
+        layout_error: why ``layout`` is None.
+    """
+
+    layout: Optional[str]
+    time_input: Optional[str]
+    source: str
+    args: Dict[str, object] = dataclasses.field(default_factory=dict)
+    layout_error: Optional[str] = None
+
+
+# A U-ViT / AdaDiff training-state folder (``<step>.ckpt/``) keeps each part in its own file.
+_TRAIN_STATE_FILES = {False: "nnet.pth", True: "nnet_ema.pth"}
+
+
+def resolve_checkpoint_path(path: Union[str, os.PathLike], use_ema: bool = False) -> Tuple[str, bool]:
+    """(file to read, whether the EMA weights still have to be picked inside it).
+
+    A folder written by the U-ViT / AdaDiff trainers (``<step>.ckpt/`` with ``nnet.pth``,
+    ``nnet_ema.pth``, ``optimizer.pth``, ``step.pth``) resolves to ``nnet_ema.pth`` when
+    ``use_ema`` and ``nnet.pth`` otherwise; a file resolves to itself.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return path, use_ema
+    name = _TRAIN_STATE_FILES[bool(use_ema)]
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(
+            f"{path} is a folder without {name} (U-ViT/AdaDiff training-state folders hold nnet.pth and "
+            f"nnet_ema.pth); it holds: {sorted(os.listdir(path))[:10]}")
+    return file, False
+
+
+def load_checkpoint_object(checkpoint: Union[str, os.PathLike, Mapping[str, object]],
+                           use_ema: bool = False) -> Tuple[Mapping[str, object], bool, str]:
+    """Read a checkpoint for loading: (object, ``use_ema`` left for :func:`extract_state_dict`, name).
+
+    Paths (files or training-state folders, see :func:`resolve_checkpoint_path`) are read safely
+    with :func:`read_checkpoint_file`; an already-loaded dict gets any top-level
+    ``argparse.Namespace`` turned into a dict.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path, use_ema = resolve_checkpoint_path(checkpoint, use_ema)
+        obj = read_checkpoint_file(path)
+        if path.endswith(".safetensors"):  # what save_weights records travels as metadata
+            meta = _safetensors_metadata(path)
+            obj = {"state_dict": obj, **({"time_input": meta["time_input"]} if "time_input" in meta else {})}
+        return obj, use_ema, path
+    return _plain_namespaces(checkpoint), use_ema, "checkpoint"
+
+
+def declared_time_input(obj: Mapping[str, object], where: str = "checkpoint") -> Optional[str]:
+    """The time input a loaded checkpoint object declares ("index" / "normalized"), or None.
+
+    Read from a ``time_input`` entry (this package's files) or the DuoDiff authors'
+    ``args["normalize_timesteps"]``.
+    """
+    value = obj.get("time_input")
+    if value is not None:
+        if value not in TIME_INPUTS:
+            raise CheckpointError(f"{where} declares time_input={value!r}; expected one of {TIME_INPUTS}")
+        return str(value)
+    args = obj.get("args")
+    if isinstance(args, Mapping) and "normalize_timesteps" in args:
+        # The DuoDiff authors' models divide the step index by 1000 when this flag is set, which
+        # is index / N only for their default N = 1000 steps.
+        if not bool(args["normalize_timesteps"]):
+            return "index"
+        steps = args.get("num_timesteps", 1000)
+        if steps != 1000:
+            raise CheckpointError(f"{where} was trained with normalize_timesteps and num_timesteps={steps}: its "
+                                  "network input index / 1000 is not a time input this package can express")
+        return "normalized"
+    return None
+
+
+def checkpoint_info(checkpoint: Union[str, os.PathLike, Mapping[str, object]], use_ema: bool = False) -> CheckpointInfo:
+    """Describe a checkpoint (path or loaded dict) without loading it into a model.
+
+    Torch files are memory-mapped, so this is cheap even for large checkpoints.
+    """
+    where = "checkpoint"
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint, use_ema = resolve_checkpoint_path(checkpoint, use_ema)
+        where = checkpoint
+    if isinstance(checkpoint, (str, os.PathLike)) and where.endswith(".safetensors"):
+        obj, use_ema, _ = load_checkpoint_object(where, use_ema)
+        source = "safetensors"
+    else:
+        is_path = isinstance(checkpoint, (str, os.PathLike))
+        obj = read_checkpoint_file(checkpoint, mmap=True) if is_path else _plain_namespaces(checkpoint)
+        if isinstance(obj.get("args"), Mapping):
+            source = "duodiff-authors"
+        elif str(obj.get("format", "")).startswith("duodiff_fast.train"):
+            source = "duodiff-fast-train"
+        elif obj.get("format") == WEIGHTS_FORMAT:
+            source = "duodiff-fast-weights"
+        else:
+            source = "state-dict"
+    layout: Optional[str] = None
+    layout_error = None
+    try:
+        layout = detect_layout(extract_state_dict(obj, use_ema=use_ema))
+    except (LayoutError, CheckpointError) as e:
+        layout_error = str(e)
+    args = dict(obj["args"]) if isinstance(obj.get("args"), Mapping) else {}
+    return CheckpointInfo(layout, declared_time_input(obj, where), source, args, layout_error)
+
+
+def resolve_time_input(default: str, checkpoints: Sequence[Optional[Union[str, os.PathLike]]]) -> str:
+    """The time input to sample with: what the given checkpoints declare, else ``default``.
+
+    ``None`` entries are skipped. Checkpoints that declare different conventions cannot share one
+    schedule (DuoDiff's two backbones use one): a :class:`CheckpointError` names them.
+    """
+    check_time_input(default)
+    declared = {}
+    for ck in checkpoints:
+        if ck is None:
+            continue
+        ti = checkpoint_info(ck).time_input
+        if ti is not None:
+            declared[os.fspath(ck) if isinstance(ck, (str, os.PathLike)) else "checkpoint"] = ti
+    values = set(declared.values())
+    if len(values) > 1:
+        raise CheckpointError(
+            "the checkpoints declare different time inputs, so no one schedule fits them: "
+            + ", ".join(f"{k}: {v}" for k, v in declared.items()))
+    return values.pop() if values else default
+
+
+def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: Optional[int] = None) -> Dict[str, object]:
     """Recover the UViT constructor keywords from a state dict's keys and shapes.
 
-    ``num_heads`` cannot be read from weights: it is taken from a registered config of the same
-    width when one exists, otherwise embed_dim // 64.
+    ``num_heads`` cannot be read from weights: pass it when known (e.g. from the DuoDiff authors'
+    ``args``); otherwise it is taken from a registered config of the same width when one exists,
+    else embed_dim // 64.
     """
     try:
         pe = state_dict["patch_embed.proj.weight"]  # (D, C, p, p)
@@ -113,7 +312,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, object]:
     from .configs import REGISTRY
 
     widths = {s.kwargs["embed_dim"]: s.kwargs["num_heads"] for s in REGISTRY.values()}
-    config["num_heads"] = widths.get(embed_dim, max(1, embed_dim // 64))
+    config["num_heads"] = int(num_heads) if num_heads else widths.get(embed_dim, max(1, embed_dim // 64))
     return config
 
 
@@ -146,10 +345,30 @@ def key_mismatch_lines(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], w
     return lines
 
 
+def _layout_line(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """A hint when ``sd`` is another model's layout (or an unknown one), for mismatch reports."""
+    from . import layouts
+
+    try:
+        layout = detect_layout(sd)
+    except LayoutError as e:
+        return f"  {e}"
+    if layout in (layouts.DUODIFF_EARLY_EXIT, layouts.ADADIFF_OFFICIAL):
+        who = "the DuoDiff authors' early-exit model" if layout == layouts.DUODIFF_EARLY_EXIT else "AdaDiff's"
+        return (f"  the checkpoint has the layout of {who} ({layout}): load it with "
+                "duodiff_fast.methods.adadiff_checkpoints.load_adadiff(path)")
+    if layout == layouts.ADADIFF:
+        return "  the checkpoint is an AdaDiffUViT's (backbone.*, heads.*, uems.*)"
+    return None
+
+
 def _mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> Optional[str]:
     lines = key_mismatch_lines(model, sd)
     if not lines:
         return None
+    hint = _layout_line(sd)
+    if hint:
+        lines.append(hint)
     try:
         cfg = infer_config(sd)
         fits = matching_configs(cfg)
@@ -171,15 +390,19 @@ def load_weights(
     """Load a checkpoint (path or already-loaded dict) into ``model`` strictly; returns the model.
 
     Raises :class:`CheckpointError` before touching the model's parameters when keys or shapes
-    differ, listing the differences and the registered configs the checkpoint would fit.
+    differ, listing the differences and the registered configs the checkpoint would fit. The time
+    input the checkpoint declares is recorded as ``model.time_input`` (None when it does not say;
+    see the module docstring).
     """
-    obj = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    is_path = isinstance(checkpoint, (str, os.PathLike))
+    obj, use_ema, where = load_checkpoint_object(checkpoint, use_ema)
     sd = extract_state_dict(obj, use_ema=use_ema)
     report = _mismatch_report(model, sd)
     if report:
-        where = f" ({os.fspath(checkpoint)})" if isinstance(checkpoint, (str, os.PathLike)) else ""
-        raise CheckpointError(report.replace("checkpoint", f"checkpoint{where}", 1))
+        raise CheckpointError(report.replace("checkpoint", f"checkpoint ({where})" if is_path else "checkpoint", 1))
+    time_input = declared_time_input(obj, where)
     model.load_state_dict(sd, strict=True)
+    model.time_input = time_input
     return model
 
 
@@ -196,9 +419,10 @@ def load_model(
     from .configs import create_model
     from .uvit import UViT
 
-    obj = read_checkpoint_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    obj, use_ema, _ = load_checkpoint_object(checkpoint, use_ema)
     if config is None:
-        model = UViT(**infer_config(extract_state_dict(obj, use_ema=use_ema)))
+        args = obj.get("args") if isinstance(obj.get("args"), Mapping) else {}
+        model = UViT(**infer_config(extract_state_dict(obj, use_ema=use_ema), num_heads=args.get("num_heads")))
     elif isinstance(config, str):
         model = create_model(config)
     else:
@@ -211,14 +435,27 @@ def load_model(
         raise
 
 
-def save_weights(model: torch.nn.Module, path: Union[str, os.PathLike]) -> None:
-    """Write the model's state dict atomically (``.safetensors`` by extension, else torch)."""
+def save_weights(model: torch.nn.Module, path: Union[str, os.PathLike], time_input: Optional[str] = None) -> None:
+    """Write the model's state dict atomically (``.safetensors`` by extension, else torch).
+
+    ``time_input`` (default: ``model.time_input`` when a loaded checkpoint declared one) is
+    recorded so that the file keeps its time-input convention: as safetensors metadata, or for
+    torch files as ``{"format", "state_dict", "time_input"}`` when it is not the default
+    ``"index"`` (a plain state dict otherwise, the official format every U-ViT loader reads).
+    """
     from ..io_utils import atomic_torch_save, atomic_write_bytes
 
+    if time_input is None:
+        time_input = getattr(model, "time_input", None)
+    if time_input is not None:
+        check_time_input(time_input)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if os.fspath(path).endswith(".safetensors"):
         from safetensors.torch import save
 
-        atomic_write_bytes(path, save(sd))
+        meta = {"format": WEIGHTS_FORMAT, **({"time_input": time_input} if time_input else {})}
+        atomic_write_bytes(path, save(sd, metadata=meta))
+    elif time_input not in (None, "index"):
+        atomic_torch_save({"format": WEIGHTS_FORMAT, "state_dict": sd, "time_input": time_input}, path)
     else:
         atomic_torch_save(sd, path)

@@ -18,6 +18,17 @@ from typing import Dict, List, Optional
 SHALLOW_DEPTH = 2  # DuoDiff's shallow backbone: 1 in-block + mid-block + 1 out-block = 3 layers
 SHALLOW_SUFFIX = "-shallow"
 
+# What the network is fed at time t (see ModelSpec.time_input); the same names as
+# duodiff_fast.schedules.DiscreteSchedule.TIME_INPUTS.
+TIME_INPUTS = ("index", "normalized")
+
+
+def check_time_input(time_input) -> str:
+    """Return ``time_input`` if it is one of :data:`TIME_INPUTS`; a clear ValueError otherwise."""
+    if time_input not in TIME_INPUTS:
+        raise ValueError(f"time_input must be one of {TIME_INPUTS}, got {time_input!r}")
+    return time_input
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
@@ -29,6 +40,11 @@ class ModelSpec:
         schedule: name of the noise schedule it is trained/sampled with (see duodiff_fast.schedules).
         latent: True when the model works on Stable Diffusion KL-f8 latents (scale 0.18215).
         source: where the configuration comes from.
+        time_input: what the network is fed at time t when its checkpoint does not say:
+            "index" (discrete schedules: the step index 0..N-1; the continuous VP schedule:
+            t * 999), or "normalized" (discrete only: index / N, as the DuoDiff authors'
+            CIFAR-10/CelebA models with ``normalize_timesteps``). Checkpoints that declare their
+            own convention override it (see duodiff_fast.models.checkpoint).
     """
 
     name: str
@@ -36,6 +52,17 @@ class ModelSpec:
     schedule: str
     latent: bool = False
     source: str = ""
+    time_input: str = "index"
+
+    def __post_init__(self) -> None:
+        check_time_input(self.time_input)
+
+    def make_schedule(self, schedule: Optional[str] = None, time_input: Optional[str] = None):
+        """The noise schedule to sample/train with: ``schedule`` (default: the config's) feeding
+        the network ``time_input`` (default: the config's)."""
+        from ..schedules import make_schedule
+
+        return make_schedule(schedule or self.schedule, time_input or self.time_input)
 
     def shallow(self) -> "ModelSpec":
         """The DuoDiff shallow backbone of this configuration (depth 2, same width)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Optional, Union
 
+from ..models.configs import TIME_INPUTS
+
 # DuoDiff paper, Table 4 (and U-ViT's recipe for the warm-up).
 PAPER_LR = 2e-4
 PAPER_WEIGHT_DECAY = 0.03
@@ -27,6 +29,9 @@ class TrainConfig:
         model_overrides: UViT keywords replacing those of ``model`` (e.g. {"use_checkpoint": True}).
         schedule: noise schedule name; None takes the registry entry's schedule ("linear" when
             ``model`` is a dict without a name).
+        time_input: what the network is fed at time t, "index" or "normalized" (index / N, the
+            DuoDiff authors' CIFAR-10/CelebA convention); None takes what the resumed checkpoint
+            or ``init_weights`` declares, else the registry entry's (see duodiff_fast.models.checkpoint).
         data: data source spec (see ``duodiff_fast.training.data``).
         batch_size: global batch (split evenly over ranks).
         steps: total optimizer steps of the run.
@@ -56,6 +61,7 @@ class TrainConfig:
     model: Union[str, Dict[str, Any]] = "cifar10-s2"
     model_overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
     schedule: Optional[str] = None
+    time_input: Optional[str] = None
     data: Union[str, Dict[str, Any]] = "synthetic"
     batch_size: int = PAPER_BATCH_SIZE
     steps: int = 500_000
@@ -103,6 +109,8 @@ class TrainConfig:
         need(self.p_uncond is None or 0 <= self.p_uncond <= 1, f"p_uncond must lie in [0, 1], got {self.p_uncond}")
         need(self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}")
         need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        need(self.time_input in (None,) + TIME_INPUTS,
+             f"time_input must be None or one of {TIME_INPUTS}, got {self.time_input!r}")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")

@@ -8,6 +8,9 @@ An objective is any callable ``loss, metrics = objective(model, x0, y, generator
     generator  a torch.Generator on x0's device; every random draw must use it (that is what
                makes resumed runs bit-identical).
 It returns a scalar loss to backpropagate and a dict of scalar metrics (tensors or floats) to log.
+An objective may also define ``on_step(step, seed)``: the Trainer calls it before every update
+with the global step and the run's seed, for draws every rank must agree on (the multistage
+objective's stage); such draws must depend on (seed, step) only, so a resumed run repeats them.
 AdaDiff, multistage and block-dropping fine-tuning supply their own objective to the same Trainer.
 """
 from __future__ import annotations

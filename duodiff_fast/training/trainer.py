@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from ..io_utils import append_jsonl, atomic_torch_save, atomic_write_json
+from ..io_utils import append_jsonl, atomic_write_json
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from .config import TrainConfig
 from .data import StepSampler, _mix_seed, build_dataset, check_dataset, default_hflip, iterate_batches
@@ -61,6 +61,54 @@ def resolve_schedule_name(cfg: TrainConfig) -> str:
 
         return get_spec(cfg.model_name).schedule
     return "linear"
+
+
+def _loss_schedule(loss_fn: Any):
+    """The noise schedule inside a loss function, when it exposes one (``.schedule`` or ``.base.schedule``)."""
+    for holder in (loss_fn, getattr(loss_fn, "base", None)):
+        schedule = getattr(holder, "schedule", None)
+        if schedule is not None and hasattr(schedule, "model_input"):
+            return schedule
+    return None
+
+
+def resolve_train_time_input(cfg: TrainConfig, resume_path: Optional[str], loss_fn: Any = None,
+                             model: Optional[nn.Module] = None) -> str:
+    """What the network is fed at time t during this run ("index" or "normalized").
+
+    ``cfg.time_input`` when set, else what the resumed checkpoint, ``cfg.init_weights`` or the
+    given model (``model.time_input`` / ``model.backbone.time_input``, set when its weights were
+    loaded from a checkpoint that declares one) declares, else the registry entry's, else "index".
+    A ``loss_fn`` brings its own schedule: its convention wins, and any declared or configured one
+    that differs is an error (the run would otherwise train one convention and record another).
+    """
+    from ..models.checkpoint import checkpoint_info
+
+    sources: List[Tuple[str, str]] = []
+    if cfg.time_input is not None:
+        sources.append(("TrainConfig.time_input", cfg.time_input))
+    for what, holder in (("the model", model), ("the model's backbone", getattr(model, "backbone", None))):
+        declared = getattr(holder, "time_input", None)
+        if isinstance(declared, str):
+            sources.append((what, declared))
+    for what, path in (("resumed checkpoint", resume_path), ("init_weights", None if resume_path else cfg.init_weights)):
+        if path and os.path.isfile(path):
+            declared = checkpoint_info(path).time_input
+            if declared is not None:
+                sources.append((f"{what} {path!r}", declared))
+    schedule = _loss_schedule(loss_fn)
+    if schedule is not None:
+        sources.insert(0, ("the loss function's schedule", getattr(schedule, "time_input", "index")))
+    values = {v for _, v in sources}
+    if len(values) > 1:
+        raise ValueError("conflicting time inputs for this run: " + ", ".join(f"{w}: {v}" for w, v in sources))
+    if sources:
+        return sources[0][1]
+    if cfg.model_name:
+        from ..models import get_spec
+
+        return get_spec(cfg.model_name).time_input
+    return "index"
 
 
 def _plain_config(model: nn.Module) -> Optional[Dict[str, Any]]:
@@ -113,13 +161,19 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.warmup_steps)
 
+        self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last)
+        resume_path = self._resume_path()
         self.schedule = None
+        self.time_input = resolve_train_time_input(cfg, resume_path, loss_fn, model)
         if loss_fn is None:
-            from ..schedules import get_schedule
+            from ..schedules import make_schedule
 
-            self.schedule = get_schedule(resolve_schedule_name(cfg))
+            self.schedule = make_schedule(resolve_schedule_name(cfg), self.time_input)
             loss_fn = DiffusionObjective(self.schedule, self.num_classes, cfg.resolved_p_uncond())
         self.loss_fn = loss_fn
+        # Carried by the model, so that save_weights / export_weights keep the convention.
+        self.model.time_input = self.time_input
+        self.ema.module.time_input = self.time_input
 
         if dataset is None:
             self.dataset = self._build_dataset()
@@ -138,9 +192,7 @@ class Trainer:
 
         self.step = 0
         self.last_lr = float(self.optimizer.param_groups[0]["lr"])
-        self.checkpoints = CheckpointManager(cfg.out_dir, cfg.keep_last)
         self.resumed_from: Optional[str] = None
-        resume_path = self._resume_path()
         if resume_path is not None:
             self.load(resume_path)
         elif cfg.init_weights:
@@ -196,6 +248,9 @@ class Trainer:
         self.net.train()
         if self.num_classes <= 0:
             y = None
+        on_step = getattr(self.loss_fn, "on_step", None)
+        if callable(on_step):  # randomness shared by every rank at this step (e.g. the multistage stage)
+            on_step(self.step, self.cfg.seed)
         with self._autocast():
             loss, metrics = self.loss_fn(self.net, x, y, self.generator)
         self.optimizer.zero_grad(set_to_none=True)
@@ -298,6 +353,7 @@ class Trainer:
                      "num_samples": len(self.dataset), "hflip": self.sampler.hflip},
             "config": self.cfg.to_dict(),
             "model_config": self.model_config,
+            "time_input": self.time_input,
         }
 
     def save(self) -> Optional[str]:
@@ -344,13 +400,17 @@ class Trainer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"init_weights file {path!r} does not exist")
         load_weights(self.model, path)
+        self.model.time_input = self.time_input  # resolved with this file's declaration in __init__
         self.ema.copy_from(self.model)
 
     def export_weights(self, path: str, ema: bool = True) -> None:
-        """Write a plain state dict (EMA weights by default) for sampling, atomically."""
+        """Write the weights (EMA by default) for sampling, atomically, with ``models.save_weights``:
+        a plain state dict, or one that records the time input when it is not "index"."""
+        from ..models import save_weights
+
         module = self.ema.module if ema else self.model
         if self.is_main:
-            atomic_torch_save(module.state_dict(), path)
+            save_weights(module, path, time_input=self.time_input)
         barrier(self.env)
 
     def close(self) -> None:

@@ -183,7 +183,8 @@ def test_objective_draws_one_stage_per_batch_inside_its_interval(sched):
     g = torch.Generator().manual_seed(0)
     seen = set()
     edges = (0.0,) + CIFAR10_BOUNDARIES + (1.0,)
-    for _ in range(60):
+    for step in range(60):
+        obj.on_step(step)
         i, t = obj.sample_stage_t(16, "cpu", g)
         seen.add(i)
         assert stage_of(t, CIFAR10_BOUNDARIES).tolist() == [i] * 16
