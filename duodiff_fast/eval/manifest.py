@@ -1,0 +1,30 @@
+"""Provenance recorded with sample sets and tables: checkpoint hashes, versions, device, settings hash."""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Dict, Mapping
+
+import torch
+
+__all__ = ["checkpoint_hashes", "environment", "settings_fingerprint"]
+
+
+def checkpoint_hashes(checkpoints: Mapping[str, str]) -> Dict[str, Dict[str, str]]:
+    """{role: {"path", "sha256"}} for every checkpoint file a method read."""
+    from .fid import file_sha256
+
+    return {role: {"path": path, "sha256": file_sha256(path)} for role, path in sorted(checkpoints.items())}
+
+
+def environment(device: torch.device) -> Dict[str, object]:
+    """Device name and versions (the benchmark's record, plus this package's version)."""
+    from ..bench.common import environment as bench_environment
+    from ..version import __version__
+
+    return dict(bench_environment(torch.device(device)), duodiff_fast=__version__)
+
+
+def settings_fingerprint(settings: Mapping[str, object]) -> str:
+    """SHA-256 of the settings as canonical JSON: equal settings, equal fingerprint."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
