@@ -113,6 +113,15 @@ def _shard_done(out_dir: str, plan: ShardPlan, k: int, fingerprint: str) -> bool
     return idx.shape == (stop - start,) and bool((idx == np.arange(start, stop)).all())
 
 
+def _remove_stale_temp(out_dir: str, k: int) -> None:
+    """Delete temporary files a killed writer of shard k left (only shard k's owner rank writes them)."""
+    prefix = "." + os.path.basename(shard_path(out_dir, k)) + "."
+    folder = os.path.join(out_dir, SHARD_DIR)
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(".tmp"):
+            os.remove(os.path.join(folder, name))
+
+
 def _write_progress(out_dir: str, rank: int, shard: int, done: int) -> None:
     atomic_write_json(os.path.join(out_dir, PROGRESS_DIR, f"rank{rank}.json"), {"shard": shard, "done": done})
 
@@ -202,6 +211,7 @@ def run_shards(out_dir: str, plan: ShardPlan, produce: Producer, fingerprint: st
     drawn = []
     try:
         for k in mine:
+            _remove_stale_temp(out_dir, k)
             start, stop = plan.shard_range(k)
             t0 = time.perf_counter()
             parts: Dict[str, list] = {}
