@@ -8,13 +8,14 @@ from __future__ import annotations
 import csv
 import io
 import math
+import textwrap
 from typing import Dict, List, Optional, Sequence
 
 from ..io_utils import atomic_write, atomic_write_text
 
 __all__ = ["COLUMNS", "add_speedups", "write_csv", "markdown_table", "write_markdown", "write_plot"]
 
-COLUMNS = ("method", "fid", "time_per_sample_s", "speedup", "n_samples", "solver", "steps", "settings")
+COLUMNS = ("method", "fid", "time_per_sample_s", "speedup", "n_samples", "solver", "steps", "settings", "smoke_check")
 
 
 def add_speedups(rows: List[Dict[str, object]], base_label: str = "base") -> List[Dict[str, object]]:
@@ -90,8 +91,8 @@ def write_plot(path: str, rows: Sequence[Dict[str, object]], title: str = "", no
         if title:
             ax.set_title(title, fontsize=10)
         if note:
-            fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, color="crimson")
-        fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+            fig.text(0.5, 0.01, textwrap.fill(note, 80), ha="center", va="bottom", fontsize=8, color="crimson")
+        fig.tight_layout(rect=(0, 0.08 if note else 0, 1, 1))
         with atomic_write(path, "wb") as f:
             fig.savefig(f, format="png")
     finally:

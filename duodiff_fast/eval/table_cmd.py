@@ -120,7 +120,7 @@ def cmd_eval(args) -> int:
         timing = _time_per_sample(job, args.timing_batch_size or args.batch_size, args.timing_repeats,
                                   args.timing_warmup)
         rows.append({"method": spec.label, "fid": fidlib.fid_from_stats(stats, reference), **timing,
-                     "n_samples": args.n_samples, "solver": args.solver, "steps": args.steps,
+                     "n_samples": args.n_samples, "solver": args.solver, "steps": args.steps, "smoke_check": bool(smoke),
                      "settings": ";".join(f"{k}={v}" for k, v in {**spec.settings(), **job.built.details}.items())})
         manifests[spec.label] = manifest
     if dist.rank != 0:
