@@ -32,7 +32,7 @@ import hashlib
 import io
 import json
 import os
-from typing import Dict, Iterator, Optional, Sequence, Union
+from typing import Dict, Iterator, Optional, Union
 
 import numpy as np
 import torch
