@@ -38,13 +38,14 @@ import numpy as np
 import torch
 
 __all__ = [
-    "INCEPTION_FILENAME", "INCEPTION_URL", "FEATURE_DIM", "require_torch_fidelity", "default_inception_path",
+    "INCEPTION_FILENAME", "PYTORCH_FID_FILENAME", "INCEPTION_URL", "FEATURE_DIM", "require_torch_fidelity", "default_inception_path",
     "load_inception_state_dict", "random_inception_state_dict", "InceptionFeatures", "FIDStats",
     "compute_stats", "frechet_distance", "fid_from_stats", "iter_image_batches", "reference_stats", "file_sha256",
 ]
 
 INCEPTION_FILENAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILENAME
+PYTORCH_FID_FILENAME = "pt_inception-2015-12-05-6726825d.pth"  # pytorch-fid's (and U-ViT's) name for it
 INCEPTION_SHA256_PREFIX = "6726825d"  # torch.hub's naming: the file's SHA-256 starts with this
 FEATURE_DIM = 2048
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
@@ -74,8 +75,14 @@ def file_sha256(path: PathLike, chunk: int = 1 << 22) -> str:
 
 
 def default_inception_path() -> str:
-    """Where torch-fidelity caches the weights: ``<torch.hub.get_dir()>/checkpoints/<INCEPTION_FILENAME>``."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILENAME)
+    """Where torch-fidelity caches the weights: ``<torch.hub.get_dir()>/checkpoints/<INCEPTION_FILENAME>``.
+
+    When only pytorch-fid's copy (``PYTORCH_FID_FILENAME``, the same weights under torchvision's
+    key names, which torch-fidelity's module shares) sits in that folder, that file is returned.
+    """
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    ours, theirs = os.path.join(folder, INCEPTION_FILENAME), os.path.join(folder, PYTORCH_FID_FILENAME)
+    return theirs if not os.path.isfile(ours) and os.path.isfile(theirs) else ours
 
 
 def load_inception_state_dict(path: Optional[PathLike] = None) -> Dict[str, torch.Tensor]:
@@ -87,7 +94,8 @@ def load_inception_state_dict(path: Optional[PathLike] = None) -> Dict[str, torc
     if not os.path.isfile(where):
         raise FileNotFoundError(
             f"Inception-v3 weights not found at {where}. FID needs torch-fidelity's "
-            f"{INCEPTION_FILENAME} (the pt_inception-2015-12-05 weights, {INCEPTION_URL}); nothing is "
+            f"{INCEPTION_FILENAME} (the pt_inception-2015-12-05 weights, {INCEPTION_URL}; pytorch-fid's "
+            f"{PYTORCH_FID_FILENAME} holds the same network under the same key names); nothing is "
             f"downloaded at run time: copy the file to {default_inception_path()} (torch.hub's cache, "
             "$TORCH_HOME) or pass its path with --inception-weights")
     try:

@@ -1,8 +1,10 @@
 """Provenance recorded with sample sets and tables: checkpoint hashes, versions, device, settings hash."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import os
 from typing import Dict, Mapping
 
 import torch
@@ -10,11 +12,24 @@ import torch
 __all__ = ["checkpoint_hashes", "environment", "settings_fingerprint"]
 
 
-def checkpoint_hashes(checkpoints: Mapping[str, str]) -> Dict[str, Dict[str, str]]:
-    """{role: {"path", "sha256"}} for every checkpoint file a method read."""
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     from .fid import file_sha256
 
-    return {role: {"path": path, "sha256": file_sha256(path)} for role, path in sorted(checkpoints.items())}
+    return file_sha256(path)
+
+
+def checkpoint_hashes(checkpoints: Mapping[str, str]) -> Dict[str, Dict[str, str]]:
+    """{role: {"path", "sha256"}} for every checkpoint file a method read.
+
+    A file is hashed once per process while its size and modification time stay the same (an
+    eval grid reads the full checkpoint for several methods).
+    """
+    out = {}
+    for role, path in sorted(checkpoints.items()):
+        st = os.stat(path)
+        out[role] = {"path": path, "sha256": _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)}
+    return out
 
 
 def environment(device: torch.device) -> Dict[str, object]:

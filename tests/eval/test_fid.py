@@ -164,6 +164,13 @@ def test_missing_inception_weights_error_says_where(tmp_path, monkeypatch):
     assert str(tmp_path / "torch_home") in msg
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         fid.load_inception_state_dict(tmp_path / "nope.pth")
+    # pytorch-fid's copy in the same cache folder is found when torch-fidelity's is absent
+    folder = tmp_path / "torch_home" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    (folder / fid.PYTORCH_FID_FILENAME).write_bytes(b"")
+    assert fid.default_inception_path() == str(folder / fid.PYTORCH_FID_FILENAME)
+    (folder / fid.INCEPTION_FILENAME).write_bytes(b"")
+    assert fid.default_inception_path() == str(folder / fid.INCEPTION_FILENAME)
 
 
 def test_real_weights_file_is_loaded_safely(tmp_path):

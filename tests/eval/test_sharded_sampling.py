@@ -60,6 +60,25 @@ def test_shard_plan_is_disjoint_and_covers():
         plan.shards_of_rank(3, 3)
 
 
+def test_dist_info_and_progress_count(tmp_path, monkeypatch):
+    from duodiff_fast.eval.sharding import _count_done, _write_progress, dist_info
+
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert (dist_info().rank, dist_info().world_size, dist_info().local_rank) == (2, 3, 0)
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(ValueError, match="RANK=3"):
+        dist_info()
+    plan = ShardPlan(10, 4)  # shards of 4, 4, 2
+    out = str(tmp_path)
+    os.makedirs(os.path.dirname(shard_path(out, 0)))
+    open(shard_path(out, 2), "wb").close()  # finished: 2 samples
+    _write_progress(out, 0, 0, 3)  # rank 0: 3 samples into shard 0
+    _write_progress(out, 1, 2, 1)  # a stale record of the finished shard is not counted twice
+    assert _count_done(out, plan) == 5
+
+
 def test_labels_depend_only_on_seed_and_index():
     a = sample_labels(np.arange(10), 5, None, 11)
     b = sample_labels(np.arange(4, 8), 5, None, 11)
