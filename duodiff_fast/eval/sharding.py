@@ -12,6 +12,8 @@ fingerprint and indices, so no sample is lost or drawn twice; a shard from a dif
 error. Processes need no process group: rank 0 waits for every shard file, then merges them
 (streamed, constant memory) into ``samples.npz`` (the layout FID tools read) plus a manifest.
 
+All ranks must see the same output folder (one node, or a filesystem shared by the nodes).
+
 Progress: each rank writes ``<out>/progress/rank<r>.json`` after every batch; rank 0 sums the
 finished shards and those files into one tqdm bar (throughput and ETA across ranks).
 """
@@ -277,15 +279,20 @@ def merge_shards(out_dir: str, plan: ShardPlan, fingerprint: str, out_name: str 
         has_labels = "arr_1" in d0.files
     seconds = 0.0
     for path in headers:
-        with np.load(path, allow_pickle=False) as d:
+        with np.load(path, allow_pickle=False) as d:  # members are read lazily: no images here
             seconds += float(d["seconds"])
-            if d["arr_0"].shape[1:] != item_shape or ("arr_1" in d.files) != has_labels:
-                raise ValueError(f"{path} does not match the other shards' sample shape/labels")
+            if ("arr_1" in d.files) != has_labels:
+                raise ValueError(f"{path} does not match the other shards: labels present in some only")
 
     def chunks(key):
         for path in headers:
             with np.load(path, allow_pickle=False) as d:
-                yield d[key]
+                arr = d[key]
+            if key == "arr_0" and (arr.shape[1:] != item_shape or arr.dtype != dtype):
+                # raising inside the atomic write leaves no partial samples.npz behind
+                raise ValueError(f"{path} holds samples {arr.shape[1:]} {arr.dtype}, the first shard "
+                                 f"{item_shape} {dtype}")
+            yield arr
 
     target = os.path.join(out_dir, out_name)
     with atomic_write(target, "wb") as f:
