@@ -68,3 +68,16 @@ def test_eval_refuses_missing_inception_before_sampling(tmp_path, capsys, monkey
     assert rc == 2
     assert fid.INCEPTION_FILENAME in capsys.readouterr().err
     assert not (tmp_path / "o" / "samples").exists()
+
+
+def test_every_eval_option_has_help():
+    from duodiff_fast.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["eval"]
+    dests = {a.dest for a in sub._actions}
+    assert {"methods", "reference", "inception_weights", "random_inception", "adadiff_checkpoint",
+            "multistage_checkpoint", "solver", "n_samples", "shard_size"} <= dests
+    assert not {"t_s", "theta", "method", "no_float"} & dests  # set per method by the grid
+    for action in sub._actions:
+        if action.dest != "help":
+            assert action.help, f"eval --{action.dest} has no help text"
