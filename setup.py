@@ -96,7 +96,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        "test": ["pytest>=7"],
+        "test": ["pytest>=7", "scipy>=1.8"],  # scipy: the FID tests' direct reference computation
+        # FID (torch-fidelity's Inception-v3; pulls torchvision) and the eval command's plot
+        "eval": ["torch-fidelity>=0.4", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["duodiff-fast=duodiff_fast.cli:main"]},
     ext_modules=ext_modules,

@@ -65,6 +65,9 @@ def _add_sample_parser(sub) -> None:
                    help="execution backend: reference (float32), eager-bf16, torch.compile (default reference)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .eval.sample_cmd import add_sample_options
+
+    add_sample_options(p)  # --method (adadiff/ase/multistage), sharding and resume
 
 
 def _add_train_parser(sub) -> None:
@@ -122,120 +125,29 @@ def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"duodiff-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{sample,train,bench,configs}")
+    sub = parser.add_subparsers(dest="command", metavar="{sample,train,bench,eval,configs}")
     sub.required = True
     _add_sample_parser(sub)
     _add_train_parser(sub)
     _add_bench_parser(sub)
+    from .eval.table_cmd import add_eval_parser
+
+    add_eval_parser(sub)
     sub.add_parser("configs", help="list the named model configurations")
     return parser
 
 
 # ----------------------------------------------------------------------------------- sample
-def _labels(args, model, n: int):
-    import torch
-
-    if not model.is_conditional:
-        if args.class_labels not in (None, "random"):
-            raise SystemExit(f"--class-labels given but {args.config} is unconditional")
-        return None
-    num_real = model.num_classes - 1  # the last id is the null class
-    if args.class_labels in (None, "random"):
-        g = torch.Generator().manual_seed(args.seed)
-        return torch.randint(0, num_real, (n,), generator=g)
-    try:
-        ids = [int(v) for v in args.class_labels.split(",") if v.strip()]
-    except ValueError:
-        raise SystemExit(f"--class-labels must be comma-separated integers or 'random', got {args.class_labels!r}")
-    bad = [i for i in ids if not 0 <= i < model.num_classes]
-    if not ids or bad:
-        raise SystemExit(f"class ids must lie in [0, {model.num_classes - 1}], got {bad or ids}")
-    return torch.tensor([ids[i % len(ids)] for i in range(n)])
-
-
-def _load_backbone(config: str, checkpoint: Optional[str], args):
-    from .models import create_model, load_weights
-
-    import torch
-
-    # Random weights come from --seed, so two runs with the same arguments agree.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        model = create_model(config)
-    if checkpoint:
-        load_weights(model, checkpoint, use_ema=args.use_ema)
-    elif not args.random_weights:
-        raise SystemExit(f"no weights for {config}: pass --checkpoint (and --shallow-checkpoint for DuoDiff) "
-                         "or --random-weights for a smoke test")
-    return model
-
-
 def cmd_sample(args) -> int:
-    import torch
+    from .eval.sample_cmd import cmd_sample as run
 
-    from .backends import check_backend, prepare_model
-    from .methods import DuoDiff, ModelDenoiser
-    from .models import get_spec, resolve_time_input, shallow_name
-    from .samplers import ClassifierFreeGuidance, generate, save_npz, save_png_grid
+    return run(args)
 
-    spec = get_spec(args.config)
-    check_backend(args.backend)
-    if args.n_samples < 1 or args.batch_size < 1:
-        raise SystemExit("--n-samples and --batch-size must be >= 1")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # The time input the checkpoints declare (e.g. the DuoDiff authors' t/1000), else the config's.
-    time_input = resolve_time_input(spec.time_input, [args.checkpoint, args.shallow_checkpoint if args.t_s else None])
-    schedule = spec.make_schedule(args.schedule, time_input)
-    full = prepare_model(_load_backbone(args.config, args.checkpoint, args).to(device), args.backend)
-    if args.t_s:
-        if not args.shallow_checkpoint and not args.random_weights:
-            raise SystemExit("--t-s > 0 needs --shallow-checkpoint (weights of the shallow backbone)")
-        shallow = prepare_model(
-            _load_backbone(shallow_name(args.config), args.shallow_checkpoint, args).to(device), args.backend)
-        denoiser = DuoDiff(shallow, full, schedule, args.t_s)
-    else:
-        denoiser = ModelDenoiser(full, schedule)
-    labels = _labels(args, full, args.n_samples)
-    if args.cfg_scale:
-        if not full.is_conditional:
-            raise SystemExit("--cfg-scale needs a class-conditional model")
-        denoiser = ClassifierFreeGuidance(denoiser, args.cfg_scale, full.null_class)
-    solver_kw = {}
-    if args.solver == "ddim":
-        solver_kw["eta"] = args.eta
-    elif args.solver == "ddpm":
-        solver_kw["variance"] = args.variance
-    else:
-        solver_kw.update(order=args.order, method=args.dpm_method)
-    decoder = None
-    if args.autoencoder:
-        if not spec.latent:
-            raise SystemExit(f"--autoencoder is for latent models; {args.config} works in pixel space")
-        from .autoencoder import AutoencoderKL
 
-        autoencoder = AutoencoderKL.from_checkpoint(args.autoencoder).to(device)
-        decoder = autoencoder.decode
-    with torch.inference_mode():
-        samples = generate(
-            denoiser, schedule, (full.in_chans, full.img_size, full.img_size), args.n_samples,
-            batch_size=args.batch_size, solver=args.solver, num_steps=args.steps, y=labels,
-            base_seed=args.seed, device=device, progress=not args.no_progress, postprocess=decoder,
-            **solver_kw,
-        )
-    samples = samples.float().cpu()
-    os.makedirs(args.out, exist_ok=True)
-    from .io_utils import atomic_torch_save
+def cmd_eval(args) -> int:
+    from .eval.table_cmd import cmd_eval as run
 
-    atomic_torch_save(samples, os.path.join(args.out, "samples.pt"))
-    if spec.latent and decoder is None:
-        save_npz(os.path.join(args.out, "samples.npz"), samples, labels=labels, as_uint8=False)
-        print(f"wrote {args.n_samples} latents (Stable Diffusion KL-f8 space, scale 0.18215) to {args.out}/; "
-              "pass --autoencoder to decode them into images")
-    else:
-        save_npz(os.path.join(args.out, "samples.npz"), samples, labels=labels)
-        save_png_grid(os.path.join(args.out, "grid.png"), samples)
-        print(f"wrote {args.n_samples} samples to {args.out}/ (samples.npz, samples.pt, grid.png)")
-    return 0
+    return run(args)
 
 
 # ------------------------------------------------------------------------------------ train
@@ -275,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(describe())
         return 0
     try:
-        return {"sample": cmd_sample, "train": cmd_train}[args.command](args)
+        return {"sample": cmd_sample, "train": cmd_train, "eval": cmd_eval}[args.command](args)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
         # Bad input already carries a message naming the problem: show it without a traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

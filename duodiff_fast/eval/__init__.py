@@ -1,0 +1,1 @@
+"""Evaluation: FID (optional torch-fidelity), sharded resumable sampling, and paper tables."""

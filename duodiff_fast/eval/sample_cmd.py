@@ -1,0 +1,268 @@
+"""``duodiff-fast sample``: any method, sharded and resumable, on one process or under torchrun.
+
+    duodiff-fast sample --config cifar10-s2 --checkpoint full.pth --method adadiff \\
+        --adadiff-checkpoint ada.pth --theta 0.05 --n-samples 50000 --out runs/ada005
+    torchrun --nproc_per_node=8 -m duodiff_fast sample ...   # the same set, 8 processes
+
+Outputs in ``--out``: ``shards/`` (resumable pieces), ``samples.npz`` (``arr_0`` uint8 images
+(N, H, W, C), or float latents; ``arr_1`` labels), ``samples.pt`` (float (N, C, H, W), unless
+``--no-float``), ``grid.png`` (first 64 images) and ``manifest.json``.
+Sample i depends only on (--seed, i): its noise is seeded by ``mix_seed(seed, i)`` and a random
+class label by ``mix_seed(seed + 2**64, i)``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from ..methods.factory import METHODS, MethodSpec, MethodWeights, parse_ase_checkpoints
+from .sharding import ShardPlan
+
+__all__ = ["add_method_options", "add_sample_options", "method_spec_from_args", "weights_from_args",
+           "sample_labels", "device_for", "SampleJob", "run_sample", "cmd_sample"]
+
+DEFAULT_SHARD_SIZE = 1000
+LABEL_STREAM = 1 << 64  # added to the seed: labels draw from a stream apart from the noise
+
+
+def add_method_options(p: argparse.ArgumentParser) -> None:
+    """Checkpoint options of AdaDiff, ASE and multistage (shared by sample and eval)."""
+    p.add_argument("--adadiff-checkpoint", default=None,
+                   help="AdaDiff weights: an AdaDiffUViT state dict (backbone.*, heads.*, uems.*; bare or in a "
+                        "trainer checkpoint); without backbone.* keys the backbone comes from --checkpoint")
+    p.add_argument("--adadiff-mode", default="shrinking", choices=("shrinking", "simulated"),
+                   help="AdaDiff exit: shrinking batch (real early exit) or simulated (every layer; default shrinking)")
+    p.add_argument("--ase-checkpoint", action="append", default=None, metavar="[D1=]PATH",
+                   help="ASE fine-tuned U-ViT weights: PATH for every schedule or D3=PATH per schedule "
+                        "(repeatable); default: --checkpoint with blocks dropped, no fine-tuning")
+    p.add_argument("--multistage-checkpoint", default=None,
+                   help="multistage model file written by duodiff_fast.methods.save_multistage")
+
+
+def add_sample_options(p: argparse.ArgumentParser) -> None:
+    """The method and sharding options of ``sample`` (added to the existing parser)."""
+    p.add_argument("--method", default=None, choices=METHODS,
+                   help="acceleration method (default: duodiff when --t-s > 0, else base)")
+    p.add_argument("--theta", type=float, default=None, help="AdaDiff exit threshold in [0, 1] (--method adadiff)")
+    p.add_argument("--ase-schedule", default=None,
+                   help="ASE dropping schedule D1..D6 (--method ase; the ASE paper's Table 2)")
+    add_method_options(p)
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
+                   help=f"samples per shard file; a restart redraws only missing shards (default {DEFAULT_SHARD_SIZE}; "
+                        "keep it fixed across restarts)")
+    p.add_argument("--no-float", action="store_true",
+                   help="do not keep float samples (samples.pt): 4x less disk for large runs")
+
+
+def method_spec_from_args(args) -> MethodSpec:
+    method = args.method or ("duodiff" if args.t_s else "base")
+    if args.t_s and method != "duodiff":
+        raise ValueError(f"--t-s is DuoDiff's switch point; it does not apply to --method {method}")
+    if method == "duodiff" and not args.t_s:
+        raise ValueError("--method duodiff needs --t-s > 0 (steps on the 1000-step axis run by the shallow model)")
+    if (args.theta is not None) != (method == "adadiff"):
+        raise ValueError("--theta is needed with, and only with, --method adadiff")
+    if (args.ase_schedule is not None) != (method == "ase"):
+        raise ValueError("--ase-schedule (D1..D6) is needed with, and only with, --method ase")
+    return MethodSpec(method, t_s=args.t_s if method == "duodiff" else 0,
+                      theta=args.theta if method == "adadiff" else None,
+                      ase_schedule=args.ase_schedule if method == "ase" else None,
+                      adadiff_mode=args.adadiff_mode)
+
+
+def weights_from_args(args) -> MethodWeights:
+    return MethodWeights(
+        full=args.checkpoint, shallow=args.shallow_checkpoint, adadiff=args.adadiff_checkpoint,
+        ase=parse_ase_checkpoints(args.ase_checkpoint), multistage=args.multistage_checkpoint,
+        use_ema=args.use_ema, random=args.random_weights, seed=args.seed)
+
+
+def sample_labels(indices: np.ndarray, seed: int, class_labels: Optional[str], num_classes: int) -> Optional[np.ndarray]:
+    """Class ids of samples ``indices``: each depends only on (seed, index) (or cycles a given list).
+
+    ``num_classes`` <= 0: unconditional (None). The last id is the null class and is never drawn.
+    """
+    from ..samplers import mix_seed
+
+    if num_classes <= 0:
+        if class_labels not in (None, "random"):
+            raise ValueError("--class-labels given but the model is unconditional")
+        return None
+    if class_labels in (None, "random"):
+        return np.array([mix_seed(seed + LABEL_STREAM, int(i)) % (num_classes - 1) for i in indices], dtype=np.int64)
+    try:
+        ids = [int(v) for v in class_labels.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--class-labels must be comma-separated integers or 'random', got {class_labels!r}") from None
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if not ids or bad:
+        raise ValueError(f"class ids must lie in [0, {num_classes - 1}], got {bad or ids}")
+    return np.array([ids[int(i) % len(ids)] for i in indices], dtype=np.int64)
+
+
+def device_for(arg: Optional[str], local_rank: int) -> torch.device:
+    """--device, with cuda meaning this process's GPU (LOCAL_RANK) under torchrun."""
+    if arg in (None, "cuda") and torch.cuda.is_available():
+        return torch.device("cuda", local_rank)
+    if arg is None:
+        return torch.device("cpu")
+    return torch.device(arg)
+
+
+def _solver_kwargs(args) -> Dict[str, object]:
+    if args.solver == "ddim":
+        return {"eta": args.eta}
+    if args.solver == "ddpm":
+        return {"variance": args.variance}
+    return {"order": args.order, "method": args.dpm_method}
+
+
+class SampleJob:
+    """One method's sampling set-up: denoiser, labels and the settings that identify its samples.
+
+    Built from the ``sample`` arguments; ``produce(start, count)`` draws samples start ..
+    start + count - 1 (float (count, C, H, W) on the CPU, labels (count,) or None).
+    """
+
+    def __init__(self, args, spec: MethodSpec, device: torch.device):
+        from ..methods.factory import build_method
+        from ..models import get_spec
+        from ..samplers import ClassifierFreeGuidance
+        from ..models import resolve_time_input
+        from .manifest import checkpoint_hashes
+
+        self.args, self.spec, self.device = args, spec, device
+        self.model_spec = get_spec(args.config)
+        self.schedule_name = args.schedule or self.model_spec.schedule
+        # The time input the checkpoints declare (e.g. the DuoDiff authors' t/1000), else the config's.
+        self.time_input = resolve_time_input(self.model_spec.time_input, [
+            args.checkpoint, args.shallow_checkpoint if spec.method == "duodiff" else None])
+        self.schedule = self.model_spec.make_schedule(args.schedule, self.time_input)
+        built = build_method(spec, args.config, weights_from_args(args), self.schedule, device, args.backend)
+        self.built = built
+        model = built.model
+        self.num_classes = int(model.num_classes) if getattr(model, "is_conditional", False) else 0
+        # validate labels before any work
+        sample_labels(np.arange(1), args.seed, args.class_labels, self.num_classes)
+        denoiser = built.denoiser
+        if args.cfg_scale:
+            denoiser = ClassifierFreeGuidance(denoiser, args.cfg_scale, built.null_class)
+        self.denoiser = denoiser
+        self.shape = (int(model.in_chans), int(model.img_size), int(model.img_size))
+        self.decoder = None
+        if args.autoencoder:
+            if not self.model_spec.latent:
+                raise ValueError(f"--autoencoder is for latent models; {args.config} works in pixel space")
+            from ..autoencoder import AutoencoderKL
+
+            self.decoder = AutoencoderKL.from_checkpoint(args.autoencoder).to(device).decode
+        self.as_uint8 = not (self.model_spec.latent and self.decoder is None)
+        self.solver_kwargs = _solver_kwargs(args)
+        files = dict(built.checkpoints)
+        if args.autoencoder:
+            files["autoencoder"] = args.autoencoder
+        self.checkpoints = checkpoint_hashes(files)
+
+    def settings(self) -> Dict[str, object]:
+        """Everything that decides sample i's value (not the batch size, device count or n)."""
+        a = self.args
+        return {
+            "config": a.config, **self.spec.settings(), **self.built.details,
+            "checkpoints": {r: c["sha256"] for r, c in self.checkpoints.items()},
+            "random_weights": bool(a.random_weights), "use_ema": bool(a.use_ema), "weights_seed": a.seed,
+            "schedule": self.schedule_name, "time_input": self.time_input, "solver": a.solver, "steps": a.steps, **self.solver_kwargs,
+            "cfg_scale": a.cfg_scale, "class_labels": a.class_labels or "random", "seed": a.seed,
+            "backend": a.backend, "output": "uint8" if self.as_uint8 else "latent-float32",
+        }
+
+    def produce(self, start: int, count: int):
+        from ..samplers import generate
+
+        idx = np.arange(start, start + count)
+        labels = sample_labels(idx, self.args.seed, self.args.class_labels, self.num_classes)
+        y = None if labels is None else torch.from_numpy(labels)
+        with torch.inference_mode():
+            x = generate(self.denoiser, self.schedule, self.shape, count, batch_size=count, y=y,
+                         base_seed=self.args.seed, start_index=start, device=self.device, progress=False,
+                         postprocess=self.decoder, solver=self.args.solver, num_steps=self.args.steps,
+                         **self.solver_kwargs)
+        return x.float().cpu(), labels
+
+
+def _write_extras(out: str, plan: ShardPlan, job: SampleJob, keep_float: bool) -> list:
+    """samples.pt and grid.png beside the merged samples.npz; returns the files written."""
+    from ..io_utils import atomic_torch_save
+    from ..samplers import save_png_grid
+    from .sharding import load_float_samples
+
+    written = []
+    with np.load(os.path.join(out, "samples.npz")) as d:
+        head = d["arr_0"][:64]
+        floats = None if job.as_uint8 else d["arr_0"]
+    if job.as_uint8 and keep_float:
+        floats = load_float_samples(out, plan)
+    if floats is not None:
+        atomic_torch_save(torch.from_numpy(np.ascontiguousarray(floats)), os.path.join(out, "samples.pt"))
+        written.append("samples.pt")
+    if job.as_uint8 and head.shape[-1] in (1, 3):
+        save_png_grid(os.path.join(out, "grid.png"), head)
+        written.append("grid.png")
+    return written
+
+
+def run_sample(args, job: Optional[SampleJob] = None, out: Optional[str] = None) -> Dict[str, object]:
+    """Draw (or finish) the sample set of ``args`` into ``out``; on rank 0 merge it and return the manifest.
+
+    ``job``: a prebuilt :class:`SampleJob` (default: built from ``args`` and its --method options).
+    Other ranks return {"rank": r, "drawn": [...]} after writing their shards.
+    """
+    from ..backends import check_backend
+    from ..io_utils import atomic_write_json
+    from .manifest import environment, settings_fingerprint
+    from .sharding import dist_info, merge_shards, run_shards
+
+    t0 = time.perf_counter()
+    check_backend(args.backend)
+    if args.n_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
+        raise ValueError("--n-samples, --batch-size and --shard-size must be >= 1")
+    out = out or args.out
+    dist = dist_info()
+    if job is None:
+        job = SampleJob(args, method_spec_from_args(args), device_for(args.device, dist.local_rank))
+    spec, device = job.spec, job.device
+    settings = dict(job.settings(), shard_size=args.shard_size)
+    fingerprint = settings_fingerprint(settings)
+    plan = ShardPlan(args.n_samples, args.shard_size)
+    keep_float = not args.no_float
+    drawn = run_shards(out, plan, job.produce, fingerprint, args.batch_size, dist, as_uint8=job.as_uint8,
+                       keep_float=keep_float, progress=not args.no_progress)
+    if dist.rank != 0:
+        return {"rank": dist.rank, "drawn": drawn}
+    merged = merge_shards(out, plan, fingerprint)
+    files = ["samples.npz"] + _write_extras(out, plan, job, keep_float)
+    manifest = {
+        "settings": settings, "fingerprint": fingerprint, "method_label": spec.label,
+        "checkpoints": job.checkpoints, "count": plan.n_samples, "num_shards": plan.num_shards,
+        "sample_shape": merged["shape"][1:], "dtype": merged["dtype"], "world_size": dist.world_size,
+        "device": str(device), "environment": environment(device),
+        "shards_drawn_by_rank0_this_run": drawn, "shard_compute_seconds": merged["shard_seconds"],
+        "wall_time_s": time.perf_counter() - t0, "files": files,
+    }
+    atomic_write_json(os.path.join(out, "manifest.json"), manifest)
+    return manifest
+
+
+def cmd_sample(args) -> int:
+    """The ``sample`` subcommand."""
+    manifest = run_sample(args)
+    if "files" in manifest:
+        kind = "images" if manifest["dtype"] == "uint8" else \
+            "latents (Stable Diffusion KL-f8 space, scale 0.18215; pass --autoencoder to decode them)"
+        print(f"wrote {manifest['count']} {kind} ({manifest['method_label']}) to {args.out}/ "
+              f"({', '.join(manifest['files'])}, manifest.json)")
+    return 0

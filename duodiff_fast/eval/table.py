@@ -1,0 +1,99 @@
+"""A paper-style results table: FID, time per sample and speedup per method; CSV, Markdown and a plot.
+
+Rows are dicts with at least ``method`` (label), ``fid`` and ``time_per_sample_s``; :func:`add_speedups`
+fills ``speedup`` = base time / row time (the row labelled ``base``; empty without one).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import textwrap
+from typing import Dict, List, Optional, Sequence
+
+from ..io_utils import atomic_write, atomic_write_text
+
+__all__ = ["COLUMNS", "add_speedups", "write_csv", "markdown_table", "write_markdown", "write_plot"]
+
+COLUMNS = ("method", "fid", "time_per_sample_s", "speedup", "n_samples", "solver", "steps", "settings", "smoke_check")
+
+
+def add_speedups(rows: List[Dict[str, object]], base_label: str = "base") -> List[Dict[str, object]]:
+    """Set each row's ``speedup`` (base time / its time); None when the grid has no base row."""
+    base = next((r for r in rows if r["method"] == base_label), None)
+    for r in rows:
+        r["speedup"] = (float(base["time_per_sample_s"]) / float(r["time_per_sample_s"])
+                        if base is not None and r.get("time_per_sample_s") else None)
+    return rows
+
+
+def _fmt(key: str, value) -> str:
+    if value is None:
+        return ""
+    if key == "fid":
+        return f"{value:.2f}"
+    if key == "time_per_sample_s":
+        return f"{value:.4g}"
+    if key == "speedup":
+        return f"{value:.2f}x"
+    return str(value)
+
+
+def write_csv(path: str, rows: Sequence[Dict[str, object]], columns: Sequence[str] = COLUMNS) -> None:
+    """One line per method, full precision, atomically."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    atomic_write_text(path, buf.getvalue())
+
+
+def markdown_table(rows: Sequence[Dict[str, object]], notes: Sequence[str] = (), title: str = "") -> str:
+    """The table as Markdown (FID 2 decimals, time 4 significant digits, speedup as 1.23x)."""
+    cols = ("method", "fid", "time_per_sample_s", "speedup")
+    head = {"method": "Method", "fid": "FID", "time_per_sample_s": "Time per sample (s)", "speedup": "Speedup"}
+    lines = [f"# {title}", ""] if title else []
+    lines += [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines.append("| " + " | ".join(head[c] for c in cols) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|")
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(c, r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_markdown(path: str, rows, notes: Sequence[str] = (), title: str = "") -> None:
+    atomic_write_text(path, markdown_table(rows, notes, title))
+
+
+def write_plot(path: str, rows: Sequence[Dict[str, object]], title: str = "", note: Optional[str] = None) -> None:
+    """PNG scatter of FID against time per sample, one labelled point per method (matplotlib, Agg)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("the plot needs matplotlib: pip install 'duodiff-fast[eval]'") from e
+    pts = [(float(r["time_per_sample_s"]), float(r["fid"]), str(r["method"])) for r in rows
+           if r.get("fid") is not None and r.get("time_per_sample_s") is not None
+           and math.isfinite(float(r["fid"]))]
+    if not pts:
+        raise ValueError("no row has both an FID and a time per sample to plot")
+    fig, ax = plt.subplots(figsize=(6.4, 4.8), dpi=120)
+    try:
+        for x, y, label in pts:
+            ax.scatter([x], [y], s=28)
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("time per sample (s)")
+        ax.set_ylabel("FID")
+        ax.grid(True, alpha=0.3)
+        if title:
+            ax.set_title(title, fontsize=10)
+        if note:
+            fig.text(0.5, 0.01, textwrap.fill(note, 80), ha="center", va="bottom", fontsize=8, color="crimson")
+        fig.tight_layout(rect=(0, 0.08 if note else 0, 1, 1))
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format="png")
+    finally:
+        plt.close(fig)
