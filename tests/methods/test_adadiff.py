@@ -280,3 +280,22 @@ def test_latency_benchmark_rows(tmp_path):
         assert r["per_sample"]["median_s"] > 0
         if r["exit_mode"] == "paper-estimate":
             assert r["per_sample"]["median_s"] == pytest.approx(base * r["mean_exit_layer"] / 5)
+
+
+def test_synthetic_exit_profile_schedule_defaults_to_linear_and_checks_arguments():
+    from duodiff_fast.methods import AdaDiffUViT
+    from duodiff_fast.models import create_model
+    from duodiff_fast.schedules import get_schedule
+
+    torch.manual_seed(0)
+    a = set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")))
+    torch.manual_seed(0)
+    b = set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")), get_schedule("linear"))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    with pytest.raises(TypeError, match="schedule"):
+        set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")), "linear")
+    with pytest.raises(ValueError, match="exit_layer"):
+        set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")), exit_layer=99)
+    with pytest.raises(ValueError, match="t_switch"):
+        set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")), t_switch=1.5)
