@@ -269,17 +269,20 @@ def test_latency_benchmark_rows(tmp_path):
     out = tmp_path / "lat.json"
     result = main(["--configs", "tiny", "--solvers", "ddim", "--ddim-steps", "2", "--backends", "reference",
                    "--t-s", "0", "--repeats", "1", "--warmup", "1", "--device", "cpu",
-                   "--adadiff-thetas", "0.05,0.09", "--out", str(out)])
+                   "--adadiff-thetas", "0.05,0.09", "--methods", "", "--no-progress", "--out", str(out)])
     assert out.is_file()
     ada = [r for r in result["rows"] if r.get("theta") is not None]
-    assert [r["exit_mode"] for r in ada] == ["shrinking", "simulated", "paper-estimate"] * 2
+    # measured rows (timed interleaved with the base), then the paper's estimates (not measured)
+    assert [r["exit_mode"] for r in ada] == ["shrinking", "simulated"] * 2 + ["paper-estimate"] * 2
     base = next(r for r in result["rows"] if r["t_s"] == 0)["per_sample"]["median_s"]
     for r in ada:
         assert 0 <= r["mean_exit_layer"] <= r["num_layers"] == 5
-        assert "PROGRAMMED" in r["uem_profile"]
-        assert r["per_sample"]["median_s"] > 0
         if r["exit_mode"] == "paper-estimate":
-            assert r["per_sample"]["median_s"] == pytest.approx(base * r["mean_exit_layer"] / 5)
+            assert r["status"] == "estimate" and r["per_sample"] is None
+            assert r["estimate_per_sample_s"] == pytest.approx(base * r["mean_exit_layer"] / 5)
+        else:
+            assert "PROGRAMMED" in r["uem_profile"] and r["status"] == "ok"
+            assert r["per_sample"]["median_s"] > 0 and r["speedup"]["over"] == "base"
 
 
 def test_synthetic_exit_profile_schedule_defaults_to_linear_and_checks_arguments():
