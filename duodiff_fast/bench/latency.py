@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import time
 from typing import Callable, Dict, List, Optional
 
