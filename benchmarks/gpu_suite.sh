@@ -68,8 +68,11 @@ print(C.build_info())
 assert n.available() and n.cuda_available(), 'duodiff_fast._C has no CUDA kernels'"
 
 # --- 2. every GPU test; a skip is a failure --------------------------------------------------------
-run_stage "GPU tests (pytest -m gpu, no skips)" 150 env DUODIFF_REQUIRE_GPU=1 \
-  $PY -m pytest -q -m gpu -p no:cacheprovider tests
+# The kernel, op and runtime tests run on the GPU when one is present (their `device` fixture picks
+# it), so they all run here; elsewhere only the tests marked gpu need one.
+run_stage "GPU tests (kernels/ops/runtime on cuda + every gpu-marked test, no skips)" 180 env DUODIFF_REQUIRE_GPU=1 \
+  bash -c "$PY -m pytest -q -p no:cacheprovider tests/kernels tests/ops tests/runtime tests/test_dispatch.py && \
+           $PY -m pytest -q -p no:cacheprovider -m gpu tests"
 
 # --- 3. benchmarks ---------------------------------------------------------------------------------
 run_stage "kernels.py --preset gpu-suite" 200 $PY benchmarks/kernels.py --preset gpu-suite --results-dir "$RESULTS"
