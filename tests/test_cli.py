@@ -179,3 +179,8 @@ def test_train_no_progress_still_prints_the_resume_line(tmp_path, capsys):
     assert main(base + ["--steps", "3"]) == 0
     out = capsys.readouterr().out
     assert "resumed from" in out and "at step 2" in out
+
+
+def test_bench_usage_error_exits_2(capsys):
+    assert main(["bench", "--backends", "nope", "--device", "cpu", "--no-progress"]) == 2
+    assert "duodiff-fast bench: error: unknown backend 'nope'" in capsys.readouterr().err
