@@ -8,11 +8,16 @@ package, and ``csrc/`` (C++/CUDA ops) is compiled into ``duodiff_fast._C`` with
   (``CUDA_HOME``, else ``/usr/local/cuda`` when present), ``cpu`` otherwise.
 * ``TORCH_CUDA_ARCH_LIST`` (default: the supported architectures, Hopper included, see
   ``DEFAULT_CUDA_ARCHS``) and ``MAX_JOBS`` are honoured.
-* torch must be importable while building: install with ``pip install --no-build-isolation`` (after
-  torch). Under build isolation torch is absent, the extension is skipped with a message and the
-  package runs on its PyTorch fallback.
+* torch must be importable while building: install torch (and setuptools, wheel, ninja) first, then
+  ``pip install --no-build-isolation``. When the extension cannot be built (torch not importable,
+  e.g. under pip's build isolation, or no C++ compiler) the build stops with ONE line saying why
+  and how to proceed; ``DUODIFF_FAST_BUILD=none`` installs without it on purpose.
+* pip hides a build's own output unless ``-v``, so the build mode is written into the version's
+  local label, which pip prints: ``Successfully installed duodiff-fast-0.1.0+cpu`` (CPU kernels),
+  ``...+cuda.sm80.sm86.sm89.sm90`` (CUDA kernels for those architectures, CPU ones too), ``...+noext``.
 """
 import os
+import shutil
 import sys
 
 from setuptools import find_packages, setup
@@ -38,8 +43,15 @@ if os.path.isfile(os.path.join(HERE, "kernels", "__init__.py")):
 DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"  # A100, RTX 30xx/A10, L4/RTX 40xx, H100/H200 (+ PTX)
 
 
+def _cannot_build(why: str):
+    """Stop the build with one line (pip shows a failed build's output)."""
+    raise SystemExit(f"duodiff-fast: cannot build duodiff_fast._C: {why}. Install torch, setuptools, wheel and "
+                     "ninja first and use `pip install --no-build-isolation`, or set DUODIFF_FAST_BUILD=none to "
+                     "install without the native kernels")
+
+
 def _native_extensions():
-    """([extension], cmdclass) for duodiff_fast._C, or ([], {}) when nothing is to be built."""
+    """([extension], cmdclass, label) for duodiff_fast._C; label is the build mode for the version."""
     mode = os.environ.get("DUODIFF_FAST_BUILD", "").strip().lower() or "auto"
     if mode not in ("auto", "cuda", "cpu", "none"):
         raise SystemExit(f"DUODIFF_FAST_BUILD must be cuda, cpu or none, got {mode!r}")
@@ -47,14 +59,15 @@ def _native_extensions():
     cpp = sorted(f for f in os.listdir(csrc) if f.endswith(".cpp")) if os.path.isdir(csrc) else []
     cu = sorted(f for f in os.listdir(csrc) if f.endswith(".cu")) if os.path.isdir(csrc) else []
     if mode == "none" or not cpp:
-        return [], {}
+        return [], {}, "noext"
     try:
         import torch  # noqa: F401
         from torch.utils import cpp_extension
     except ImportError:
-        print("duodiff-fast: torch is not importable at build time (pip build isolation?): skipping "
-              "duodiff_fast._C; install with `pip install --no-build-isolation` to build it", file=sys.stderr)
-        return [], {}
+        _cannot_build("torch is not importable while building (pip's build isolation hides it)")
+    cxx_compiler = os.environ.get("CXX", "c++").split()[0]
+    if not shutil.which(cxx_compiler):
+        _cannot_build(f"no C++ compiler ({cxx_compiler!r} is not on PATH)")
     if not os.environ.get("CUDA_HOME") and os.path.exists("/usr/local/cuda/bin/nvcc"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
         cpp_extension.CUDA_HOME = "/usr/local/cuda"
@@ -72,16 +85,20 @@ def _native_extensions():
         ext = cpp_extension.CUDAExtension(
             "duodiff_fast._C", rel(cpp + cu), define_macros=macros,
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]})
+        sms = sorted({a.split("+")[0].replace(".", "") for a in archs.replace(",", ";").replace(" ", ";").split(";")
+                      if a.strip()})
+        label = "cuda." + ".".join(f"sm{a}" for a in sms if a.isalnum())
     else:
         ext = cpp_extension.CppExtension("duodiff_fast._C", rel(cpp), extra_compile_args={"cxx": cxx})
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+        label = "cpu"
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}, label
 
 
-ext_modules, cmdclass = _native_extensions()
+ext_modules, cmdclass, build_label = _native_extensions()
 
 setup(
     name="duodiff-fast",
-    version=_read_version(),
+    version=f"{_read_version()}+{build_label}",  # pip prints it: the build mode of duodiff_fast._C
     description="Fast U-ViT diffusion sampling: DuoDiff, AdaDiff, ASE and multistage models",
     long_description=open(os.path.join(HERE, "README.md")).read() if os.path.exists(os.path.join(HERE, "README.md")) else "",
     long_description_content_type="text/markdown",

@@ -16,7 +16,8 @@ Needs a CUDA device: on a machine without one it prints so and exits 0 without w
 ``--smoke`` instead runs every case once at tiny shapes (on the CPU through Triton's interpreter)
 to check the harness itself; it times nothing and writes nothing.
 
-    python benchmarks/kernels.py                           # everything (GPU)
+    python benchmarks/kernels.py                           # everything (GPU; hours of torch.compile builds)
+    python benchmarks/kernels.py --preset gpu-suite        # U-ViT-L/2 at batch 128, a few minutes (gpu_suite.sh)
     python benchmarks/kernels.py --configs imagenet256-l2 --batches 128 --ops attention,forward
     TRITON_INTERPRET=1 python benchmarks/kernels.py --smoke
 """
@@ -29,19 +30,62 @@ OPS = ("layernorm", "add_layernorm", "qkv", "attention", "proj_residual", "fc1_g
        "skip_linear", "frontend", "final_layer", "forward")
 
 
+DEFAULTS = dict(configs="cifar10-s2,celeba64-s4,imagenet64-m4,imagenet256-l2", batches="1,16,64,128,256",
+                forward_batches="128", reps=50, warmup=10, forward_compile_mode="max-autotune-no-cudagraphs",
+                budget=0.0)
+PRESETS = {
+    # benchmarks/gpu_suite.sh: U-ViT-L/2 (the DuoDiff paper's ImageNet-256 model) at batch 128, every
+    # op against eager, torch.compile and SDPA, the whole forward with torch.compile's default mode
+    # (max-autotune alone takes minutes); a 150 s budget.
+    "gpu-suite": dict(configs="imagenet256-l2", batches="128", forward_batches="128", reps=20, warmup=5,
+                      forward_compile_mode="default", budget=150.0),
+}
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="cifar10-s2,celeba64-s4,imagenet64-m4,imagenet256-l2")
-    p.add_argument("--batches", default="1,16,64,128,256", help="batch sizes for the per-op rows")
-    p.add_argument("--forward-batches", default="128", help="batch sizes for the full-forward rows")
+    p.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                   help="a named plan (gpu-suite: imagenet256-l2 at batch 128, 20 reps, 150 s budget)")
+    p.add_argument("--configs", default=None, help=f"model configs (default {DEFAULTS['configs']})")
+    p.add_argument("--batches", default=None, help="batch sizes for the per-op rows (default 1,16,64,128,256)")
+    p.add_argument("--forward-batches", default=None, help="batch sizes for the full-forward rows (default 128)")
     p.add_argument("--ops", default=",".join(OPS), help=f"subset of {', '.join(OPS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--reps", type=int, default=50, help="timed runs per measurement (median reported)")
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--reps", type=int, default=None, help="timed runs per measurement (median reported; default 50)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 10)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--forward-compile-mode", default=None,
+                   help="torch.compile mode of the whole-forward peer (default max-autotune-no-cudagraphs; "
+                        "'default' for PyTorch's default mode)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds: cases not started by then are recorded as skipped (default: none)")
     p.add_argument("--smoke", action="store_true", help="run each case once at tiny shapes; time nothing")
     p.add_argument("--results-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    layer = dict(DEFAULTS, **PRESETS[args.preset]) if args.preset else DEFAULTS
+    for key, value in layer.items():  # explicit options win over the preset, the preset over the defaults
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    unknown = [o for o in _split(args.ops) if o not in OPS]
+    if unknown:
+        p.error(f"unknown --ops {', '.join(unknown)}; choose among {', '.join(OPS)}")
+    if args.reps < 1 or args.warmup < 0:
+        p.error("--reps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def plan(args) -> List[tuple]:
+    """(config, batch, ops) of every case group this run builds, in order (ops of the full-forward
+    group: ["forward"])."""
+    ops = _split(args.ops)
+    out = []
+    for config in _split(args.configs):
+        per_op = [o for o in ops if o != "forward"]
+        if per_op:
+            out += [(config, int(b), per_op) for b in _split(args.batches)]
+        if "forward" in ops:
+            out += [(config, int(b), ["forward"]) for b in _split(args.forward_batches)]
+    return out
 
 
 # ----------------------------------------------------------------------------- timing
@@ -231,7 +275,8 @@ def forward_flops(cfg: dict, batch: int) -> float:
     return float(batch * (layers * per_layer + skips + io))
 
 
-def build_forward_cases(config: str, batch: int, device, dtype, use_compile: bool) -> List[Case]:
+def build_forward_cases(config: str, batch: int, device, dtype, use_compile: bool,
+                        compile_mode: Optional[str] = "max-autotune-no-cudagraphs") -> List[Case]:
     import torch
 
     from duodiff_fast import dispatch
@@ -257,8 +302,9 @@ def build_forward_cases(config: str, batch: int, device, dtype, use_compile: boo
 
     peers = {"triton": fused_with("triton"), "triton+cublas": fused_with("cublas"), "eager-bf16": lambda: eager(x, t, y)}
     if use_compile:
-        comp = prepare_model(model, "torch.compile", compile_mode="max-autotune-no-cudagraphs")
-        peers["torch.compile(max-autotune-no-cudagraphs)"] = lambda: comp(x, t, y)
+        mode = None if compile_mode in (None, "default") else compile_mode
+        comp = prepare_model(model, "torch.compile", compile_mode=mode)
+        peers[f"torch.compile({mode or 'default'})"] = lambda: comp(x, t, y)
     shape = dict(config=config, batch=batch)
     return [Case("forward", shape, peers, flops=forward_flops(get_config(config), batch))]
 
@@ -322,42 +368,58 @@ def main(argv: Optional[List[str]] = None) -> int:
     roof = measure_rooflines(device, dtype, args.reps, flush)
     print(f"measured: {args.dtype} matmul peak {roof['matmul_tflops']:.1f} TFLOP/s, "
           f"copy bandwidth {roof['copy_gbps']:.0f} GB/s")
-    ops = _split(args.ops)
     use_compile = not args.no_compile
     rows = []
+    import time
+
+    start = time.perf_counter()
     with torch.no_grad():
-        for config in _split(args.configs):
-            plans = [(b, build_cases, [o for o in ops if o != "forward"]) for b in map(int, _split(args.batches))]
-            if "forward" in ops:
-                plans += [(b, None, None) for b in map(int, _split(args.forward_batches))]
-            for batch, builder, op_list in plans:
-                cases = (builder(config, batch, op_list, device, dtype, use_compile) if builder
-                         else build_forward_cases(config, batch, device, dtype, use_compile))
-                for case in cases:
-                    results = {}
-                    for name, fn in case.peers.items():
-                        try:
-                            ms = time_ms(fn, args.reps, args.warmup, flush)
-                        except Exception as e:  # a peer that fails (e.g. compile error) is reported, not fatal
-                            results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
-                            continue
-                        entry = {"ms": ms}
-                        if case.flops:
-                            entry["tflops"] = case.flops / (ms * 1e-3) / 1e12
-                            entry["fraction_of_matmul_peak"] = entry["tflops"] / roof["matmul_tflops"]
-                        if case.bytes:
-                            entry["gbps"] = case.bytes / (ms * 1e-3) / 1e9
-                            entry["fraction_of_copy_bw"] = entry["gbps"] / roof["copy_gbps"]
-                        results[name] = entry
-                    rows.append(dict(op=case.op, shape=case.shape, flops=case.flops, bytes=case.bytes,
-                                     peers=results))
-                    _print_row(rows[-1])
+        for config, batch, op_list in plan(args):
+            spent = time.perf_counter() - start
+            if args.budget and spent > args.budget:
+                reason = f"budget of {args.budget:g} s spent ({spent:.0f} s) before this case started"
+                for op in op_list:
+                    rows.append(dict(op=op, shape=dict(config=config, batch=batch), flops=0.0, bytes=0.0,
+                                     peers={}, skipped=reason))
+                    print(f"{op:14s} config={config} batch={batch}: skipped: {reason}", flush=True)
+                continue
+            try:
+                cases = (build_forward_cases(config, batch, device, dtype, use_compile, args.forward_compile_mode)
+                         if op_list == ["forward"] else build_cases(config, batch, op_list, device, dtype, use_compile))
+            except Exception as e:  # building the inputs failed: every op of the group says why
+                for op in op_list:
+                    rows.append(dict(op=op, shape=dict(config=config, batch=batch), flops=0.0, bytes=0.0,
+                                     peers={}, error=f"{type(e).__name__}: {e}"[:300]))
+                    print(f"{op:14s} config={config} batch={batch}: FAILED to build: {rows[-1]['error']}", flush=True)
+                continue
+            for case in cases:
+                results = {}
+                for name, fn in case.peers.items():
+                    try:
+                        ms = time_ms(fn, args.reps, args.warmup, flush)
+                    except Exception as e:  # a peer that fails (e.g. compile error) is reported, not fatal
+                        results[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+                        continue
+                    entry = {"ms": ms}
+                    if case.flops:
+                        entry["tflops"] = case.flops / (ms * 1e-3) / 1e12
+                        entry["fraction_of_matmul_peak"] = entry["tflops"] / roof["matmul_tflops"]
+                    if case.bytes:
+                        entry["gbps"] = case.bytes / (ms * 1e-3) / 1e9
+                        entry["fraction_of_copy_bw"] = entry["gbps"] / roof["copy_gbps"]
+                    results[name] = entry
+                rows.append(dict(op=case.op, shape=case.shape, flops=case.flops, bytes=case.bytes,
+                                 peers=results))
+                _print_row(rows[-1])
     result = dict(benchmark="kernels", environment=environment(device), rooflines=roof,
                   settings=vars(args), rows=rows)
-    out = results_path(args.results_dir, "kernels", device, args.dtype)
+    out = results_path(args.results_dir, "kernels", device, args.dtype + (f"_{args.preset}" if args.preset else ""))
     atomic_write_json(out, result)
     print(f"\nwrote {out}")
-    return 0
+    failed = sum(1 for r in rows if r.get("error") or any("error" in e for e in r["peers"].values()))
+    if failed:
+        print(f"{failed} case(s) had a failed peer or could not be built (see the rows above and the JSON)")
+    return 1 if failed else 0
 
 
 def _print_row(row: dict) -> None:
@@ -365,7 +427,7 @@ def _print_row(row: dict) -> None:
     parts = []
     for name, e in row["peers"].items():
         if "error" in e:
-            parts.append(f"{name}: error")
+            parts.append(f"{name}: FAILED ({e['error'][:120]})")
             continue
         rate = (f"{e['tflops']:.0f}TF/s {100 * e['fraction_of_matmul_peak']:.0f}%pk" if "tflops" in e
                 else f"{e['gbps']:.0f}GB/s {100 * e['fraction_of_copy_bw']:.0f}%bw")

@@ -5,6 +5,10 @@
     duodiff-fast train --config cifar10-s2-shallow --data folder:/data/cifar10 --out-dir runs/shallow
     duodiff-fast bench                      # benchmarks/latency.py with the machine's defaults
     duodiff-fast configs                    # the named model configurations
+
+Exit status: 0 success; 2 a usage error (bad option or value, unknown config, a file that does not
+exist or does not fit; the message names it); 1 a runtime error (the command was valid but could not
+run here, e.g. a backend this machine cannot run, or a benchmark row that failed).
 """
 from __future__ import annotations
 
@@ -14,6 +18,10 @@ import sys
 from typing import List, Optional
 
 SOLVERS = ("ddpm", "ddim", "dpm_solver")
+# The same names as duodiff_fast.backends.BACKENDS (kept literal so that --help needs no torch
+# import; tests/test_cli.py checks they agree).
+BACKEND_NAMES = ("reference", "eager-bf16", "torch.compile", "triton")
+EXIT_USAGE, EXIT_RUNTIME = 2, 1
 
 
 def _add_sample_parser(sub) -> None:
@@ -61,8 +69,9 @@ def _add_sample_parser(sub) -> None:
                    help="latent models: Stable Diffusion KL-f8 autoencoder weights (.ckpt/.pth/.safetensors, "
                         "original key names) to decode the latents into images; without it the latents are saved")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--backend", default="reference",
-                   help="execution backend: reference (float32), eager-bf16, torch.compile (default reference)")
+    p.add_argument("--backend", default="reference", choices=BACKEND_NAMES,
+                   help="execution backend: reference (float32), eager-bf16, torch.compile, triton (the fused "
+                        "Triton kernels; needs a CUDA GPU) (default reference)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     from .eval.sample_cmd import add_sample_options
@@ -169,30 +178,60 @@ def cmd_train(args) -> int:
         model_overrides={"use_checkpoint": True} if args.gradient_checkpointing else {},
         progress=not args.no_progress,
     )
-    train(cfg)
+    from .training.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    try:
+        if trainer.resumed_from and not cfg.progress and trainer.is_main:
+            # the trainer prints this line only with progress output on; a resume is never silent
+            print(f"resumed from {trainer.resumed_from} at step {trainer.step}", flush=True)
+        trainer.fit()
+    finally:
+        trainer.close()
     return 0
 
 
+def cmd_bench(argv: List[str]) -> int:
+    """``duodiff-fast bench ...``: benchmarks/latency.py; exit 1 when a row failed (after writing the JSON)."""
+    from .bench.latency import main as bench_main
+
+    result = bench_main(argv, prog="duodiff-fast bench")
+    failed = [r for r in result["rows"] if r.get("status") == "failed"]
+    return EXIT_RUNTIME if failed else 0
+
+
+def _error(command: str, msg, code: int) -> int:
+    print(f"duodiff-fast {command}: error: {msg}", file=sys.stderr)
+    return code
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command line ``argv``; returns the exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "bench":
-        from .bench.latency import main as bench_main
-
-        bench_main(argv[1:])
-        return 0
-    args = build_parser().parse_args(argv)
-    if args.command == "configs":
-        from .models import describe
-
-        print(describe())
-        return 0
+    command = argv[0] if argv else ""
     try:
+        if command == "bench":
+            return cmd_bench(argv[1:])
+        args = build_parser().parse_args(argv)  # usage errors exit 2 here (argparse), --help exits 0
+        if args.command == "configs":
+            from .models import describe
+
+            print(describe())
+            return 0
         return {"sample": cmd_sample, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+    except SystemExit as e:
+        if isinstance(e.code, str):  # raise SystemExit("message"): a usage error found while checking input
+            return _error(command, e.code, EXIT_USAGE)
+        raise
     except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
         # Bad input already carries a message naming the problem: show it without a traceback.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"duodiff-fast {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return _error(command, e.args[0] if isinstance(e, KeyError) and e.args else e, EXIT_USAGE)
+    except Exception as e:  # noqa: BLE001 - only the two kinds below; anything else keeps its traceback
+        from .dispatch import BackendUnavailable
+
+        if isinstance(e, BackendUnavailable) or type(e).__name__ == "OutOfMemoryError":
+            return _error(command, e, EXIT_RUNTIME)
+        raise
 
 
 if __name__ == "__main__":

@@ -22,13 +22,35 @@ def golden_path() -> pathlib.Path:
     return REPO_ROOT / ".." / "shared" / "golden" / "uvit_reference.pt"
 
 
+def _required(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 @pytest.fixture(scope="session")
 def golden():
-    """The golden dict, or skip with the reason when the file is absent."""
+    """The golden dict (the official U-ViT code's outputs on fixed inputs, see ../shared/golden/README.md),
+    or skip with the reason when the file is absent. DUODIFF_REQUIRE_GOLDEN=1 (set by .ci/run) turns the
+    skip into a failure."""
     path = golden_path()
     if not path.is_file():
-        pytest.skip(f"golden file not found at {path} (set DUODIFF_GOLDEN)")
+        msg = (f"golden file not found at {path}: the official U-ViT outputs these tests compare against "
+               "(set DUODIFF_GOLDEN to its path)")
+        if _required("DUODIFF_REQUIRE_GOLDEN"):
+            pytest.fail(msg + "; DUODIFF_REQUIRE_GOLDEN=1 forbids skipping", pytrace=False)
+        pytest.skip(msg)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """With DUODIFF_REQUIRE_GPU=1 (benchmarks/gpu_suite.sh) a skipped ``gpu``-marked test is a failure:
+    on the GPU machine every GPU test must run."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and _required("DUODIFF_REQUIRE_GPU") and item.get_closest_marker("gpu") is not None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"gpu test skipped under DUODIFF_REQUIRE_GPU=1: {reason}"
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

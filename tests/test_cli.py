@@ -67,11 +67,15 @@ def test_sample_same_seed_same_images_any_batch_size(tmp_path):
 
 
 def test_sample_bad_inputs(tmp_path, capsys):
+    # usage errors: exit status 2 and one line naming the problem, no traceback
     assert main(["sample", "--config", "tiny", "--out", str(tmp_path)]) == 2
     assert "--checkpoint" in capsys.readouterr().err
     assert main(["sample", "--config", "tiny-cond", "--random-weights", "--class-labels", "11",
                  "--out", str(tmp_path)]) == 2
     assert "class ids" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's own usage errors exit 2 as well
+        main(["sample", "--config", "tiny", "--backend", "nope"])
+    assert e.value.code == 2
     assert main(["sample", "--config", "tiny", "--random-weights", "--t-s", "2000",
                  "--out", str(tmp_path), "--no-progress"]) == 2
     assert "t_s must lie in [0, 1000]" in capsys.readouterr().err
@@ -97,9 +101,10 @@ def test_train_then_sample_from_its_checkpoint(tmp_path):
 
 def test_bench_cli_writes_json(tmp_path):
     out = tmp_path / "lat.json"
-    main(["bench", "--configs", "tiny", "--solvers", "ddim", "--ddim-steps", "4", "--backends", "reference",
-          "--t-s", "0,500", "--adadiff-thetas", "", "--methods", "", "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu",
-          "--out", str(out)])
+    rc = main(["bench", "--configs", "tiny", "--solvers", "ddim", "--ddim-steps", "4", "--backends", "reference",
+               "--t-s", "0,500", "--adadiff-thetas", "", "--methods", "", "--batch-size", "1", "--repeats", "1",
+               "--warmup", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0
     data = json.loads(out.read_text())
     assert data["environment"]["device"] and data["environment"]["torch"] == torch.__version__
     duo = [r for r in data["rows"] if r.get("method") == "base" or str(r.get("method", "")).startswith("DuoDiff")]
@@ -128,3 +133,54 @@ def test_latent_sampling_decodes_with_autoencoder(tmp_path, golden):
                "--n-samples", "1", "--out", str(tmp_path / "raw"), "--no-progress"])
     assert rc == 0
     assert np.load(tmp_path / "raw" / "samples.npz")["arr_0"].shape == (1, 4, 8, 8)
+
+
+def test_sample_help_lists_every_backend(capsys):
+    from duodiff_fast.backends import BACKENDS
+    from duodiff_fast.cli import BACKEND_NAMES
+
+    assert BACKEND_NAMES == BACKENDS
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for name in BACKENDS:
+        assert name in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_sample_triton_on_cpu_is_one_line_runtime_error(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "duodiff_fast", "sample", "--config", "tiny", "--random-weights",
+                        "--backend", "triton", "--device", "cpu", "--out", str(tmp_path), "--no-progress"],
+                       capture_output=True, text=True, timeout=120,
+                       # without Triton's CPU interpreter (which the test suite switches on), as a user runs it
+                       env={**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+                            "PYTHONPATH": os.getcwd()})
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "duodiff-fast sample: error:" in lines[0] and "triton" in lines[0]
+    assert not (tmp_path / "samples.npz").exists()
+
+
+def test_bench_help_usage_names_the_subcommand():
+    r = subprocess.run([sys.executable, "-m", "duodiff_fast", "bench", "--help"], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert r.returncode == 0
+    assert r.stdout.startswith("usage: duodiff-fast bench")
+
+
+def test_train_no_progress_still_prints_the_resume_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    base = ["train", "--config", "tiny-shallow", "--data", "synthetic", "--batch-size", "2", "--warmup-steps", "1",
+            "--save-every", "0", "--log-every", "100", "--out-dir", str(run), "--device", "cpu", "--no-progress"]
+    assert main(base + ["--steps", "2"]) == 0
+    assert "resumed from" not in capsys.readouterr().out
+    assert main(base + ["--steps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "at step 2" in out
+
+
+def test_bench_usage_error_exits_2(capsys):
+    assert main(["bench", "--backends", "nope", "--device", "cpu", "--no-progress"]) == 2
+    assert "duodiff-fast bench: error: unknown backend 'nope'" in capsys.readouterr().err

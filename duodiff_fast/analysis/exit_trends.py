@@ -209,7 +209,8 @@ def propose_switch_point(rows: Sequence[dict], num_layers: Optional[int] = None,
     early level is not below the late level (no jump towards the full depth) t_s = 0; if one
     level fits best (no jump at all), t_s = horizon when that level is below N - 0.5, else 0.
 
-    Returns a dict: t_s, boundary (b), early_level (a), late_level (c), jump (c - a), sse,
+    Returns a dict: t_s, boundary (b), early_level (a), late_level (c), jump (c - a; None, like a
+    missing level, when one level fits best), sse,
     num_layers, and shallow_layers_hint = ceil(a) (how many layers the early phase needs; DuoDiff's
     shallow backbone has 3).
     """
@@ -265,7 +266,8 @@ def propose_switch_point(rows: Sequence[dict], num_layers: Optional[int] = None,
         t_s = int(horizon) if level < full - 0.5 else 0
         b = 0.0 if t_s else float(horizon)
     t_s = max(0, min(int(horizon), int(t_s)))
-    jump = (late - early) if (early == early and late == late) else float("nan")
+    # None, not NaN, where a level is undefined: the result is written as JSON, which has no NaN
+    jump = (late - early) if (early == early and late == late) else None
     return dict(t_s=t_s, boundary=float(b), early_level=float(early) if early == early else None,
                 late_level=float(late) if late == late else None, jump=jump, sse=float(err),
                 num_layers=num_layers,
@@ -322,7 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.png:
         plot_exit_trends(series, args.png, horizon=args.horizon)
         print(f"wrote {args.png}")
-    print(json.dumps(proposals, indent=1))
+    print(json.dumps(proposals, indent=1, allow_nan=False))  # strict JSON: never NaN
     return proposals
 
 

@@ -1,16 +1,31 @@
-"""Per-sample sampling latency: base U-ViT and DuoDiff, for each solver and backend.
+"""Per-sample sampling latency: base U-ViT, DuoDiff, AdaDiff, ASE and multistage, per solver and backend.
 
-The main job of the project. For every (config, solver, backend, t_s) it times the whole sampling
-loop for one batch, repeated, and reports the per-sample time (batch time / batch size): median
-and spread. Random weights are used; latency does not depend on their values.
+The main job of the project. The rows compared with one another -- the base model and every method
+for one (config, solver, backend) -- are timed **interleaved** (one whole sampling loop of each per
+round, the order rotating), after **warm-up** runs that are timed and reported apart (first-call
+compilation, autotuning, allocator growth). Each row reports the median and interquartile range
+(IQR) of its per-sample time (batch time / batch size) and keeps every repeat in the JSON. A
+speedup is median(base) / median(row) with a 95% paired bootstrap interval over the rounds. A row
+whose IQR exceeds ``--unstable-iqr`` % of its median is marked **unstable**: its speedup is kept in
+the JSON but printed as "unstable", not as a figure. A row that fails says so, with the error, in
+the table and the JSON (status "failed"), and the command exits 1 after writing the JSON.
 
-Defaults: on a CUDA device the DuoDiff paper's four configs at batch 128 (the paper's batching),
-DDPM with the full 1000 steps. On a CPU the small "tiny" config at batch 2 with DDPM respaced to
-200 steps (t_s still counts on the 1000-step axis), so the whole job stays under two minutes; pass
-``--ddpm-steps 1000`` for the full chain.
+Defaults by machine (an option given on the command line always wins):
+
+* CPU: the built-in ``tiny`` config, batch 2, one thread, DDPM respaced to 50 steps and DDIM-20,
+  backend ``reference``, DuoDiff t_s 0/300/400/500, AdaDiff theta 0.07, ASE D1..D6 and a multistage
+  model on DDIM; 11 rounds; the clock is the process's CPU time (``--clock``; wall seconds are kept
+  too), so that other processes on a shared machine do not inflate the figures. About a minute;
+  a check that the rows run and how they compare, not a performance result.
+* CUDA: the DuoDiff paper's four configs at batch 128, DDPM-1000 and DDIM-50, every backend that can
+  run (``triton`` included), plus CUDA-graph-captured sampler rows. This takes hours.
+* ``--preset gpu-suite``: the narrowed GPU plan of ``benchmarks/gpu_suite.sh`` (cifar10-s2, batch 64,
+  DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows, a 200 s budget).
+
+``--budget SECONDS``: groups not started within the budget are recorded as skipped (with the reason).
 
     python benchmarks/latency.py                         # defaults for the machine
-    python benchmarks/latency.py --configs cifar10-s2 --solvers ddim --backends reference
+    python benchmarks/latency.py --configs cifar10-s2 --solvers ddim --backends reference,eager-bf16
     duodiff-fast bench ...                               # the same, from an installed package
 
 Prints a table and writes JSON (device, versions, settings, every timing) to benchmarks/results/.
@@ -19,7 +34,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-from typing import Dict, List, Optional
+import time
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -29,7 +45,9 @@ from ..methods import DuoDiff, ModelDenoiser
 from ..models import PAPER_CONFIGS, create_model, get_spec, shallow_name
 from ..samplers import sample
 from ..schedules import get_schedule
-from .common import environment, results_path, summarize, time_call
+from .common import environment, results_path
+from .stats import DEFAULT_UNSTABLE_IQR_PCT, speedup, summarize
+from .timing import error_text, time_interleaved
 
 # Per-sample seconds the DuoDiff paper reports (its Table 2, A100, batch 128), for side-by-side
 # reading only: they are not measured here. Keys: (config, solver, t_s).
@@ -45,188 +63,7 @@ PAPER_SECONDS: Dict[tuple, float] = {
     ("imagenet256-l2", "ddim", 0): 0.55, ("imagenet256-l2", "ddim", 300): 0.41,
 }
 
-DEFAULT_STEPS = {"ddpm": 1000, "ddim": 50}
-
-
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default=None,
-                   help="comma-separated model configs (default: the DuoDiff paper's four on CUDA, 'tiny' on CPU)")
-    p.add_argument("--solvers", default="ddpm,ddim", help="comma-separated solvers among ddpm, ddim")
-    p.add_argument("--backends", default=None,
-                   help=f"comma-separated backends among {', '.join(BACKENDS)} (default: all; 'triton' "
-                        "only on a CUDA device where it can run)")
-    p.add_argument("--t-s", default="0,300,400,500",
-                   help="DuoDiff switch points on the 1000-step axis; 0 is the base model")
-    p.add_argument("--batch-size", type=int, default=None, help="batch size (default 128 on CUDA, 2 on CPU)")
-    p.add_argument("--ddpm-steps", type=int, default=None,
-                   help="DDPM steps (default 1000 on CUDA, 200 on CPU)")
-    p.add_argument("--ddim-steps", type=int, default=DEFAULT_STEPS["ddim"], help="DDIM steps (default 50)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 5 on CUDA, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per row before timing (default 1)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--compile-mode", default=None,
-                   help="torch.compile mode for the torch.compile backend (default: PyTorch's default)")
-    p.add_argument("--adadiff-thetas", default="0.05,0.07,0.09",
-                   help="AdaDiff exit thresholds to time (shrinking batch, simulated, paper estimate); "
-                        "'' for none")
-    p.add_argument("--adadiff-backends", default=None,
-                   help="backends for the AdaDiff rows (default: reference on CPU, reference,eager-bf16 on "
-                        "CUDA; torch.compile is not used: the shrinking batch changes shapes every layer)")
-    p.add_argument("--adadiff-solvers", default=None,
-                   help="solvers of the AdaDiff rows (default: every --solvers entry on CUDA, ddim on CPU "
-                        "to keep the CPU run short)")
-    p.add_argument("--graph-solvers", default="ddim,dpm_solver",
-                   help="solvers of the CUDA-graph-captured sampler rows (DDIM-<ddim-steps>, DPM-Solver-"
-                        "<graph-dpm-steps>); '' for none. CUDA only")
-    p.add_argument("--graph-dpm-steps", type=int, default=20, help="DPM-Solver NFE of the graph rows (default 20)")
-    p.add_argument("--graph-batches", default=None,
-                   help="batch sizes of the graph rows (default '1,<batch-size>')")
-    p.add_argument("--graph-t-s", default="0,300", help="base (0) and DuoDiff switch points of the graph rows")
-    p.add_argument("--nvtx", action="store_true", help="emit NVTX ranges (also DUODIFF_NVTX=1) for nsys")
-    p.add_argument("--methods", default="ase,multistage",
-                   help="extra method rows: 'ase' (D1..D6 block dropping) and/or 'multistage'; '' for none")
-    p.add_argument("--ase-schedules", default="D1,D2,D3,D4,D5,D6",
-                   help="ASE dropping schedules to time (the paper's Table 2 names)")
-    p.add_argument("--method-backends", default=None,
-                   help="backends of the ASE/multistage rows (default: reference on CPU, reference,eager-bf16 on "
-                        "CUDA; torch.compile is not used: these forwards bypass the compiled forward)")
-    p.add_argument("--method-solvers", default=None,
-                   help="solvers of the ASE/multistage rows (default: every --solvers entry on CUDA, ddim on CPU)")
-    p.add_argument("--method-repeats", type=int, default=None,
-                   help="timed runs per ASE/multistage row (default: --repeats on CUDA, 2 on CPU, to keep the "
-                        "CPU job under two minutes)")
-    p.add_argument("--multistage-boundaries", default="0.442,0.631",
-                   help="multistage stage boundaries on t in [0, 1] (default: the paper's CIFAR-10 ones)")
-    p.add_argument("--multistage-widths", default="1.5,1,0.125",
-                   help="stage decoder widths as fractions of the shared width, data side first (default "
-                        "1.5,1,0.125: the paper's 192/128/16 decoders over a 128 encoder)")
-    p.add_argument("--results-dir", default="benchmarks/results",
-                   help="folder for the JSON result (default benchmarks/results)")
-    p.add_argument("--out", default=None,
-                   help="JSON output path (default <results-dir>/latency_<device>_<configs>.json)")
-    return p.parse_args(argv)
-
-
-def _split(text: str) -> List[str]:
-    return [s.strip() for s in text.split(",") if s.strip()]
-
-
-def run_config(name: str, args, device: torch.device) -> List[dict]:
-    """Time every (solver, backend, t_s) row for one config; returns the result rows."""
-    spec = get_spec(name)
-    schedule = get_schedule(spec.schedule)
-    torch.manual_seed(0)
-    full_ref = create_model(name).to(device)
-    shallow_ref = create_model(shallow_name(name)).to(device)
-    if args.nvtx:
-        from ..profiling import annotate_module
-
-        annotate_module(full_ref, name), annotate_module(shallow_ref, shallow_name(name))
-    shape = (args.batch_size, full_ref.in_chans, full_ref.img_size, full_ref.img_size)
-    y = None
-    if full_ref.is_conditional:
-        y = torch.arange(args.batch_size, device=device) % (full_ref.num_classes - 1)
-    rows = []
-    for backend in _split(args.backends):
-        full = prepare_model(full_ref, backend, compile_mode=args.compile_mode)
-        shallow = prepare_model(shallow_ref, backend, compile_mode=args.compile_mode)
-        for solver in _split(args.solvers):
-            steps = args.ddpm_steps if solver == "ddpm" else args.ddim_steps
-            for t_s in [int(v) for v in _split(args.t_s)]:
-                denoiser = ModelDenoiser(full, schedule) if t_s == 0 else DuoDiff(shallow, full, schedule, t_s)
-
-                def run():
-                    with torch.inference_mode():
-                        return sample(denoiser, schedule, shape, solver=solver, num_steps=steps, y=y,
-                                      base_seed=0, device=device, progress=False)
-
-                times = time_call(run, device, args.repeats, args.warmup)
-                stats = summarize([t / args.batch_size for t in times])
-                row = dict(config=name, solver=solver, steps=steps, backend=backend, t_s=t_s,
-                           method="base" if t_s == 0 else f"DuoDiff t_s={t_s}",
-                           batch_size=args.batch_size, per_sample=stats,
-                           batch_seconds=summarize(times),
-                           paper_per_sample_s=PAPER_SECONDS.get((name, solver, t_s)))
-                rows.append(row)
-                print(f"  {name:16s} {solver:5s} {backend:14s} t_s={t_s:<4d} "
-                      f"{stats['median_s'] * 1e3:10.3f} ms/sample  (spread {stats['spread_pct']:.1f}%)",
-                      flush=True)
-            rows.extend(adadiff_rows(name, args, device, schedule, full_ref, backend, solver, steps, shape, y,
-                                     rows))
-    rows.extend(graph_rows(name, args, device, schedule, full_ref, shallow_ref))
-    rows.extend(method_rows(name, args, device, schedule, full_ref, shape, y, rows))
-    return rows
-
-
-def _kernel_seconds(fn) -> Optional[float]:
-    """Sum of the device time of the CUDA kernels one call of ``fn`` runs (torch.profiler), or None."""
-    try:
-        from torch.profiler import ProfilerActivity, profile
-
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
-        return total_us * 1e-6 if total_us > 0 else None
-    except Exception as exc:  # noqa: BLE001 - a profiler problem must not stop the benchmark
-        print(f"  (kernel time not measured: {type(exc).__name__}: {exc})")
-        return None
-
-
-def graph_rows(name, args, device, schedule, full_ref, shallow_ref) -> List[dict]:
-    """CUDA-graph-captured sampler vs the same loop uncaptured (Philox noise, fused updates), at batch 1
-    and a large batch, base and DuoDiff; with the captured loop's summed kernel time (launch gaps)."""
-    from ..runtime.graphs import GraphSampler
-
-    solvers = _split(args.graph_solvers or "")
-    if not solvers:
-        return []
-    if device.type != "cuda":
-        print("  captured-sampler rows skipped: CUDA graphs need a CUDA device (on a CPU the runtime is the "
-              "plain loop)", flush=True)
-        return []
-    batches = [int(b) for b in _split(args.graph_batches or f"1,{args.batch_size}")]
-    backend = _split(args.backends)[0]
-    full = prepare_model(full_ref, backend, compile_mode=args.compile_mode)
-    shallow = prepare_model(shallow_ref, backend, compile_mode=args.compile_mode)
-    sample_shape = (full_ref.in_chans, full_ref.img_size, full_ref.img_size)
-    out = []
-    for solver in solvers:
-        steps = args.graph_dpm_steps if solver == "dpm_solver" else args.ddim_steps
-        for t_s in [int(v) for v in _split(args.graph_t_s)]:
-            den = ModelDenoiser(full, schedule) if t_s == 0 else DuoDiff(shallow, full, schedule, t_s)
-            for b in batches:
-                y = (torch.arange(b, device=device) % (full_ref.num_classes - 1)) if full_ref.is_conditional else None
-                gs = GraphSampler(den, schedule, sample_shape, solver=solver, num_steps=steps, device=device)
-                seeds = list(range(b))
-                timed = {}
-                for mode, fn in (("eager", lambda: gs.plain(seeds, y)), ("graph", lambda: gs(seeds, y))):
-                    with torch.inference_mode():
-                        times = time_call(fn, device, args.repeats, max(args.warmup, 1))
-                    timed[mode] = times
-                kernels = _kernel_seconds(lambda: gs(seeds, y)) if gs.graphs else None
-                g_med, e_med = summarize(timed["graph"])["median_s"], summarize(timed["eager"])["median_s"]
-                for mode in ("eager", "graph"):
-                    stats = summarize([t / b for t in timed[mode]])
-                    out.append(dict(config=name, solver=solver, steps=steps, backend=backend, t_s=None,
-                                    duodiff_t_s=t_s, method=f"{'base' if t_s == 0 else f'DuoDiff {t_s}'} {mode}",
-                                    runtime="cuda-graph" if mode == "graph" else "eager-philox-fused",
-                                    captured=bool(gs.graphs) if mode == "graph" else False,
-                                    capture_error=next(iter(gs.failed.values()), None) if mode == "graph" else None,
-                                    batch_size=b, per_sample=stats, batch_seconds=summarize(timed[mode]),
-                                    kernel_seconds=kernels if mode == "graph" else None,
-                                    graph_over_kernels=(g_med / kernels) if (mode == "graph" and kernels) else None,
-                                    graph_speedup=(e_med / g_med) if mode == "graph" else None,
-                                    paper_per_sample_s=None))
-                print(f"  {name:16s} {solver}-{steps} {backend:12s} t_s={t_s:<4d} B={b:<4d} eager {e_med * 1e3:9.3f} ms"
-                      f"  graph {g_med * 1e3:9.3f} ms  ({e_med / g_med:.2f}x)"
-                      + (f"  kernels {kernels * 1e3:.3f} ms (graph/kernels {g_med / kernels:.2f})" if kernels else "")
-                      + ("" if gs.graphs else f"  [not captured: {next(iter(gs.failed.values()), '?')}]"),
-                      flush=True)
-    return out
-
-
+SOLVERS = ("ddpm", "ddim")
 # AdaDiff per-sample seconds of the DuoDiff paper's Table 2 (DDPM; * = its linear estimate from the
 # mean exit layer). Keys: (config, theta). CelebA used thetas 0.06/0.07/0.08.
 PAPER_ADADIFF_SECONDS: Dict[tuple, float] = {
@@ -242,299 +79,623 @@ ADADIFF_NOTE = ("random backbone weights; UEM weights PROGRAMMED by set_syntheti
                 "(not a trained model's exits); mean_exit_layer is measured in the run")
 
 
-def adadiff_rows(name, args, device, schedule, full_ref, backend, solver, steps, shape, y, rows) -> List[dict]:
-    """AdaDiff rows for one (config, backend, solver): per theta, the measured shrinking batch, the
-    measured simulated exit, and the paper's estimate (base time * mean exit layer / N)."""
-    from ..analysis import ExitRecorder
-    from ..methods import AdaDiff, AdaDiffUViT
-    from ..methods.adadiff import set_synthetic_exit_profile
-
-    thetas = [float(v) for v in _split(args.adadiff_thetas or "")]
-    wanted = args.adadiff_backends or ("reference,eager-bf16" if device.type == "cuda" else "reference")
-    base = next((r for r in rows if r["config"] == name and r["backend"] == backend and r["solver"] == solver
-                 and r["t_s"] == 0), None)
-    solvers = args.adadiff_solvers or (args.solvers if device.type == "cuda" else "ddim")
-    if not thetas or backend not in _split(wanted) or solver not in _split(solvers) or base is None:
-        return []
-    profile = dict(ADADIFF_PROFILE, exit_layer=min(ADADIFF_PROFILE["exit_layer"], full_ref.num_layers - 1))
-    ada = set_synthetic_exit_profile(AdaDiffUViT(copy.deepcopy(full_ref)), schedule, **profile).to(device)
-    model = prepare_model(ada, backend, compile_mode=args.compile_mode)
-    base_s = base["per_sample"]["median_s"]
-    out = []
-    for theta in thetas:
-        recorder = ExitRecorder(model.num_layers)
-        measured = {}
-        for mode in ("shrinking", "simulated"):
-            denoiser = AdaDiff(model, schedule, theta, mode=mode, recorder=recorder if mode == "shrinking" else None)
-
-            def run():
-                with torch.inference_mode():
-                    return sample(denoiser, schedule, shape, solver=solver, num_steps=steps, y=y,
-                                  base_seed=0, device=device, progress=False)
-
-            run()  # warm-up; for the shrinking batch it also records the exit layers (untimed)
-            denoiser.recorder = None
-            times = time_call(run, device, args.repeats, max(args.warmup - 1, 0))
-            measured[mode] = (summarize([t / args.batch_size for t in times]), summarize(times))
-        mean_exit = recorder.mean_exit()
-        n = model.num_layers
-        estimate = base_s * mean_exit / n
-        shrink_s = measured["shrinking"][0]["median_s"]
-        allowed, realised = n / mean_exit, base_s / shrink_s
-        common = dict(config=name, solver=solver, steps=steps, backend=backend, t_s=None, theta=theta,
-                      batch_size=args.batch_size, mean_exit_layer=mean_exit, num_layers=n,
-                      allowed_speedup=allowed, realised_speedup=realised,
-                      speedup_efficiency=realised / allowed,
-                      saving_efficiency=((1 - shrink_s / base_s) / (1 - mean_exit / n)) if mean_exit < n else None,
-                      uem_profile=ADADIFF_NOTE,
-                      paper_per_sample_s=PAPER_ADADIFF_SECONDS.get((name, theta)) if solver == "ddpm" else None)
-        for mode, label in (("shrinking", "shrink"), ("simulated", "sim")):
-            out.append(dict(common, method=f"AdaDiff {theta:g} {label}", exit_mode=mode,
-                            per_sample=measured[mode][0], batch_seconds=measured[mode][1]))
-        est = dict(median_s=estimate, min_s=estimate, max_s=estimate, stdev_s=0.0, spread_pct=0.0, repeats=0)
-        out.append(dict(common, method=f"AdaDiff {theta:g} est", exit_mode="paper-estimate", per_sample=est,
-                        batch_seconds=None))
-        print(f"  {name:16s} {solver:5s} {backend:14s} AdaDiff theta={theta:g} mean exit {mean_exit:.2f}/{n}: "
-              f"shrink {shrink_s * 1e3:.3f}  sim {measured['simulated'][0]['median_s'] * 1e3:.3f}  "
-              f"est {estimate * 1e3:.3f} ms/sample; realised {realised:.2f}x of allowed {allowed:.2f}x "
-              f"({100 * realised / allowed:.0f}%)", flush=True)
-    return out
+# ------------------------------------------------------------------------------------ settings
+# Defaults per device type; a preset overrides them; an option given on the command line wins.
+DEFAULTS: Dict[str, dict] = {
+    "cpu": dict(configs="tiny", batch_size=2, solvers="ddpm,ddim", ddpm_steps=50, ddim_steps=20,
+                backends="reference", t_s="0,300,400,500", repeats=11, warmup=1, threads=1,
+                adadiff_thetas="0.07", adadiff_backends="reference", adadiff_solvers="ddim",
+                methods="ase,multistage", method_backends="reference", method_solvers="ddim",
+                ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="", graph_batches=None, graph_t_s="0,300",
+                graph_dpm_steps=20, budget=0.0),
+    "cuda": dict(configs=",".join(PAPER_CONFIGS), batch_size=128, solvers="ddpm,ddim", ddpm_steps=1000,
+                 ddim_steps=50, backends=None, t_s="0,300,400,500", repeats=5, warmup=1, threads=None,
+                 adadiff_thetas="0.05,0.07,0.09", adadiff_backends="reference,eager-bf16", adadiff_solvers=None,
+                 methods="ase,multistage", method_backends="reference,eager-bf16", method_solvers=None,
+                 ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver", graph_batches=None,
+                 graph_t_s="0,300", graph_dpm_steps=20, budget=0.0),
+}
+PRESETS: Dict[str, dict] = {
+    # benchmarks/gpu_suite.sh: a few minutes on an H100 (the whole suite must end in < 9 minutes)
+    "gpu-suite": dict(configs="cifar10-s2", batch_size=64, solvers="ddim", ddim_steps=50, backends=None,
+                      t_s="0,300,500", repeats=5, warmup=1, adadiff_thetas="0.07", adadiff_backends="eager-bf16",
+                      adadiff_solvers="ddim", methods="ase,multistage", method_backends="eager-bf16",
+                      method_solvers="ddim", ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim",
+                      graph_batches="1,64", graph_t_s="0,300", budget=200.0),
+}
 
 
-# ---------------------------------------------------------------- ASE and multistage rows
-def _method_plan(args, device) -> tuple:
-    """(methods, backends, solvers) of the ASE/multistage rows for this run."""
-    methods = _split(args.methods or "")
-    for m in methods:
-        if m not in ("ase", "multistage"):
-            raise SystemExit(f"unknown --methods entry {m!r}; choose among ase, multistage")
-    backends = _split(args.method_backends or ("reference,eager-bf16" if device.type == "cuda" else "reference"))
-    solvers = _split(args.method_solvers or (args.solvers if device.type == "cuda" else "ddim"))
-    return methods, [b for b in backends if b != "torch.compile"], solvers
+def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--preset", default=None, choices=sorted(PRESETS), help="a named plan (gpu-suite: the GPU suite's narrowed plan)")
+    a("--configs", default=None, help="comma-separated model configs (default: 'tiny' on CPU, the paper's four on CUDA)")
+    a("--solvers", default=None, help=f"comma-separated solvers among {', '.join(SOLVERS)} (default ddpm,ddim)")
+    a("--backends", default=None, help=f"comma-separated backends among {', '.join(BACKENDS)} (default: reference "
+      "on CPU; on CUDA every backend that can run there, triton included)")
+    a("--t-s", default=None, help="DuoDiff switch points on the 1000-step axis; 0 is the base model (default 0,300,400,500)")
+    a("--batch-size", type=int, default=None, help="batch size (default 2 on CPU, 128 on CUDA)")
+    a("--ddpm-steps", type=int, default=None, help="DDPM steps (default 50 on CPU, 1000 on CUDA)")
+    a("--ddim-steps", type=int, default=None, help="DDIM steps (default 20 on CPU, 50 on CUDA)")
+    a("--repeats", type=int, default=None, help="timed rounds per group (default 11 on CPU, 5 on CUDA)")
+    a("--warmup", type=int, default=None, help="untimed (separately reported) runs per row before timing (default 1)")
+    a("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU: steadier timings on a shared "
+      "machine; CUDA: torch's default)")
+    a("--clock", default=None, choices=("wall", "process"), help="what a repeat measures: wall (latency; the "
+      "default on CUDA and with several CPU threads) or process (CPU seconds of this process; the default for a "
+      "single-threaded CPU run, steady on a shared machine). Wall seconds are kept in the JSON either way")
+    a("--unstable-iqr", type=float, default=DEFAULT_UNSTABLE_IQR_PCT,
+      help=f"mark a row unstable when its IQR exceeds this %% of its median (default {DEFAULT_UNSTABLE_IQR_PCT:g})")
+    a("--budget", type=float, default=None, help="seconds: groups not started by then are recorded as skipped "
+      "(default: none; gpu-suite preset 200)")
+    a("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
+    a("--compile-mode", default=None, help="torch.compile mode of the torch.compile backend (default: PyTorch's)")
+    a("--adadiff-thetas", default=None, help="AdaDiff exit thresholds ('' for none; default 0.07 on CPU, "
+      "0.05,0.07,0.09 on CUDA): per theta the measured shrinking batch, the simulated exit, the paper's estimate")
+    a("--adadiff-backends", default=None, help="backends of the AdaDiff rows (default reference on CPU, "
+      "reference,eager-bf16 on CUDA; never torch.compile: the shrinking batch changes shapes every layer)")
+    a("--adadiff-solvers", default=None, help="solvers of the AdaDiff rows (default ddim on CPU, every solver on CUDA)")
+    a("--methods", default=None, help="extra method rows: 'ase' (D1..D6 block dropping) and/or 'multistage'; '' for none")
+    a("--ase-schedules", default=None, help="ASE dropping schedules (the paper's Table 2 names; default D1..D6)")
+    a("--method-backends", default=None, help="backends of the ASE/multistage rows (default reference on CPU, "
+      "reference,eager-bf16 on CUDA; never torch.compile: these forwards bypass the compiled forward)")
+    a("--method-solvers", default=None, help="solvers of the ASE/multistage rows (default ddim on CPU, every solver on CUDA)")
+    a("--multistage-boundaries", default="0.442,0.631", help="multistage stage boundaries on t (default: the paper's CIFAR-10 ones)")
+    a("--multistage-widths", default="1.5,1,0.125", help="stage decoder widths as fractions of the shared width, data "
+      "side first (default 1.5,1,0.125: the paper's 192/128/16 decoders over a 128 encoder)")
+    a("--graph-solvers", default=None, help="solvers of the CUDA-graph-captured sampler rows (CUDA only; default "
+      "ddim,dpm_solver; '' for none). They run on the fastest backend of the main rows")
+    a("--graph-dpm-steps", type=int, default=None, help="DPM-Solver NFE of the graph rows (default 20)")
+    a("--graph-batches", default=None, help="batch sizes of the graph rows (default '1,<batch-size>')")
+    a("--graph-t-s", default=None, help="base (0) and DuoDiff switch points of the graph rows (default 0,300)")
+    a("--nvtx", action="store_true", help="emit NVTX ranges (also DUODIFF_NVTX=1) for nsys")
+    a("--no-progress", action="store_true", help="hide the progress bars")
+    a("--results-dir", default="benchmarks/results", help="folder for the JSON result (default benchmarks/results)")
+    a("--out", default=None, help="JSON output path (default <results-dir>/latency_<device>_<configs>.json)")
+    return p
 
 
-def _time_sampling(denoiser, schedule, shape, solver, steps, y, device, args, record_t=None):
-    """Per-sample and batch statistics of whole sampling loops; ``record_t`` collects the solver times
-    of the (untimed) warm-up run."""
-    def run(den):
-        with torch.inference_mode():
-            return sample(den, schedule, shape, solver=solver, num_steps=steps, y=y, base_seed=0,
-                          device=device, progress=False)
-
-    if record_t is not None:
-        def spy(x, t, yy=None):
-            record_t.append(float(t.reshape(-1)[0]))
-            return denoiser(x, t, yy)
-
-        spy.check = denoiser.check
-        run(spy)  # warm-up that also records the evaluation times
-    repeats = args.method_repeats or (args.repeats if device.type == "cuda" else min(args.repeats, 2))
-    times = time_call(lambda: run(denoiser), device, repeats, max(args.warmup - (record_t is not None), 0))
-    return summarize([t / args.batch_size for t in times]), summarize(times)
+def parse_args(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> argparse.Namespace:
+    return build_parser(prog).parse_args(argv)
 
 
-def _time_interleaved(denoisers, schedule, shape, solver, steps, y, device, args):
-    """Time several denoisers' sampling loops round-robin (one run of each per round), so that load
-    changes on a shared machine hit all of them alike. Returns, per denoiser, (per-sample stats,
-    batch stats, solver times of its untimed warm-up run)."""
-    import time as _time
-
-    from .common import synchronize
-
-    def run(den):
-        with torch.inference_mode():
-            return sample(den, schedule, shape, solver=solver, num_steps=steps, y=y, base_seed=0,
-                          device=device, progress=False)
-
-    seen = []
-    for den in denoisers:  # warm-up, recording the evaluation times
-        ts: List[float] = []
-
-        def spy(x, t, yy=None, den=den, ts=ts):
-            ts.append(float(t.reshape(-1)[0]))
-            return den(x, t, yy)
-
-        spy.check = den.check
-        run(spy)
-        seen.append(ts)
-    repeats = args.method_repeats or (args.repeats if device.type == "cuda" else min(args.repeats, 2))
-    times: List[List[float]] = [[] for _ in denoisers]
-    for _ in range(repeats):
-        for i, den in enumerate(denoisers):
-            synchronize(device)
-            t0 = _time.perf_counter()
-            run(den)
-            synchronize(device)
-            times[i].append(_time.perf_counter() - t0)
-    return [(summarize([t / args.batch_size for t in ts]), summarize(ts), rec) for ts, rec in zip(times, seen)]
+def _split(text: Optional[str]) -> List[str]:
+    return [s.strip() for s in (text or "").split(",") if s.strip()]
 
 
-def ase_rows(name, args, device, schedule, full_ref, shape, y, backends, solvers) -> List[dict]:
-    """ASE D1..D6 rows with their own base row, timed round-robin with it. The paper's schedules are
-    written for 6 out-blocks: a shallower config is timed as its depth-12 twin (same width), a
-    deeper one with the schedule rescaled to its out-block count."""
-    from ..methods.ase import PAPER_OUT_BLOCKS, PAPER_SPEEDUP_PCT, ASEDenoiser, get_dropping_schedule
-
-    n_out = len(full_ref.out_blocks)
-    label = name
-    model_ref = full_ref
-    if n_out < PAPER_OUT_BLOCKS:
-        torch.manual_seed(0)
-        model_ref = create_model(name, depth=2 * PAPER_OUT_BLOCKS).to(device)
-        label, n_out = f"{name}-d{2 * PAPER_OUT_BLOCKS}", PAPER_OUT_BLOCKS
-    names = _split(args.ase_schedules or "")
-    droppings = [get_dropping_schedule(n) for n in names]
-    if n_out != PAPER_OUT_BLOCKS:
-        droppings = [d.rescaled(n_out) for d in droppings]
-    out = []
-    for backend in backends:
-        model = prepare_model(model_ref, backend, compile_mode=args.compile_mode)
-        dens = [ModelDenoiser(model, schedule)] + [ASEDenoiser(model, schedule, d) for d in droppings]
-        for solver in solvers:
-            steps = args.ddpm_steps if solver == "ddpm" else args.ddim_steps
-            timed = _time_interleaved(dens, schedule, shape, solver, steps, y, device, args)
-            base_ps, base_b, _ = timed[0]
-            out.append(dict(config=label, solver=solver, steps=steps, backend=backend, t_s=0, method="base",
-                            batch_size=args.batch_size, per_sample=base_ps, batch_seconds=base_b,
-                            paper_per_sample_s=None))
-            base_s = base_ps["median_s"]
-            for sched_name, dropping, (ps, bs, ts) in zip(names, droppings, timed[1:]):
-                kept = dropping.kept_blocks(torch.tensor(ts, dtype=torch.float64)).double()
-                ideal = 100.0 * float((n_out - kept).mean()) / model.num_layers  # dropped share of layers
-                measured = 100.0 * (1.0 - ps["median_s"] / base_s)
-                key = sched_name.upper().replace("-U-VIT", "")
-                out.append(dict(config=label, solver=solver, steps=steps, backend=backend, t_s=None,
-                                method=f"ASE {dropping.name}", ase_schedule=list(dropping.kept),
-                                batch_size=args.batch_size, per_sample=ps, batch_seconds=bs,
-                                mean_kept_out_blocks=float(kept.mean()), num_out_blocks=n_out,
-                                measured_speedup_pct=measured, ideal_block_saving_pct=ideal,
-                                paper_speedup_pct=PAPER_SPEEDUP_PCT.get(key),
-                                paper_speedup_note="ASE Table 2: U-ViT-S/4 CelebA64, EM-1000 (time saved, %)",
-                                paper_per_sample_s=None))
-                print(f"  {label:16s} {solver:5s} {backend:14s} ASE {dropping.name:8s} {ps['median_s'] * 1e3:10.3f} "
-                      f"ms/sample  saved {measured:5.1f}% (block-count bound {ideal:4.1f}%, paper "
-                      f"{PAPER_SPEEDUP_PCT.get(key, float('nan')):.2f}%)", flush=True)
-    return out
-
-
-def multistage_rows(name, args, device, schedule, full_ref, shape, y, backends, solvers, rows) -> List[dict]:
-    """A multistage row per (backend, solver): shared encoder of the config, stage decoders of the
-    --multistage-widths fractions; its cost is the step-weighted mean of its stages' costs, measured
-    as a whole loop and also estimated from one timed evaluation per stage."""
-    from ..methods.multistage import MultistageDenoiser, MultistageUViT
-
-    bounds = [float(v) for v in _split(args.multistage_boundaries)]
-    d = full_ref.embed_dim
-    widths = [max(1, int(round(float(f) * d))) for f in _split(args.multistage_widths)]
-    torch.manual_seed(0)
-    ms_ref = MultistageUViT(bounds, stage_widths=widths, **get_spec(name).kwargs).to(device)
-    out = []
-    for backend in backends:
-        model = prepare_model(ms_ref, backend, compile_mode=args.compile_mode)
-        den = MultistageDenoiser(model, schedule)
-        for solver in solvers:
-            steps = args.ddpm_steps if solver == "ddpm" else args.ddim_steps
-            ts: List[float] = []
-            ps, bs = _time_sampling(den, schedule, shape, solver, steps, y, device, args, record_t=ts)
-            stages = den.routing(ts)
-            counts = [stages.count(i) for i in range(model.num_stages)]
-            per_stage = []
-            x = torch.randn(shape, device=device)
-            for i in range(model.num_stages):
-                edges = [0.0] + bounds + [1.0]
-                t_mid = torch.full((shape[0],), 0.5 * (edges[i] + edges[i + 1]), dtype=torch.float64,
-                                   device=device)
-                with torch.inference_mode():
-                    per_stage.append(summarize(time_call(lambda: den(x, t_mid, y), device, 3, 1))["median_s"])
-            estimate = sum(c * s for c, s in zip(counts, per_stage)) / args.batch_size
-            base = next((r for r in rows if r["config"] == name and r["backend"] == backend
-                         and r["solver"] == solver and r["t_s"] == 0), None)
-            out.append(dict(config=name, solver=solver, steps=steps, backend=backend, t_s=None,
-                            method="multistage", boundaries=bounds, stage_widths=widths,
-                            stage_steps=counts, stage_eval_s=per_stage,
-                            weighted_estimate_per_sample_s=estimate, batch_size=args.batch_size,
-                            per_sample=ps, batch_seconds=bs, paper_per_sample_s=None,
-                            measured_speedup_pct=(100.0 * (1.0 - ps["median_s"] / base["per_sample"]["median_s"])
-                                                  if base else None)))
-            print(f"  {name:16s} {solver:5s} {backend:14s} multistage {widths} steps/stage {counts}: "
-                  f"{ps['median_s'] * 1e3:10.3f} ms/sample (stage-weighted estimate {estimate * 1e3:.3f})",
-                  flush=True)
-    return out
-
-
-def method_rows(name, args, device, schedule, full_ref, shape, y, rows) -> List[dict]:
-    """The ASE and multistage rows of one config (see --methods)."""
-    methods, backends, solvers = _method_plan(args, device)
-    out = []
-    if "ase" in methods:
-        out.extend(ase_rows(name, args, device, schedule, full_ref, shape, y, backends, solvers))
-    if "multistage" in methods:
-        out.extend(multistage_rows(name, args, device, schedule, full_ref, shape, y, backends, solvers, rows))
-    return out
-
-
-def print_table(rows: List[dict]) -> None:
-    """Per-sample latency and speedup over the base model of the same config/solver/backend."""
-    base = {(r["config"], r["solver"], r["backend"]): r["per_sample"]["median_s"] for r in rows if r["t_s"] == 0}
-    print()
-    print(f"{'config':16s} {'solver':9s} {'backend':14s} {'method':18s} {'ms/sample':>10s} {'spread':>7s} "
-          f"{'speedup':>8s} {'paper s/sample':>15s}")
-    for r in rows:
-        med = r["per_sample"]["median_s"]
-        b = base.get((r["config"], r["solver"], r["backend"]))
-        speed = f"{b / med:7.2f}x" if b else "      -"
-        paper = f"{r['paper_per_sample_s']:.2f}" if r["paper_per_sample_s"] else "-"
-        print(f"{r['config']:16s} {r['solver'] + '-' + str(r['steps']):9s} {r['backend']:14s} {r['method']:18s} "
-              f"{med * 1e3:10.3f} {r['per_sample']['spread_pct']:6.1f}% {speed:>8s} {paper:>15s}")
-
-
-def main(argv: Optional[List[str]] = None) -> dict:
-    """Run the benchmark with command-line arguments ``argv``; returns the result dict."""
-    args = parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    on_gpu = device.type == "cuda"
-    configs = _split(args.configs) if args.configs else (list(PAPER_CONFIGS) if on_gpu else ["tiny"])
-    args.batch_size = args.batch_size or (128 if on_gpu else 2)
-    args.ddpm_steps = args.ddpm_steps or (DEFAULT_STEPS["ddpm"] if on_gpu else 200)
-    args.repeats = args.repeats or (5 if on_gpu else 3)
+def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespace:
+    """Fill every option left unset from the preset, then the device type's defaults; check names.
+    Usage errors raise SystemExit with a message (exit status 2 through ``duodiff-fast bench``)."""
+    base = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    layer = dict(base, **PRESETS[args.preset]) if args.preset else base
+    for key, value in layer.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.adadiff_solvers = args.adadiff_solvers if args.adadiff_solvers is not None else args.solvers
+    args.method_solvers = args.method_solvers if args.method_solvers is not None else args.solvers
+    args.graph_batches = args.graph_batches or f"1,{args.batch_size}"
+    if args.clock is None:
+        single = args.threads == 1 or (args.threads is None and torch.get_num_threads() == 1)
+        args.clock = "process" if device.type == "cpu" and single else "wall"
+    if args.clock == "process" and device.type != "cpu":
+        raise SystemExit("--clock process measures CPU seconds: use it only with --device cpu")
+    for name in ("batch_size", "ddpm_steps", "ddim_steps", "repeats", "warmup", "graph_dpm_steps"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {getattr(args, name)}")
     if args.backends is None:
         from ..dispatch import triton_unavailable_reason
 
-        # The Triton backend is timed only on a GPU: on the CPU it can only run in Triton's
-        # (test-only, very slow) interpreter.
-        why_not = "not timed on the CPU" if not on_gpu else triton_unavailable_reason(device)
-        if why_not:
-            print(f"backend triton skipped: {why_not}")
+        why_not = triton_unavailable_reason(device) if device.type == "cuda" else "not timed on a CPU"
+        args.triton_skipped = why_not
         args.backends = ",".join(b for b in BACKENDS if b != "triton" or not why_not)
-    elif "triton" in _split(args.backends):
+    for b in _split(args.backends) + _split(args.adadiff_backends) + _split(args.method_backends):
+        if b not in BACKENDS:
+            raise SystemExit(f"unknown backend {b!r}; choose among {', '.join(BACKENDS)}")
+    for s in _split(args.solvers) + _split(args.adadiff_solvers) + _split(args.method_solvers):
+        if s not in SOLVERS:
+            raise SystemExit(f"unknown solver {s!r}; latency.py times {', '.join(SOLVERS)}")
+    for s in _split(args.graph_solvers):
+        if s not in ("ddim", "dpm_solver"):
+            raise SystemExit(f"unknown graph solver {s!r}; choose among ddim, dpm_solver")
+    for m in _split(args.methods):
+        if m not in ("ase", "multistage"):
+            raise SystemExit(f"unknown --methods entry {m!r}; choose among ase, multistage")
+    for c in _split(args.configs):
+        get_spec(c)  # unknown config: ValueError naming the known ones
+    try:
+        args.t_s_list = [int(v) for v in _split(args.t_s)]
+        args.theta_list = [float(v) for v in _split(args.adadiff_thetas)]
+    except ValueError as e:
+        raise SystemExit(f"--t-s takes integers and --adadiff-thetas numbers: {e}")
+    if 0 not in args.t_s_list:
+        args.t_s_list = [0] + args.t_s_list  # speedups need the base row
+    return args
+
+
+def steps_of(args, solver: str) -> int:
+    return args.ddpm_steps if solver == "ddpm" else args.ddim_steps
+
+
+def plan(args, device_type: str) -> List[dict]:
+    """The groups this run will time (after :func:`resolve`): one dict per group with its rows'
+    method names. Used to print the plan and by tests to keep presets small."""
+    groups = []
+    methods = _split(args.methods)
+    for config in _split(args.configs):
+        for backend in _split(args.backends):
+            for solver in _split(args.solvers):
+                rows = ["base" if t == 0 else f"DuoDiff t_s={t}" for t in args.t_s_list]
+                if backend in _split(args.adadiff_backends) and solver in _split(args.adadiff_solvers):
+                    rows += [f"AdaDiff {th:g} {m}" for th in args.theta_list for m in ("shrink", "sim")]
+                if ("multistage" in methods and backend in _split(args.method_backends)
+                        and solver in _split(args.method_solvers) and backend != "torch.compile"):
+                    rows.append("multistage")
+                groups.append(dict(kind="main", config=config, backend=backend, solver=solver,
+                                   steps=steps_of(args, solver), rows=rows))
+        if "ase" in methods:
+            for backend in _split(args.method_backends):
+                for solver in _split(args.method_solvers):
+                    if backend == "torch.compile":
+                        continue
+                    groups.append(dict(kind="ase", config=config, backend=backend, solver=solver,
+                                       steps=steps_of(args, solver),
+                                       rows=["base"] + [f"ASE {n}" for n in _split(args.ase_schedules)]))
+        if device_type == "cuda":
+            for solver in _split(args.graph_solvers):
+                steps = args.graph_dpm_steps if solver == "dpm_solver" else args.ddim_steps
+                for t_s in [int(v) for v in _split(args.graph_t_s)]:
+                    for b in [int(v) for v in _split(args.graph_batches)]:
+                        groups.append(dict(kind="graph", config=config, backend="fastest", solver=solver,
+                                           steps=steps, t_s=t_s, batch_size=b, rows=["eager", "graph"]))
+    return groups
+
+
+# ------------------------------------------------------------------------------ running groups
+def _sampler(denoiser, schedule, shape, solver, steps, y, device) -> Callable[[], object]:
+    def run():
+        with torch.inference_mode():
+            return sample(denoiser, schedule, shape, solver=solver, num_steps=steps, y=y, base_seed=0,
+                          device=device, progress=False)
+    return run
+
+
+def _spy(denoiser, record: List[float]):
+    """``denoiser`` that also records each evaluation's time (used in the untimed warm-up only)."""
+    def spy(x, t, yy=None):
+        record.append(float(t.reshape(-1)[0]))
+        return denoiser(x, t, yy)
+
+    spy.check = getattr(denoiser, "check", None)
+    return spy
+
+
+def _row(group: dict, method: str, args, timing: Optional[dict], batch_size: int, **extra) -> dict:
+    """A result row from one entry's timings (status ok / failed)."""
+    row = dict(config=group["config"], solver=group["solver"], steps=group["steps"], backend=group["backend"],
+               method=method, kind=group["kind"], batch_size=batch_size, group=group["id"], status="ok", error=None,
+               warmup_seconds=None, batch_seconds=None, per_sample=None, speedup=None, unstable=None)
+    row.update(extra)
+    if timing is None:
+        return row
+    row["warmup_seconds"] = timing["warmup_s"]
+    if timing["error"]:
+        row.update(status="failed", error=f"{timing['error']} (in {timing['failed_in']})", unstable=True)
+        return row
+    row["batch_seconds"] = summarize(timing["times_s"], args.unstable_iqr)
+    row["clock"] = args.clock
+    row["wall_batch_seconds"] = timing["wall_s"]
+    row["per_sample"] = summarize([t / batch_size for t in timing["times_s"]], args.unstable_iqr)
+    row["unstable"] = row["per_sample"]["unstable"]
+    return row
+
+
+def _add_speedups(rows: List[dict], base: dict, label: str = "base") -> None:
+    """Speedup of each ok row over ``base`` (same group, paired rounds)."""
+    if base.get("status") != "ok":
+        return
+    bt = base["batch_seconds"]["times_s"]
+    for r in rows:
+        if r is base or r.get("status") != "ok" or len(r["batch_seconds"]["times_s"]) != len(bt):
+            continue
+        sp = speedup(bt, r["batch_seconds"]["times_s"])
+        # stable only when both rows are: a speedup of or over an unstable row is not a fact
+        sp.update(over=label, unstable=bool(r["unstable"] or base["unstable"]))
+        r["speedup"] = sp
+
+
+class Runner:
+    """Runs the groups of :func:`plan`, keeping models per config and the budget."""
+
+    def __init__(self, args, device: torch.device):
+        self.args, self.device = args, device
+        self.start = time.perf_counter()
+        self.models: Dict[str, tuple] = {}
+        self.rows: List[dict] = []
+        self.group_id = 0
+
+    def say(self, text: str) -> None:
+        print(text, flush=True)
+
+    def over_budget(self) -> Optional[str]:
+        spent = time.perf_counter() - self.start
+        if self.args.budget and spent > self.args.budget:
+            return f"budget of {self.args.budget:g} s spent ({spent:.0f} s) before this group started"
+        return None
+
+    def config_models(self, name: str):
+        if name not in self.models:
+            spec = get_spec(name)
+            torch.manual_seed(0)
+            full = create_model(name).to(self.device).eval()
+            shallow = create_model(shallow_name(name)).to(self.device).eval()
+            if self.args.nvtx:
+                from ..profiling import annotate_module
+
+                annotate_module(full, name), annotate_module(shallow, shallow_name(name))
+            self.models[name] = (get_schedule(spec.schedule), full, shallow)
+        return self.models[name]
+
+    def labels(self, model, batch: int):
+        if not model.is_conditional:
+            return None
+        return torch.arange(batch, device=self.device) % (model.num_classes - 1)
+
+    def run(self, groups: List[dict]) -> List[dict]:
+        for g in groups:
+            self.group_id += 1
+            g["id"] = self.group_id
+            head = f"[{g['kind']}] {g['config']} {g['solver']}-{g['steps']} {g['backend']}"
+            skipped = self.over_budget()
+            try:
+                if skipped:
+                    raise _Skip(skipped)
+                rows = getattr(self, f"group_{g['kind']}")(g)
+            except _Skip as s:
+                rows = [_row(g, m, self.args, None, g.get("batch_size", self.args.batch_size), status="skipped",
+                             error=str(s)) for m in g["rows"]]
+                self.say(f"{head}: skipped: {s}")
+            except Exception as exc:  # noqa: BLE001 - building the group failed: every row says why
+                rows = [_row(g, m, self.args, None, g.get("batch_size", self.args.batch_size), status="failed",
+                             error=f"{error_text(exc)} (while preparing the group)", unstable=True)
+                        for m in g["rows"]]
+                self.say(f"{head}: FAILED while preparing: {error_text(exc)}")
+            for r in rows:
+                if r["status"] == "failed" and r["error"]:
+                    self.say(f"  row {r['method']!r} FAILED: {r['error']}")
+            self.rows.extend(rows)
+        return self.rows
+
+    def _time(self, g: dict, fns: Dict[str, Callable[[], object]]) -> Dict[str, dict]:
+        desc = f"{g['config']} {g['solver']} {g['backend']} ({g['kind']})"
+        return time_interleaved(fns, self.device, self.args.repeats, self.args.warmup, desc=desc,
+                                progress=not self.args.no_progress, clock=self.args.clock)
+
+    # ---- base, DuoDiff, AdaDiff, multistage of one (config, backend, solver) -----------------------
+    def group_main(self, g: dict) -> List[dict]:
+        args, dev = self.args, self.device
+        schedule, full_ref, shallow_ref = self.config_models(g["config"])
+        full = prepare_model(full_ref, g["backend"], compile_mode=args.compile_mode)
+        shallow = prepare_model(shallow_ref, g["backend"], compile_mode=args.compile_mode)
+        B = args.batch_size
+        shape = (B, full_ref.in_chans, full_ref.img_size, full_ref.img_size)
+        y = self.labels(full_ref, B)
+        dens, evals, extra = {}, {}, {}
+        for t_s in args.t_s_list:
+            key = "base" if t_s == 0 else f"DuoDiff t_s={t_s}"
+            dens[key] = ModelDenoiser(full, schedule) if t_s == 0 else DuoDiff(shallow, full, schedule, t_s)
+            extra[key] = dict(t_s=t_s, paper_per_sample_s=PAPER_SECONDS.get((g["config"], g["solver"], t_s)))
+        recorders = {}
+        if any(m.startswith("AdaDiff") for m in g["rows"]):
+            from ..analysis import ExitRecorder
+            from ..methods import AdaDiff, AdaDiffUViT
+            from ..methods.adadiff import set_synthetic_exit_profile
+
+            profile = dict(ADADIFF_PROFILE, exit_layer=min(ADADIFF_PROFILE["exit_layer"], full_ref.num_layers - 1))
+            ada = set_synthetic_exit_profile(AdaDiffUViT(copy.deepcopy(full_ref)), schedule, **profile).to(dev)
+            ada_model = prepare_model(ada, g["backend"], compile_mode=args.compile_mode)
+            for th in args.theta_list:
+                for mode, lab in (("shrinking", "shrink"), ("simulated", "sim")):
+                    key = f"AdaDiff {th:g} {lab}"
+                    rec = ExitRecorder(ada_model.num_layers)
+                    recorders[key] = rec
+                    dens[key] = AdaDiff(ada_model, schedule, th, mode=mode, recorder=rec)
+                    extra[key] = dict(t_s=None, theta=th, exit_mode=mode, num_layers=ada_model.num_layers,
+                                      uem_profile=ADADIFF_NOTE,
+                                      paper_per_sample_s=(PAPER_ADADIFF_SECONDS.get((g["config"], th))
+                                                          if g["solver"] == "ddpm" and mode == "shrinking" else None))
+        ms = None
+        if "multistage" in g["rows"]:
+            from ..methods.multistage import MultistageDenoiser, MultistageUViT
+
+            bounds = [float(v) for v in _split(args.multistage_boundaries)]
+            d = full_ref.embed_dim
+            widths = [max(1, int(round(float(f) * d))) for f in _split(args.multistage_widths)]
+            torch.manual_seed(0)
+            ms_ref = MultistageUViT(bounds, stage_widths=widths, **get_spec(g["config"]).kwargs).to(dev).eval()
+            ms = MultistageDenoiser(prepare_model(ms_ref, g["backend"], compile_mode=args.compile_mode), schedule)
+            dens["multistage"] = ms
+            extra["multistage"] = dict(t_s=None, boundaries=bounds, stage_widths=widths, paper_per_sample_s=None)
+        # the first warm-up run of each row goes through a spy that records its evaluation times
+        fns = {}
+        for key, den in dens.items():
+            evals[key] = []
+            fns[key] = _first_through(_sampler(_spy(den, evals[key]), schedule, shape, g["solver"], g["steps"], y, dev),
+                                      _sampler(den, schedule, shape, g["solver"], g["steps"], y, dev),
+                                      after_first=(lambda d=den: setattr(d, "recorder", None))
+                                      if key in recorders else None)
+        timing = self._time(g, fns)
+        rows = {k: _row(g, k, args, timing[k], B, **extra[k]) for k in dens}
+        _add_speedups(list(rows.values()), rows["base"])
+        n_full = full_ref.num_layers
+        for key, r in rows.items():
+            if key.startswith("DuoDiff") and evals[key]:
+                routes = dens[key].routing(evals[key])
+                cost = sum(shallow_ref.num_layers / n_full if rt == "shallow" else 1.0 for rt in routes)
+                r["layer_bound_speedup"] = len(routes) / cost  # the most the switch can save (layer count)
+                r["shallow_evaluations"] = routes.count("shallow")
+            if key in recorders and r["status"] == "ok":
+                r["mean_exit_layer"] = recorders[key].mean_exit() if len(recorders[key]) else None
+            if key == "multistage" and ms is not None and evals[key]:
+                stages = ms.routing(evals[key])
+                r["stage_steps"] = [stages.count(i) for i in range(ms.model.num_stages)]
+        out = list(rows.values())
+        out.extend(self._adadiff_estimates(g, rows))
+        return out
+
+    def _adadiff_estimates(self, g: dict, rows: Dict[str, dict]) -> List[dict]:
+        """The paper's estimate (base time * mean exit layer / N) per theta, beside the measured rows."""
+        out = []
+        base = rows["base"]
+        for th in self.args.theta_list:
+            shrink, sim = rows.get(f"AdaDiff {th:g} shrink"), rows.get(f"AdaDiff {th:g} sim")
+            if shrink is None:
+                continue
+            mean_exit = shrink.get("mean_exit_layer")
+            n = shrink["num_layers"]
+            if base["status"] != "ok" or shrink["status"] != "ok" or not mean_exit:
+                continue
+            base_s = base["per_sample"]["median_s"]
+            estimate = base_s * mean_exit / n
+            realised = base_s / shrink["per_sample"]["median_s"]
+            shrink.update(allowed_speedup=n / mean_exit, realised_speedup=realised,
+                          speedup_efficiency=realised / (n / mean_exit))
+            out.append(_row(g, f"AdaDiff {th:g} est", self.args, None, self.args.batch_size, t_s=None, theta=th,
+                            exit_mode="paper-estimate", estimate_per_sample_s=estimate, mean_exit_layer=mean_exit,
+                            num_layers=n, status="estimate", paper_per_sample_s=None,
+                            note="not measured: base median * mean exit layer / N (the paper's estimate)"))
+        return out
+
+    # ---- ASE D1..D6 with their own base (a depth-12 twin for shallower configs) ---------------------
+    def group_ase(self, g: dict) -> List[dict]:
+        from ..methods.ase import PAPER_OUT_BLOCKS, PAPER_SPEEDUP_PCT, ASEDenoiser, get_dropping_schedule
+
+        args, dev = self.args, self.device
+        schedule, full_ref, _ = self.config_models(g["config"])
+        n_out = len(full_ref.out_blocks)
+        model_ref, depth = full_ref, None
+        if n_out < PAPER_OUT_BLOCKS:  # the paper's schedules are written for 6 out-blocks
+            torch.manual_seed(0)
+            depth, n_out = 2 * PAPER_OUT_BLOCKS, PAPER_OUT_BLOCKS
+            model_ref = create_model(g["config"], depth=depth).to(dev).eval()
+        names = _split(args.ase_schedules)
+        droppings = [get_dropping_schedule(n) for n in names]
+        if n_out != PAPER_OUT_BLOCKS:
+            droppings = [d.rescaled(n_out) for d in droppings]
+        model = prepare_model(model_ref, g["backend"], compile_mode=args.compile_mode)
+        B = args.batch_size
+        shape = (B, model_ref.in_chans, model_ref.img_size, model_ref.img_size)
+        y = self.labels(model_ref, B)
+        dens = {"base": ModelDenoiser(model, schedule)}
+        dens.update({f"ASE {n}": ASEDenoiser(model, schedule, d) for n, d in zip(names, droppings)})
+        evals = {k: [] for k in dens}
+        fns = {k: _first_through(_sampler(_spy(d, evals[k]), schedule, shape, g["solver"], g["steps"], y, dev),
+                                 _sampler(d, schedule, shape, g["solver"], g["steps"], y, dev))
+               for k, d in dens.items()}
+        timing = self._time(g, fns)
+        note = (f"the {g['config']} architecture at depth {depth} (the paper's schedules need 6 out-blocks)"
+                if depth else None)
+        rows = {k: _row(g, k if depth is None else f"{k} (depth {depth})", args, timing[k], B, t_s=None,
+                        model_depth=depth,
+                        model_note=note, paper_per_sample_s=None) for k in dens}
+        _add_speedups(list(rows.values()), rows["base"], label=rows["base"]["method"])
+        for (k, r), dropping in zip(list(rows.items())[1:], droppings):
+            kept = dropping.kept_blocks(torch.tensor(evals[k] or [0.5], dtype=torch.float64)).double()
+            key = k.split()[1].upper().replace("-U-VIT", "")
+            r.update(ase_schedule=list(dropping.kept), mean_kept_out_blocks=float(kept.mean()), num_out_blocks=n_out,
+                     layer_bound_saving_pct=100.0 * float((n_out - kept).mean()) / model.num_layers,
+                     paper_speedup_pct=PAPER_SPEEDUP_PCT.get(key),
+                     paper_speedup_note="ASE Table 2: U-ViT-S/4 CelebA64, EM-1000 (time saved, %)")
+        return list(rows.values())
+
+    # ---- CUDA-graph-captured sampler against the same loop uncaptured ------------------------------
+    def fastest_backend(self, config: str) -> str:
+        """The backend whose base row was fastest (stable or not) for ``config``; else the first."""
+        bases = [r for r in self.rows if r["config"] == config and r["method"] == "base" and r["status"] == "ok"
+                 and r["kind"] == "main"]
+        if bases:
+            return min(bases, key=lambda r: r["per_sample"]["median_s"])["backend"]
+        return _split(self.args.backends)[0]
+
+    def group_graph(self, g: dict) -> List[dict]:
+        from ..runtime.graphs import GraphSampler
+
+        args, dev = self.args, self.device
+        schedule, full_ref, shallow_ref = self.config_models(g["config"])
+        g["backend"] = self.fastest_backend(g["config"])
+        full = prepare_model(full_ref, g["backend"], compile_mode=args.compile_mode)
+        shallow = prepare_model(shallow_ref, g["backend"], compile_mode=args.compile_mode)
+        t_s, b = g["t_s"], g["batch_size"]
+        den = ModelDenoiser(full, schedule) if t_s == 0 else DuoDiff(shallow, full, schedule, t_s)
+        y = self.labels(full_ref, b)
+        gs = GraphSampler(den, schedule, (full_ref.in_chans, full_ref.img_size, full_ref.img_size),
+                          solver=g["solver"], num_steps=g["steps"], device=dev)
+        seeds = list(range(b))
+
+        def eager():
+            with torch.inference_mode():
+                return gs.plain(seeds, y)
+
+        def graph():
+            with torch.inference_mode():  # the graph's static buffers are inference tensors
+                out = gs(seeds, y)
+            if not gs.graphs:
+                raise RuntimeError(f"CUDA graph capture failed: {next(iter(gs.failed.values()), '?')}")
+            return out
+
+        timing = self._time(g, {"eager": eager, "graph": graph})
+        label = "base" if t_s == 0 else f"DuoDiff {t_s}"
+        rows = {m: _row(g, f"{label} {m}", args, timing[m], b, t_s=None, duodiff_t_s=t_s,
+                        runtime="cuda-graph" if m == "graph" else "eager-philox-fused", paper_per_sample_s=None)
+                for m in ("eager", "graph")}
+        _add_speedups([rows["graph"]], rows["eager"], label=f"{label} eager")
+        if rows["graph"]["status"] == "ok":
+            try:
+                kernels = _kernel_seconds(graph)
+                rows["graph"].update(kernel_seconds=kernels,
+                                     graph_over_kernels=rows["graph"]["batch_seconds"]["median_s"] / kernels)
+            except Exception as exc:  # noqa: BLE001 - the timing stands; the missing figure says why
+                rows["graph"].update(kernel_seconds=None, kernel_seconds_error=error_text(exc))
+                self.say(f"  kernel time of the captured loop not measured: {error_text(exc)}")
+        return list(rows.values())
+
+
+class _Skip(Exception):
+    pass
+
+
+def _first_through(first: Callable[[], object], rest: Callable[[], object],
+                   after_first: Optional[Callable[[], None]] = None) -> Callable[[], object]:
+    """A callable running ``first`` on its first call (the warm-up) and ``rest`` afterwards."""
+    state = {"calls": 0}
+
+    def call():
+        state["calls"] += 1
+        if state["calls"] == 1:
+            out = first()
+            if after_first is not None:
+                after_first()
+            return out
+        return rest()
+    return call
+
+
+def _kernel_seconds(fn: Callable[[], object]) -> float:
+    """Summed device time of the CUDA kernels one call of ``fn`` runs (torch.profiler). Raises when
+    the profiler sees no kernel time (so a missing figure always carries a reason)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    total_us = sum(getattr(e, "self_device_time_total", 0.0) for e in prof.key_averages())
+    if total_us <= 0:
+        raise RuntimeError("the profiler recorded no CUDA kernel time")
+    return total_us * 1e-6
+
+
+# ------------------------------------------------------------------------------------ output
+def _fmt_speedup(r: dict) -> str:
+    sp = r.get("speedup")
+    if r["status"] != "ok":
+        return r["status"]
+    if sp is None:
+        return "-"
+    if sp["unstable"]:
+        return "unstable"
+    return f"{sp['point']:.2f}x [{sp['low']:.2f}-{sp['high']:.2f}]"
+
+
+def format_table(rows: List[dict]) -> str:
+    """The result table: per-sample median and IQR, warm-up, speedup over the group's base (95%
+    bootstrap interval), stability. Unstable speedups and failed rows are named, never printed as figures."""
+    head = (f"{'config':14s} {'solver':9s} {'backend':14s} {'method':26s} {'ms/sample':>10s} {'IQR':>6s} "
+            f"{'warm-up s':>9s} {'speedup (95% CI)':>20s}  note")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ps = r.get("per_sample")
+        warm = r.get("warmup_seconds") or []
+        med = f"{ps['median_s'] * 1e3:10.3f}" if ps else (
+            f"{r['estimate_per_sample_s'] * 1e3:10.3f}" if r.get("estimate_per_sample_s") else f"{'-':>10s}")
+        iqr = f"{ps['iqr_pct']:5.1f}%" if ps else f"{'-':>6s}"
+        warm_s = f"{warm[0]:9.2f}" if warm else f"{'-':>9s}"
+        note = ""
+        if r["status"] in ("failed", "skipped"):
+            note = f"{r['status'].upper()}: {r['error']}"
+        elif r["status"] == "estimate":
+            note = "estimate (not measured)"
+        elif r.get("unstable"):
+            note = f"UNSTABLE (IQR > {ps['unstable_threshold_iqr_pct']:g}%)"
+        if r.get("layer_bound_speedup"):
+            note += f" layer bound {r['layer_bound_speedup']:.2f}x"
+        if r.get("mean_exit_layer") is not None and r.get("exit_mode") == "shrinking":
+            note += f" mean exit {r['mean_exit_layer']:.2f}/{r['num_layers']}"
+        if r.get("paper_per_sample_s"):
+            note += f" paper {r['paper_per_sample_s']:.2f} s/sample"
+        lines.append(f"{r['config']:14s} {r['solver'] + '-' + str(r['steps']):9s} {r['backend']:14s} "
+                     f"{r['method'][:26]:26s} {med} {iqr} {warm_s} "
+                     f"{_fmt_speedup(r):>20s}  {note.strip()}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> dict:
+    """Run the benchmark with command-line arguments ``argv``; returns the result dict (its rows'
+    ``status`` is ok, failed, skipped or estimate)."""
+    from ..devices import normalize_device
+
+    args = parse_args(argv, prog)
+    device = normalize_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args = resolve(args, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if "triton" in _split(args.backends):
         from ..dispatch import triton_unavailable_reason
 
         why_not = triton_unavailable_reason(device)
         if why_not:
             raise SystemExit(f"backend triton cannot run: {why_not}")
-    for b in _split(args.backends):
-        if b not in BACKENDS:
-            raise SystemExit(f"unknown backend {b!r}; choose among {', '.join(BACKENDS)}")
-    for s in _split(args.solvers):
-        if s not in DEFAULT_STEPS:
-            raise SystemExit(f"unknown solver {s!r}; latency.py times {', '.join(DEFAULT_STEPS)}")
     if args.nvtx:
         from .. import profiling
 
         profiling.enable(True)
     env = environment(device)
-    print(f"device: {env['device']}  torch {env['torch']}  batch {args.batch_size}  repeats {args.repeats}")
-    rows = []
-    for name in configs:
-        rows.extend(run_config(name, args, device))
-    print_table(rows)
-    result = dict(benchmark="latency", environment=env,
-                  settings={k: v for k, v in vars(args).items() if k != "out"}, rows=rows)
-    out = args.out or results_path(args.results_dir, "latency", device, "-".join(configs))
+    groups = plan(args, device.type)
+    n_rows = sum(len(g["rows"]) for g in groups)
+    print(f"device: {env['device']}  torch {env['torch']}  threads {torch.get_num_threads()}  clock {args.clock}  "
+          f"batch {args.batch_size}  "
+          f"{len(groups)} groups, {n_rows} timed rows, {args.repeats} interleaved rounds each"
+          + (f"  budget {args.budget:g} s" if args.budget else ""), flush=True)
+    if getattr(args, "triton_skipped", None):
+        print(f"backend triton not timed: {args.triton_skipped}")
+    runner = Runner(args, device)
+    t0 = time.perf_counter()
+    rows = runner.run(groups)
+    wall = time.perf_counter() - t0
+    table = format_table(rows)
+    print("\n" + table)
+    failed = [r for r in rows if r["status"] == "failed"]
+    unstable = [r for r in rows if r["status"] == "ok" and r["unstable"]]
+    print(f"\n{len(rows)} rows in {wall:.0f} s: {len(failed)} failed, {len(unstable)} unstable "
+          f"(IQR > {args.unstable_iqr:g}% of the median; their speedups are not figures)")
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    result = dict(benchmark="latency", environment=env, settings=settings, wall_seconds=wall,
+                  statistics=dict(center="median", spread="interquartile range (q3 - q1), % of the median",
+                                  unstable=f"IQR > {args.unstable_iqr:g}% of the median, or < 3 repeats",
+                                  speedup="median(base) / median(row); 95% paired percentile bootstrap over "
+                                          "rounds (2000 resamples)",
+                                  timing="rows of a group interleaved, order rotating per round; warm-up runs "
+                                         "timed apart (warmup_seconds, wall)",
+                                  clock=(f"{args.clock}: " + ("wall-clock seconds" if args.clock == "wall" else
+                                         "CPU seconds of the (single-threaded) process; wall seconds in "
+                                         "wall_batch_seconds"))),
+                  rows=rows)
+    out = args.out or results_path(args.results_dir, "latency", device,
+                                   "-".join(_split(args.configs)) + (f"_{args.preset}" if args.preset else ""))
     atomic_write_json(out, result)
-    print(f"\nwrote {out}")
+    print(f"wrote {out}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    sys.exit(1 if any(r["status"] == "failed" for r in main()["rows"]) else 0)

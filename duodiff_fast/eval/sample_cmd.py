@@ -233,7 +233,14 @@ def run_sample(args, job: Optional[SampleJob] = None, out: Optional[str] = None)
     out = out or args.out
     dist = dist_info()
     if job is None:
-        job = SampleJob(args, method_spec_from_args(args), device_for(args.device, dist.local_rank))
+        device = device_for(args.device, dist.local_rank)
+        if args.backend == "triton":
+            from ..dispatch import BackendUnavailable, triton_unavailable_reason
+
+            why_not = triton_unavailable_reason(device)
+            if why_not:  # before any weights load
+                raise BackendUnavailable(f"the 'triton' backend cannot run on {device}: {why_not}")
+        job = SampleJob(args, method_spec_from_args(args), device)
     spec, device = job.spec, job.device
     settings = dict(job.settings(), shard_size=args.shard_size)
     fingerprint = settings_fingerprint(settings)

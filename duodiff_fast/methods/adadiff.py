@@ -333,10 +333,20 @@ class _FirstExit:
         return u.float() <= self.theta  # (K,) rows that leave
 
 
-def set_synthetic_exit_profile(model: AdaDiffUViT, schedule, t_switch: float = 0.6, exit_layer: int = 2,
+def set_synthetic_exit_profile(model: AdaDiffUViT, schedule=None, t_switch: float = 0.6, exit_layer: int = 2,
                                theta: float = 0.07, sharpness: float = 12.0, sample_spread: float = 0.5,
                                seed: int = 0) -> AdaDiffUViT:
     """Program the UEMs (NOT training) so that exits follow a figure-1-like pattern, for benchmarks.
+
+    Args:
+        model: an :class:`AdaDiffUViT` with single-layer UEMs (modified in place and returned).
+        schedule: the noise schedule the model will be sampled with; it maps t to the network's
+            timestep input, which the UEMs see. None: the discrete linear DDPM schedule
+            (``get_schedule("linear")``, the DuoDiff paper's CIFAR-10/CelebA setting).
+        t_switch: t in (0, 1) above which samples exit early; exit_layer: the layer count they
+            exit after (0 .. N-1); theta: the exit threshold the profile is written for.
+        sharpness, sample_spread, seed: steepness of the switch in t, per-sample logit spread,
+            seed of the random activation weights.
 
     With random weights the exit pattern is arbitrary; this sets every UEM's output layer so that
     u_i is high (no exit) for i != ``exit_layer``, and u at ``exit_layer`` falls below ``theta``
@@ -346,6 +356,18 @@ def set_synthetic_exit_profile(model: AdaDiffUViT, schedule, t_switch: float = 0
     scale ``sample_spread`` make samples near the switch differ. Only for timing: these are not
     a trained model's exits.
     """
+    if schedule is None:
+        from ..schedules import get_schedule
+
+        schedule = get_schedule("linear")
+    if not hasattr(schedule, "model_input"):
+        raise TypeError(f"schedule must be a noise schedule (duodiff_fast.schedules), got {type(schedule).__name__}")
+    if not 0.0 < float(t_switch) < 1.0:
+        raise ValueError(f"t_switch must lie in (0, 1), got {t_switch}")
+    if not 0 <= int(exit_layer) < model.num_layers:
+        raise ValueError(f"exit_layer must lie in [0, {model.num_layers - 1}], got {exit_layer}")
+    if not 0.0 < float(theta) < 1.0:
+        raise ValueError(f"theta must lie in (0, 1), got {theta}")
     d = model.backbone.embed_dim
     half = d // 2
     feature = 2 * half - 1  # index of sin(timesteps * f_min) inside the time embedding

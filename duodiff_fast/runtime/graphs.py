@@ -147,7 +147,9 @@ class GraphSampler:
         self.solver = solver
         self.num_steps = num_steps
         self.options = dict(solver_options)
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        from ..devices import normalize_device
+
+        self.device = normalize_device(device)  # "cuda" -> "cuda:<current>" (see duodiff_fast.devices)
         self.dtype = dtype
         self.buckets = tuple(buckets) if buckets else None
         self.warmup = max(1, int(warmup))

@@ -166,7 +166,9 @@ def sample(
     B = shape[0]
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    from ..devices import normalize_device
+
+    device = normalize_device(device)  # "cuda" -> "cuda:<current>": tensors' devices compare equal
     _check_labels(y, B)
     if y is not None:
         y = y.to(device=device, dtype=torch.long)

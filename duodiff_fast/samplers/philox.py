@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..ops.availability import native_available
+from ..devices import normalize_device
 from .noise import NoiseSource, _as_seed_list
 
 __all__ = ["PhiloxNoise", "philox_normal", "philox_normal_reference", "philox4x32_10_reference", "fused_update"]
@@ -100,6 +101,9 @@ def philox_normal(seeds: Tensor, step: int, sample_shape, dtype=torch.float32) -
 
 
 def _seed_tensor(seeds, device: torch.device) -> Tensor:
+    # Compare normalised devices: torch.device("cuda") != torch.device("cuda:0"), and a false
+    # mismatch here would copy through .tolist() (a host sync that breaks CUDA-graph capture).
+    device = normalize_device(device)
     if isinstance(seeds, Tensor) and seeds.dtype == torch.int64 and seeds.dim() == 1 and seeds.device == device:
         return seeds  # used as is: a CUDA graph runtime refills this buffer between replays
     return torch.tensor([_as_int64(s) for s in _as_seed_list(seeds)], dtype=torch.int64).to(device)
@@ -122,7 +126,7 @@ class PhiloxNoise(NoiseSource):
     def __init__(self, seeds, device=None, dtype: torch.dtype = torch.float32, _state=None):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = normalize_device(device)
         self.dtype = dtype
         self.seed_tensor = _seed_tensor(seeds, self.device)
         # Per-sample draw counters, shared with subsets (like NoiseSource's generators).
@@ -185,7 +189,7 @@ class PhiloxNoise(NoiseSource):
 
     def to(self, device=None, dtype=None) -> "PhiloxNoise":
         """The same streams on another device/dtype (counters are shared)."""
-        device = self.device if device is None else torch.device(device)
+        device = self.device if device is None else normalize_device(device)
         return PhiloxNoise(self.seed_tensor.to(device), device, self.dtype if dtype is None else dtype,
                            _state=(self._counters, self._rows))
 

@@ -143,3 +143,37 @@ def test_collect_with_cfg_and_command_line(tmp_path, capsys):
     assert set(proposals) == {"theta0.05", "theta0.09"}
     assert proposals["theta0.09"]["t_s"] == pytest.approx(500, abs=110)
     assert "proposed t_s" in capsys.readouterr().out
+
+
+def test_module_run_has_no_runpy_warning_and_flat_profile_gives_strict_json(tmp_path):
+    """`python -m duodiff_fast.analysis.exit_trends` on a flat profile: no sys.modules
+    RuntimeWarning, and the printed JSON has no NaN (jump is null when there is no jump)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    flat = [dict(r, mean_exit=13.0, std_exit=0.0) for r in step_rows()]
+    path = write_stats_csv(flat, str(tmp_path / "flat.csv"))
+    r = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "duodiff_fast.analysis.exit_trends",
+                        path], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    assert r.returncode == 0, r.stderr
+    assert "RuntimeWarning" not in r.stderr and "sys.modules" not in r.stderr
+    payload = r.stdout[r.stdout.index("{"):]
+    assert "NaN" not in payload
+    data = json.loads(payload, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert data["flat"]["t_s"] == 0 and data["flat"]["jump"] is None
+
+
+def test_flat_profile_proposal_has_no_nan():
+    res = propose_switch_point([dict(r, mean_exit=3.0) for r in step_rows()], 13)
+    assert res["t_s"] == 1000 and res["jump"] is None  # a low flat level: shallow everywhere
+    assert all(not (isinstance(v, float) and v != v) for v in res.values())
+
+
+def test_package_names_still_import_lazily():
+    import duodiff_fast.analysis as analysis
+
+    assert analysis.ExitRecorder is ExitRecorder and "propose_switch_point" in dir(analysis)
+    with pytest.raises(AttributeError):
+        analysis.not_a_name  # noqa: B018

@@ -293,14 +293,36 @@ def test_latency_benchmark_rows(tmp_path):
     out = tmp_path / "lat.json"
     result = main(["--configs", "tiny", "--solvers", "ddim", "--ddim-steps", "2", "--backends", "reference",
                    "--t-s", "0", "--repeats", "1", "--warmup", "1", "--device", "cpu",
-                   "--adadiff-thetas", "0.05,0.09", "--out", str(out)])
+                   "--adadiff-thetas", "0.05,0.09", "--methods", "", "--no-progress", "--out", str(out)])
     assert out.is_file()
     ada = [r for r in result["rows"] if r.get("theta") is not None]
-    assert [r["exit_mode"] for r in ada] == ["shrinking", "simulated", "paper-estimate"] * 2
+    # measured rows (timed interleaved with the base), then the paper's estimates (not measured)
+    assert [r["exit_mode"] for r in ada] == ["shrinking", "simulated"] * 2 + ["paper-estimate"] * 2
     base = next(r for r in result["rows"] if r["t_s"] == 0)["per_sample"]["median_s"]
     for r in ada:
         assert 0 <= r["mean_exit_layer"] <= r["num_layers"] == 5
-        assert "PROGRAMMED" in r["uem_profile"]
-        assert r["per_sample"]["median_s"] > 0
         if r["exit_mode"] == "paper-estimate":
-            assert r["per_sample"]["median_s"] == pytest.approx(base * r["mean_exit_layer"] / 5)
+            assert r["status"] == "estimate" and r["per_sample"] is None
+            assert r["estimate_per_sample_s"] == pytest.approx(base * r["mean_exit_layer"] / 5)
+        else:
+            assert "PROGRAMMED" in r["uem_profile"] and r["status"] == "ok"
+            assert r["per_sample"]["median_s"] > 0 and r["speedup"]["over"] == "base"
+
+
+def test_synthetic_exit_profile_schedule_defaults_to_linear_and_checks_arguments():
+    from duodiff_fast.methods import AdaDiffUViT
+    from duodiff_fast.models import create_model
+    from duodiff_fast.schedules import get_schedule
+
+    torch.manual_seed(0)
+    a = set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")))
+    torch.manual_seed(0)
+    b = set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")), get_schedule("linear"))
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    with pytest.raises(TypeError, match="schedule"):
+        set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")), "linear")
+    with pytest.raises(ValueError, match="exit_layer"):
+        set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")), exit_layer=99)
+    with pytest.raises(ValueError, match="t_switch"):
+        set_synthetic_exit_profile(AdaDiffUViT(create_model("tiny")), t_switch=1.5)

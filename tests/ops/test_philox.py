@@ -95,6 +95,7 @@ def test_noise_source_interface():
 
 
 @needs_cuda
+@pytest.mark.gpu
 def test_cuda_matches_cpu():
     seeds = torch.tensor([3, 4, 2**40], dtype=torch.int64)
     cpu = philox_normal(seeds, 7, (3, 33, 17))
