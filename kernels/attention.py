@@ -179,14 +179,16 @@ def attention_config(b: int, n: int, heads: int, head_dim: int, interpret: Optio
 
     GPU: BLOCK_M = 128 query rows with 8 warps (two wgmma warpgroups of 64 rows) when there are
     enough (batch, head, tile) programs to fill the GPU, else 64 rows with 4 warps; BLOCK_N = 128
-    keys (64 for head dims above 128, to bound registers). The interpreter runs 64 x 64 tiles.
-    Tails: see :func:`_tail` (258 tokens -> 2 x 128 + 16).
+    keys for head dims up to 64, else 64 (registers). The interpreter runs 64 x 64 tiles.
+    Tails: see :func:`_tail` (258 tokens, head dim 64 -> 2 x 128 + 16 keys).
     """
     d_lo, d_hi = head_dim_groups(head_dim)
     if interpreting() if interpret is None else interpret:
         bm, bn, warps = 64, 64, 4
     else:
-        bn = 128 if d_lo + d_hi <= 128 else 64
+        # 128 keys per tile for head dim <= 64 (157 registers at 128 rows, sm_90); two column groups
+        # (72 = 64 + 16) need 255 registers with 128 keys, 226 with 64: no spills, see README.
+        bn = 128 if d_lo + d_hi <= 64 else 64
         bm, warps = (128, 8) if b * heads * triton.cdiv(n, 128) >= _BUSY_PROGRAMS else (64, 4)
     tail_m, tail_n = _tail(n, bm), _tail(n, bn)
     return AttentionConfig(bm, tail_m, bn, tail_n, d_lo, d_hi, warps, 2)

@@ -135,12 +135,30 @@ def autotune_enabled(dtype: torch.dtype, interpret: Optional[bool] = None) -> bo
             and os.environ.get("DUODIFF_TRITON_AUTOTUNE", "1") != "0")
 
 
-def candidate_configs(m: int, dtype: torch.dtype, interpret: Optional[bool] = None) -> List[Config]:
-    """Every tile a launch of this (M, dtype) may use: the tuning set when tuning, plus the default."""
+def acc_registers(config: Config) -> int:
+    """float32 accumulator registers per thread of a tile: BLOCK_M * BLOCK_N / threads."""
+    bm, bn, _, warps, _ = config
+    return bm * bn // (32 * warps)
+
+
+# A GELU or residual epilogue needs registers on top of the accumulator: on sm_90 every tile whose
+# accumulator takes 128 registers per thread (128x256 and 256x128 with 8 warps, 128x128 with 4)
+# spilled 72-216 bytes with them (ptxas, `python -m duodiff_fast.kernels.aot`), so those tiles
+# are tried for the plain and two-input epilogues only.
+HEAVY_EPILOGUE_MAX_ACC_REGS = 64
+
+
+def candidate_configs(m: int, dtype: torch.dtype, interpret: Optional[bool] = None, *, gelu: bool = False,
+                      residual: bool = False) -> List[Config]:
+    """Every tile a launch of this (M, dtype, epilogue) may use: the tuning set when tuning (without
+    the tiles that spill under a GELU/residual epilogue), plus the untuned default."""
     default = default_config(m, dtype, interpret)
     if not autotune_enabled(dtype, interpret):
         return [default]
-    return list(TUNING_CONFIGS) + ([default] if default not in TUNING_CONFIGS else [])
+    cands = list(TUNING_CONFIGS) + ([default] if default not in TUNING_CONFIGS else [])
+    if gelu or residual:
+        cands = [c for c in cands if acc_registers(c) <= HEAVY_EPILOGUE_MAX_ACC_REGS]
+    return cands
 
 
 def linear_launch(
@@ -248,14 +266,14 @@ def tune(x, weight, bias=None, activation=None, residual=None, x2=None) -> Confi
     Raises when tuning does not apply (float32, the interpreter, or tuning disabled).
     """
     tensors, m, n, k1, k2, _ = _prepare(x, weight, bias, activation, residual, x2)
-    if not autotune_enabled(x.dtype):
-        raise RuntimeError("tuning applies to float16/bfloat16 on a GPU with DUODIFF_TRITON_AUTOTUNE != 0")
     if stream_capturing():
         raise RuntimeError("kernels.linear.tune cannot benchmark while a CUDA graph is being captured")
+    if not autotune_enabled(x.dtype):
+        raise RuntimeError("tuning applies to float16/bfloat16 on a GPU with DUODIFF_TRITON_AUTOTUNE != 0")
     flags = dict(bias=bias is not None, gelu=activation == "gelu", residual=residual is not None)
     key = tuning_key(m, n, k1, k2, x.dtype, **flags)
     timings = {}
-    for cfg in candidate_configs(m, x.dtype):
+    for cfg in candidate_configs(m, x.dtype, gelu=flags["gelu"], residual=flags["residual"]):
         lch = linear_launch(m, n, k1, k2, x.dtype, config=cfg, **flags)
         timings[cfg] = _bench_ms(lambda: lch.run(*tensors))
     best = min(timings, key=timings.get)
