@@ -210,13 +210,21 @@ def run_check(workloads, batches, dtypes, jobs: int = 1) -> List[Dict[str, objec
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"
     found = collect(workloads, batches, dtypes)
     _ITEMS[:] = [(k, lch) for k, (lch, _) in found.items()]
+    results = {}
+
+    def progress(done):
+        for key, res in done:
+            results[key] = res
+            print(f"\r[{len(results)}/{len(_ITEMS)}] compiled", end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+
     if jobs > 1:
         import multiprocessing
 
         with cf.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            results = dict(pool.map(_worker, range(len(_ITEMS))))
+            progress(pool.map(_worker, range(len(_ITEMS))))
     else:
-        results = dict(map(_worker, range(len(_ITEMS))))
+        progress(map(_worker, range(len(_ITEMS))))
     rows = []
     for key, (lch, uses) in found.items():
         res = results[key]
@@ -255,6 +263,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--dtypes", default=",".join(DTYPES))
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes")
     ap.add_argument("--json", help="also write the rows to this JSON file")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="plan and check every launch's compile arguments, compile nothing (seconds)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("kernels.aot compiles GPU code: run it without TRITON_INTERPRET", file=sys.stderr)
@@ -267,6 +277,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         ap.error(f"unknown workload or dtype {e}")
     batches = [int(b) for b in args.batches.split(",")]
     t0 = time.time()
+    if args.plan_only:
+        found = collect(workloads, batches, dtypes)
+        uses = sum(len(u) for _, u in found.values())
+        print(f"{uses} launches planned, {len(found)} distinct sm_90 compilations")
+        return 0
     rows = run_check(workloads, batches, dtypes, jobs=max(1, args.jobs))
     print(format_table(rows))
     bad = [r for r in rows if r["problems"]]
