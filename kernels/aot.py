@@ -65,6 +65,7 @@ WORKLOADS: Tuple[Workload, ...] = (
     Workload("H/2", 1152, 16, 32, 2, 4, True),     # same, head dim 72
 )
 BATCHES = (1, 256)
+FAMILIES = ("frontend", "layernorm", "linear", "attention", "final_layer")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -79,7 +80,10 @@ def workload_launches(w: Workload, batch: int, dtype: torch.dtype) -> Iterator[T
 
     d, m, n = w.width, batch * w.tokens, w.tokens
     mlp = 4 * d
-    dt = [dtype] * 6 + [torch.int64 if w.labels else dtype]
+    # Pointer dtypes as the fused forward passes them: images, conv weight, bias, pos_embed in the
+    # model dtype, the time token in float32, the label table (or the weight in its place), then y
+    # (int64), or the time token again when there are no labels.
+    dt = [dtype] * 4 + [torch.float32, dtype, torch.int64 if w.labels else torch.float32]
     yield "frontend", "patch embed + tokens", frontend.frontend_launch(
         batch, w.channels, w.img, w.patch, d, w.labels, dt, interpret=False)
     for res in (False, True):
@@ -192,23 +196,27 @@ def _worker(index: int):
     return key, res
 
 
-def collect(workloads: Sequence[Workload], batches: Sequence[int], dtypes: Sequence[torch.dtype]):
-    """{compile key: (launch, [uses])}: each distinct compilation once, with where it is used."""
+def collect(workloads: Sequence[Workload], batches: Sequence[int], dtypes: Sequence[torch.dtype],
+            kernels: Optional[Sequence[str]] = None):
+    """{compile key: (launch, [uses])}: each distinct compilation once, with where it is used
+    (only the kernel families in ``kernels`` when given)."""
     found: Dict[str, Tuple[object, List[str]]] = {}
     for w in workloads:
         for b in batches:
             for dt in dtypes:
                 for family, what, lch in workload_launches(w, b, dt):
+                    if kernels and family not in kernels:
+                        continue
                     use = f"{w.name} b{b} {_TRITON_TYPES[dt]} {family} {what}"
                     found.setdefault(_key(lch), (lch, []))[1].append(use)
     return found
 
 
-def run_check(workloads, batches, dtypes, jobs: int = 1) -> List[Dict[str, object]]:
-    """Compile everything; one result row per distinct kernel compilation."""
+def run_check(workloads, batches, dtypes, jobs: int = 1, kernels=None) -> List[Dict[str, object]]:
+    """Compile everything (or the families in ``kernels``); one row per distinct compilation."""
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"
-    found = collect(workloads, batches, dtypes)
+    found = collect(workloads, batches, dtypes, kernels)
     _ITEMS[:] = [(k, lch) for k, (lch, _) in found.items()]
     results = {}
 
@@ -261,6 +269,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     help="comma-separated subset of " + ", ".join(w.name for w in WORKLOADS))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--dtypes", default=",".join(DTYPES))
+    ap.add_argument("--kernels", default="", help="comma-separated subset of " + ", ".join(FAMILIES))
     ap.add_argument("--jobs", type=int, default=1, help="compiler processes")
     ap.add_argument("--json", help="also write the rows to this JSON file")
     ap.add_argument("--plan-only", action="store_true",
@@ -276,13 +285,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyError as e:
         ap.error(f"unknown workload or dtype {e}")
     batches = [int(b) for b in args.batches.split(",")]
+    kernels = [k for k in args.kernels.split(",") if k]
+    if set(kernels) - set(FAMILIES):
+        ap.error(f"unknown kernel family in {args.kernels!r}; known: {', '.join(FAMILIES)}")
     t0 = time.time()
     if args.plan_only:
-        found = collect(workloads, batches, dtypes)
+        found = collect(workloads, batches, dtypes, kernels)
         uses = sum(len(u) for _, u in found.values())
         print(f"{uses} launches planned, {len(found)} distinct sm_90 compilations")
         return 0
-    rows = run_check(workloads, batches, dtypes, jobs=max(1, args.jobs))
+    rows = run_check(workloads, batches, dtypes, jobs=max(1, args.jobs), kernels=kernels)
     print(format_table(rows))
     bad = [r for r in rows if r["problems"]]
     print(f"\n{len(rows)} distinct sm_90 compilations in {time.time() - t0:.0f}s: "
