@@ -13,17 +13,24 @@ docstring names the PyTorch reference the launchers match:
 The kernels know nothing about models: ``duodiff_fast.dispatch`` registers them as
 ``torch.library`` custom ops and ``duodiff_fast.models.fused`` calls them. Set
 ``TRITON_INTERPRET=1`` *before* this package is imported to run them on CPU tensors.
+
+Each launcher plans its launch with a pure ``*_launch`` function of (shapes, dtypes, flags); the
+``aot`` module compiles exactly those plans for sm_90 without a GPU (``python -m
+duodiff_fast.kernels.aot``). On a GPU the 16-bit linear tiles are tuned once per shape bucket:
+call :func:`tune_linear` (or run one eager forward per batch bucket) before CUDA-graph capture;
+inside a capture an untuned bucket uses the documented default tile and never benchmarks.
 """
 from .attention import attention_qkv, attention_reference, attention_tiles
 from .final_layer import final_layer, final_layer_reference
 from .frontend import frontend, frontend_reference
 from .layernorm import layernorm, layernorm_reference
 from .linear import linear, linear_reference
+from .linear import tune as tune_linear
 
 __all__ = [
     "attention_qkv", "attention_reference", "attention_tiles",
     "final_layer", "final_layer_reference",
     "frontend", "frontend_reference",
     "layernorm", "layernorm_reference",
-    "linear", "linear_reference",
+    "linear", "linear_reference", "tune_linear",
 ]

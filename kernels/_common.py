@@ -1,5 +1,7 @@
 """Small helpers shared by the kernel launchers (no kernels here)."""
+import dataclasses
 import os
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -16,20 +18,21 @@ def next_pow2(n: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(int(n)))
 
 
-def dot_precision(dtype: torch.dtype) -> str:
+def dot_precision(dtype: torch.dtype, interpret: Optional[bool] = None) -> str:
     """``tl.dot`` input precision: exact float32 ("ieee") for float32 tests, else the default."""
-    return "ieee" if dtype == torch.float32 or dot_upcast(dtype) else "tf32"
+    return "ieee" if dtype == torch.float32 or dot_upcast(dtype, interpret) else "tf32"
 
 
-def dot_upcast(dtype: torch.dtype) -> bool:
+def dot_upcast(dtype: torch.dtype, interpret: Optional[bool] = None) -> bool:
     """Whether kernels must upcast bfloat16 operands to float32 before ``tl.dot``.
 
     Triton 3.8's CPU interpreter returns garbage for ``tl.dot`` on bfloat16 operands (checked on
     16x16 tiles; float16 and float32 are right), so under the interpreter the kernels convert
     bfloat16 tiles to float32 first. The products of two bfloat16 values are exact in float32, so
     the result is the same up to accumulation order. On a GPU the native bfloat16 dot runs.
+    ``interpret`` (default: :func:`interpreting`) lets the sm_90 check plan GPU launches anywhere.
     """
-    return interpreting() and dtype == torch.bfloat16
+    return (interpreting() if interpret is None else interpret) and dtype == torch.bfloat16
 
 
 def check_dtype(name: str, t: torch.Tensor) -> None:
@@ -44,3 +47,57 @@ def mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """One fully decided kernel launch: what a launcher runs and what ``kernels.aot`` compiles.
+
+    Every launcher builds its launches with a pure function of (shapes, dtypes, flags) that
+    returns these, so the ahead-of-time sm_90 check compiles exactly the kernels that run.
+
+    Attributes:
+        kernel: the ``@triton.jit`` function.
+        grid: launch grid (at most 3 axes).
+        pointers: dtype of each pointer argument, in the kernel's order (they come first).
+        scalars: the runtime integer/float arguments that follow the pointers, in order.
+        constexprs: compile-time arguments by name (block sizes, flags).
+        num_warps, num_stages: Triton launch options.
+    """
+    kernel: object
+    grid: Tuple[int, ...]
+    pointers: Tuple[torch.dtype, ...]
+    scalars: Tuple[object, ...]
+    constexprs: Tuple[Tuple[str, object], ...]
+    num_warps: int
+    num_stages: int
+
+    def run(self, *tensors: torch.Tensor) -> None:
+        """Launch on ``tensors`` (one per pointer argument, dtypes as declared)."""
+        if len(tensors) != len(self.pointers):
+            raise ValueError(f"{len(self.pointers)} pointer arguments expected, got {len(tensors)}")
+        for i, (t, dt) in enumerate(zip(tensors, self.pointers)):
+            if t.dtype != dt:  # the sm_90 check compiled the declared dtypes: run only those
+                raise TypeError(f"pointer argument {i} of {self.kernel.__name__} is {t.dtype}, planned {dt}")
+        self.kernel[self.grid](*tensors, *self.scalars, **dict(self.constexprs),
+                               num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def describe(self) -> str:
+        """Short text of the tile choice, e.g. ``BLOCK_M=128 BLOCK_N=128 w8 s3``."""
+        tiles = " ".join(f"{k}={v}" for k, v in self.constexprs if k.startswith(("BLOCK", "D_", "ROWS")))
+        return f"{tiles} w{self.num_warps} s{self.num_stages}"
+
+
+def launch(kernel, grid, pointers, scalars, constexprs: Dict[str, object], num_warps: int,
+           num_stages: int) -> Launch:
+    """Build a :class:`Launch` (constexprs given as a dict, stored as a sorted-free tuple)."""
+    return Launch(kernel, tuple(int(g) for g in grid), tuple(pointers), tuple(scalars),
+                  tuple(constexprs.items()), int(num_warps), int(num_stages))
+
+
+def check_grid(grid: Tuple[int, ...]) -> None:
+    """Raise if a grid exceeds CUDA's limits (axis 0: 2^31 - 1; axes 1 and 2: 65535)."""
+    limits = (2**31 - 1, 65535, 65535)
+    for axis, (g, lim) in enumerate(zip(grid, limits)):
+        if g > lim:
+            raise ValueError(f"grid axis {axis} has {g} programs, over CUDA's limit of {lim}")

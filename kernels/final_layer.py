@@ -11,12 +11,14 @@ weight (the normalized tokens are never written), adds the bias and stores every
 its pixel in the (B, C, H, W) image. The optional 3x3 conv (``final_layer``) is left to
 cuDNN (``F.conv2d``): a separate, small pass.
 """
+from typing import Optional, Sequence
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, dot_precision, dot_upcast, mma, interpreting, next_pow2
+from ._common import Launch, check_dtype, check_grid, dot_precision, dot_upcast, interpreting, launch, mma, next_pow2
 
 
 @triton.jit
@@ -77,6 +79,29 @@ def _final_layer_kernel(
     tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+def final_layer_launch(bsz: int, nt: int, d: int, nout: int, channels: int, extras: int, eps: float,
+                       dtypes: Sequence[torch.dtype], interpret: Optional[bool] = None) -> Launch:
+    """The launch for tokens (bsz, nt, d) and decoder_pred (nout, d); ``dtypes`` of the 5 inputs
+    (tokens, norm weight, norm bias, pred weight, pred bias); the image has the tokens' dtype.
+
+    BLOCK_M = 64 patch tokens (one wgmma warpgroup, 4 warps; 32 in the interpreter), BLOCK_N = the
+    p*p*C predictions rounded to a power of two (<= 128), BLOCK_K = 64 of the width per step.
+    """
+    p = int(round((nout // channels) ** 0.5))
+    l = nt - extras
+    grid_w = int(round(l ** 0.5))
+    bm = 32 if (interpreting() if interpret is None else interpret) else 64
+    bn = min(128, next_pow2(nout, 16))
+    bk = min(64, next_pow2(d, 16))
+    dtype = dtypes[0]
+    flags = dict(P=p, EXTRAS=extras, PRECISION=dot_precision(dtype, interpret), UPCAST=dot_upcast(dtype, interpret),
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    grid = (triton.cdiv(bsz * l, bm), triton.cdiv(nout, bn))
+    check_grid(grid)
+    scalars = (bsz, nt, l, d, nout, channels, grid_w * p, grid_w, float(eps))
+    return launch(_final_layer_kernel, grid, [*dtypes, dtype], scalars, flags, 4, 3)
+
+
 def final_layer(
     tokens: torch.Tensor,
     norm_weight: torch.Tensor,
@@ -107,17 +132,9 @@ def final_layer(
         raise ValueError(f"cannot unpatchify {l} tokens of {nout} values into {channels} channels")
     img = grid_w * p
     out = torch.empty((bsz, channels, img, img), device=tokens.device, dtype=tokens.dtype)
-    bm = 32 if interpreting() else 64  # untuned (no GPU was available)
-    bn = min(128, next_pow2(nout, 16))
-    bk = min(64, next_pow2(d, 16))
-    grid = (triton.cdiv(bsz * l, bm), triton.cdiv(nout, bn))
-    _final_layer_kernel[grid](
-        tokens.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(),
-        pred_weight.contiguous().to(tokens.dtype), pred_bias.contiguous(), out,
-        bsz, nt, l, d, nout, channels, img, grid_w, float(eps),
-        P=p, EXTRAS=extras, PRECISION=dot_precision(tokens.dtype), UPCAST=dot_upcast(tokens.dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
-    )
+    args = (tokens.contiguous(), norm_weight.contiguous(), norm_bias.contiguous(),
+            pred_weight.contiguous().to(tokens.dtype), pred_bias.contiguous())
+    final_layer_launch(bsz, nt, d, nout, channels, extras, eps, [t.dtype for t in args]).run(*args, out)
     return out
 
 

@@ -15,14 +15,15 @@ embedding: the output is written once and nothing else is read twice.
 The time token (B, D) is computed by the caller (sinusoid, plus the optional time MLP): it is
 B rows, not worth a kernel.
 """
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, dot_precision, dot_upcast, mma, interpreting, next_pow2
+from ._common import (Launch, check_dtype, check_grid, dot_precision, dot_upcast, interpreting, launch, mma,
+                      next_pow2)
 
 
 @triton.jit
@@ -74,6 +75,37 @@ def _frontend_kernel(
     tl.store(out_ptr + rows[:, None].to(tl.int64) * D + cols[None, :], val.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def frontend_tiles(interpret: Optional[bool] = None) -> Tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps). GPU: 64 x 64 tiles with 4 warps (one wgmma warpgroup); the
+    64 x 128 tile held 221-255 registers on sm_90 (the (BLOCK_M, BLOCK_N) epilogue gathers time,
+    label and position rows), so the N tile was halved. Untimed (no GPU yet)."""
+    if interpreting() if interpret is None else interpret:
+        return 64, 64, 4
+    return 64, 64, 4
+
+
+def frontend_launch(bsz: int, channels: int, img: int, patch: int, d: int, has_label: bool,
+                    dtypes: Sequence[torch.dtype], interpret: Optional[bool] = None) -> Launch:
+    """The launch for (bsz, channels, img, img) images, patch size ``patch``, width d.
+
+    ``dtypes``: of the 7 inputs (images, weight, bias, pos_embed, time, label table, y); the output
+    has the weight's dtype. BLOCK_K covers the patch's C*p*p pixels (at most 64 per step).
+    """
+    extras = 2 if has_label else 1
+    grid_w = img // patch
+    nt = extras + grid_w * grid_w
+    k = channels * patch * patch
+    bm, bn, warps = frontend_tiles(interpret)
+    bk = min(64, next_pow2(k, 16))
+    dtype = dtypes[1]
+    flags = dict(P=patch, EXTRAS=extras, HAS_LABEL=has_label, PRECISION=dot_precision(dtype, interpret),
+                 UPCAST=dot_upcast(dtype, interpret), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk)
+    grid = (triton.cdiv(bsz * nt, bm), triton.cdiv(d, bn))
+    check_grid(grid)
+    return launch(_frontend_kernel, grid, [*dtypes, dtype], (bsz, nt, d, k, channels, img, grid_w), flags,
+                  warps, 3)
+
+
 def frontend(
     images: torch.Tensor,
     patch_weight: torch.Tensor,
@@ -107,24 +139,12 @@ def frontend(
         raise ValueError(f"pos_embed has shape {tuple(pos_embed.shape)}, expected (1, {nt}, {d})")
     dtype = patch_weight.dtype
     out = torch.empty((bsz, nt, d), device=images.device, dtype=dtype)
-    k = c * p * p
-    w2 = patch_weight.reshape(d, k).contiguous()
-    img = images.contiguous()
+    w2 = patch_weight.reshape(d, c * p * p).contiguous()
     tt = time_token.contiguous()
     lt = label_table.contiguous() if has_label else w2
     yy = y.contiguous() if has_label else tt
-    if interpreting():
-        bm, bn, warps = 64, 64, 4
-    else:
-        bm, bn, warps = 64, 128, 4  # untuned (no GPU was available)
-    bk = min(64, next_pow2(k, 16))
-    grid = (triton.cdiv(bsz * nt, bm), triton.cdiv(d, bn))
-    _frontend_kernel[grid](
-        img, w2, patch_bias.contiguous(), pos_embed.contiguous(), tt, lt, yy, out,
-        bsz, nt, d, k, c, h, grid_w,
-        P=p, EXTRAS=extras, HAS_LABEL=has_label, PRECISION=dot_precision(dtype), UPCAST=dot_upcast(dtype),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps,
-    )
+    args = (images.contiguous(), w2, patch_bias.contiguous(), pos_embed.contiguous(), tt, lt, yy)
+    frontend_launch(bsz, c, h, p, d, has_label, [t.dtype for t in args], interpret=None).run(*args, out)
     return out
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, next_pow2
+from ._common import Launch, check_dtype, launch, next_pow2
 
 
 @triton.jit
@@ -47,6 +47,21 @@ def _layernorm_kernel(
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+def layernorm_launch(m: int, d: int, dtype: torch.dtype, residual: bool, eps: float = 1e-5,
+                     param_dtypes: Tuple[torch.dtype, torch.dtype] = (torch.float32, torch.float32)) -> Launch:
+    """The launch for m rows of width d in ``dtype`` (affine parameters in ``param_dtypes``).
+
+    A row is padded to a power of two BLOCK_D and held in registers; ROWS rows per program give
+    each program ~4K elements (fewer, fatter programs), at most 64 rows; 8 warps above 1024 wide.
+    """
+    block_d = next_pow2(d, 16)
+    rows = max(1, min(64, 4096 // block_d))
+    flags = dict(HAS_RES=residual, ROWS=rows, BLOCK_D=block_d)
+    dts = [dtype, dtype, param_dtypes[0], param_dtypes[1], dtype, dtype]
+    return launch(_layernorm_kernel, (triton.cdiv(m, rows),), dts, (m, d, float(eps)), flags,
+                  4 if block_d <= 1024 else 8, 3)
+
+
 def layernorm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -71,15 +86,8 @@ def layernorm(
     y = torch.empty_like(x2)
     s = torch.empty_like(x2) if residual is not None else y
     r2 = residual.reshape(-1, d).contiguous().to(x.dtype) if residual is not None else x2
-    block_d = next_pow2(d, 16)
-    # Enough rows per program to give each one ~4K elements of work (fewer, fatter programs).
-    rows = max(1, min(64, 4096 // block_d))
-    grid = (triton.cdiv(m, rows),)
-    _layernorm_kernel[grid](
-        x2, r2, weight.contiguous(), bias.contiguous(), y, s, m, d, float(eps),
-        HAS_RES=residual is not None, ROWS=rows, BLOCK_D=block_d,
-        num_warps=4 if block_d <= 1024 else 8,
-    )
+    w, bb = weight.contiguous(), bias.contiguous()
+    layernorm_launch(m, d, x.dtype, residual is not None, eps, (w.dtype, bb.dtype)).run(x2, r2, w, bb, y, s)
     if residual is not None:
         return y.reshape(x.shape), s.reshape(x.shape)
     return y.reshape(x.shape)

@@ -13,8 +13,8 @@ epilogue (eager PyTorch rounds after the matmul and again after the GELU/add, so
 result is at least as accurate).
 
 Matmul choice (cuBLAS vs this kernel): NOT MEASURED. This project has had no GPU; on a GPU the
-16-bit kernel is autotuned over :data:`TUNING_CONFIGS` (a common starting set for sm_80/sm_90,
-itself unmeasured), float32 (tests) uses fixed tiles. The fused
+16-bit kernel is tuned over :data:`TUNING_CONFIGS` (spill-free on sm_90 by ``kernels.aot``, speed
+unmeasured) once per shape bucket (see :func:`tune`), float32 (tests) uses fixed tiles. The fused
 kernel saves one read+write of the (M, N) output per epilogue, which matters most for fc1
 (N = 4D); which is faster on the bare matmul is unknown here. ``duodiff_fast.dispatch`` can run either
 ("triton" fused epilogues, the default the issue asks for, or "cublas" with the epilogues done by
@@ -22,14 +22,14 @@ the LayerNorm kernel's fused residual and PyTorch); ``benchmarks/kernels.py`` ti
 its result should decide the default.
 """
 import os
-from typing import Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import check_dtype, dot_precision, dot_upcast, mma, interpreting
+from ._common import Launch, check_dtype, dot_precision, dot_upcast, interpreting, launch, mma
 
 
 @triton.jit
@@ -56,42 +56,71 @@ def _linear_kernel(
     pid_m = first_m + (pid % per_group) % group_rows
     pid_n = (pid % per_group) // group_rows
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
-    rows_a = offs_m.to(tl.int64)[:, None]
-    rows_w = offs_n.to(tl.int64)[None, :] * stride_w
+    # The tile origin is one 64-bit scalar per operand; offsets inside a tile are int32
+    # (BLOCK x row length < 2^31). 2-D int64 offset tensors held the (BLOCK_M, BLOCK_N) epilogue
+    # at twice the registers and made the wide tiles spill on sm_90 (see kernels/README.md).
+    row0 = pid_m * BLOCK_M
+    col0 = pid_n * BLOCK_N
+    rm = tl.arange(0, BLOCK_M)
+    rn = tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    m_ok = rm < M - row0
+    n_ok = rn < N - col0
+    a_tile = a_ptr + row0.to(tl.int64) * K1
+    w_tile = w_ptr + col0.to(tl.int64) * stride_w
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_ptrs = a_tile + rm[:, None] * K1 + rk[None, :]
+    w_ptrs = w_tile + rn[None, :] * stride_w + rk[:, None]
     for k0 in range(0, K1, BLOCK_K):
-        kk = k0 + offs_k
-        a = tl.load(a_ptr + rows_a * K1 + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K1), other=0.0)
-        w = tl.load(w_ptr + rows_w + kk[:, None], mask=(kk[:, None] < K1) & n_ok[None, :], other=0.0)
+        k_ok = rk < K1 - k0
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = mma(a, w, acc, PRECISION, UPCAST)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
     if HAS_A2:
         # Second operand of the concatenation: columns K1 .. K1+K2 of W.
+        a2_ptrs = a2_ptr + row0.to(tl.int64) * K2 + rm[:, None] * K2 + rk[None, :]
+        w2_ptrs = w_tile + K1 + rn[None, :] * stride_w + rk[:, None]
         for k0 in range(0, K2, BLOCK_K):
-            kk = k0 + offs_k
-            a = tl.load(a2_ptr + rows_a * K2 + kk[None, :], mask=m_ok[:, None] & (kk[None, :] < K2), other=0.0)
-            w = tl.load(w_ptr + rows_w + K1 + kk[:, None], mask=(kk[:, None] < K2) & n_ok[None, :], other=0.0)
+            k_ok = rk < K2 - k0
+            a = tl.load(a2_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w2_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             acc = mma(a, w, acc, PRECISION, UPCAST)
+            a2_ptrs += BLOCK_K
+            w2_ptrs += BLOCK_K
 
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + col0 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GELU:
         acc = _gelu_erf(acc)
-    out_offs = rows_a * N + offs_n[None, :]
+    out_offs = rm[:, None] * N + rn[None, :]
+    tile0 = row0.to(tl.int64) * N + col0
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RES:
-        acc += tl.load(res_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        acc += tl.load(res_ptr + tile0 + out_offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tile0 + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _blocks(m: int, n: int, k: int, dtype: torch.dtype):
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) when not autotuning. Untuned defaults."""
-    if interpreting():
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+Config = Tuple[int, int, int, int, int]
+
+# Candidate tiles for 16-bit inputs on a GPU, tried by :func:`tune` once per shape bucket. Each one
+# compiles for sm_90 without register spills and within shared memory for every epilogue
+# (``python -m duodiff_fast.kernels.aot`` checks it); their speed is unmeasured (no GPU yet).
+# Every tile is a multiple of 64 rows per warpgroup so the dots can use wgmma on sm_90.
+TUNING_CONFIGS: List[Config] = [
+    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5), (128, 128, 32, 4, 4),
+]
+
+
+def default_config(m: int, dtype: torch.dtype, interpret: Optional[bool] = None) -> Config:
+    """The tile used without tuning: float32, the interpreter, ``DUODIFF_TRITON_AUTOTUNE=0``, and a
+    16-bit shape bucket first seen during CUDA-graph capture (untuned heuristic: small M gets the
+    64x64 tile so more programs fill the GPU, large M the 128x128 one)."""
+    if interpreting() if interpret is None else interpret:
         return 64, 128, 64, 4, 1  # the CPU interpreter: few, large programs run fastest
     if dtype == torch.float32:
         return 64, 64, 32, 4, 3
@@ -100,27 +129,156 @@ def _blocks(m: int, n: int, k: int, dtype: torch.dtype):
     return 128, 128, 64, 8, 3
 
 
-# Candidate tiles for 16-bit inputs on sm_80/sm_90, benchmarked by Triton's autotuner on the first
-# call of each (M, N, K1, K2) and cached for the process. A common starting set, not a measured
-# one (no GPU was available to this project when it was written). Tiles that do not fit the
-# device's shared memory are skipped by the autotuner. The first call of a new shape must happen
-# outside CUDA graph capture (warm up first); DUODIFF_TRITON_AUTOTUNE=0 uses :func:`_blocks`.
-TUNING_CONFIGS = [
-    (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 5), (128, 128, 32, 4, 4),
-]
-
-
-def _autotune_enabled(dtype: torch.dtype) -> bool:
-    return (not interpreting() and dtype != torch.float32
+def autotune_enabled(dtype: torch.dtype, interpret: Optional[bool] = None) -> bool:
+    """Whether 16-bit launches pick their tile by :func:`tune` (on a GPU, unless disabled)."""
+    return (not (interpreting() if interpret is None else interpret) and dtype != torch.float32
             and os.environ.get("DUODIFF_TRITON_AUTOTUNE", "1") != "0")
 
 
-_linear_kernel_tuned = triton.autotune(
-    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                           num_warps=w, num_stages=st) for bm, bn, bk, w, st in TUNING_CONFIGS],
-    key=["M", "N", "K1", "K2"],
-)(_linear_kernel)
+def acc_registers(config: Config) -> int:
+    """float32 accumulator registers per thread of a tile: BLOCK_M * BLOCK_N / threads."""
+    bm, bn, _, warps, _ = config
+    return bm * bn // (32 * warps)
+
+
+# A GELU or residual epilogue needs registers on top of the accumulator: on sm_90 every tile whose
+# accumulator takes 128 registers per thread (128x256 and 256x128 with 8 warps, 128x128 with 4)
+# spilled 72-216 bytes with them (ptxas, `python -m duodiff_fast.kernels.aot`), so those tiles
+# are tried for the plain and two-input epilogues only.
+HEAVY_EPILOGUE_MAX_ACC_REGS = 64
+
+
+def candidate_configs(m: int, dtype: torch.dtype, interpret: Optional[bool] = None, *, gelu: bool = False,
+                      residual: bool = False) -> List[Config]:
+    """Every tile a launch of this (M, dtype, epilogue) may use: the tuning set when tuning (without
+    the tiles that spill under a GELU/residual epilogue), plus the untuned default."""
+    default = default_config(m, dtype, interpret)
+    if not autotune_enabled(dtype, interpret):
+        return [default]
+    cands = list(TUNING_CONFIGS) + ([default] if default not in TUNING_CONFIGS else [])
+    if gelu or residual:
+        cands = [c for c in cands if acc_registers(c) <= HEAVY_EPILOGUE_MAX_ACC_REGS]
+    return cands
+
+
+def linear_launch(
+    m: int, n: int, k1: int, k2: int, dtype: torch.dtype, *, bias: bool, gelu: bool, residual: bool,
+    config: Config, interpret: Optional[bool] = None,
+) -> Launch:
+    """The launch of ``epilogue(cat[x, x2] @ W^T + b)`` for x (m, k1), x2 (m, k2), W (n, k1 + k2)."""
+    bm, bn, bk, warps, stages = config
+    flags = dict(HAS_A2=k2 > 0, HAS_BIAS=bias, GELU=gelu, HAS_RES=residual,
+                 PRECISION=dot_precision(dtype, interpret), UPCAST=dot_upcast(dtype, interpret),
+                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    return launch(_linear_kernel, grid, [dtype] * 6, (m, n, k1, k2, k1 + k2), flags, warps, stages)
+
+
+# ---- tuning: once per shape bucket, never during CUDA-graph capture ------------------------------
+TuningKey = Tuple[int, int, int, int, str, bool, bool, bool, bool]
+
+# Best tile per key, filled by :func:`tune` (explicitly, or on the first eager call of a bucket).
+_TUNED: Dict[TuningKey, Config] = {}
+
+
+def m_bucket(m: int) -> int:
+    """Rows rounded up to a power of two (>= 16): shrinking or mixed batches reuse one tuning."""
+    return max(16, triton.next_power_of_2(int(m)))
+
+
+def tuning_key(m: int, n: int, k1: int, k2: int, dtype: torch.dtype, *, bias: bool, gelu: bool,
+               residual: bool) -> TuningKey:
+    """(M bucket, N, K1, K2, dtype, bias, gelu, residual, two-input): what a tuned tile is kept for.
+    The epilogue flags are part of the key: they change the registers a tile needs and its speed."""
+    return (m_bucket(m), int(n), int(k1), int(k2), str(dtype).replace("torch.", ""),
+            bool(bias), bool(gelu), bool(residual), k2 > 0)
+
+
+def stream_capturing() -> bool:
+    """True while the current CUDA stream records a graph (benchmarking would break the capture)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def select_config(key: TuningKey, m: int, dtype: torch.dtype, tuner: Callable[[], Config]) -> Config:
+    """The tile for a launch: the bucket's tuned tile; else, while a stream is capturing, the
+    untuned :func:`default_config` (no benchmark may run inside a capture); else ``tuner()``,
+    which benchmarks the candidates now and is remembered for the bucket."""
+    if key in _TUNED:
+        return _TUNED[key]
+    if stream_capturing():
+        return default_config(m, dtype)
+    cfg = tuner()
+    _TUNED[key] = cfg
+    return cfg
+
+
+def tuned_configs() -> Dict[TuningKey, Config]:
+    """A copy of the tuning table (key -> tile)."""
+    return dict(_TUNED)
+
+
+def clear_tuning() -> None:
+    """Forget every tuned tile."""
+    _TUNED.clear()
+
+
+def _bench_ms(fn: Callable[[], None]) -> float:
+    """Median milliseconds of ``fn`` on the GPU (Triton's CUDA-event benchmark)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=20))
+
+
+def _prepare(x, weight, bias, activation, residual, x2):
+    """Validated, contiguous operands and the output: (tensors for the launch, m, n, k1, k2, lead)."""
+    check_dtype("x", x)
+    if activation not in (None, "gelu"):
+        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    if activation is not None and residual is not None:
+        raise ValueError("one epilogue at a time: activation or residual")
+    lead = x.shape[:-1]
+    k1 = x.shape[-1]
+    a = x.reshape(-1, k1).contiguous()
+    m = a.shape[0]
+    k2 = x2.shape[-1] if x2 is not None else 0
+    if x2 is not None and x2.shape[:-1] != lead:
+        raise ValueError(f"x2 leading shape {tuple(x2.shape[:-1])} differs from x's {tuple(lead)}")
+    a2 = x2.reshape(-1, k2).contiguous().to(x.dtype) if x2 is not None else a
+    n = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k1 + k2:
+        raise ValueError(f"weight has {tuple(weight.shape)[1:]} input features, inputs give {k1 + k2}")
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({n},)")
+    if residual is not None and residual.numel() != m * n:
+        raise ValueError(f"residual has shape {tuple(residual.shape)}, expected {(*lead, n)}")
+    w = weight.contiguous().to(x.dtype)
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    res = residual.reshape(m, n).contiguous().to(x.dtype) if residual is not None else out
+    b = bias.contiguous().to(x.dtype) if bias is not None else w
+    return (a, a2, w, b, res, out), m, n, k1, k2, lead
+
+
+def tune(x, weight, bias=None, activation=None, residual=None, x2=None) -> Config:
+    """Benchmark every candidate tile on these operands and remember the fastest for their bucket.
+
+    Call it ahead of CUDA-graph capture (a warm-up forward at each batch bucket does the same);
+    arguments as :func:`linear`. Returns the chosen (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
+    Raises when tuning does not apply (float32, the interpreter, or tuning disabled).
+    """
+    tensors, m, n, k1, k2, _ = _prepare(x, weight, bias, activation, residual, x2)
+    if stream_capturing():
+        raise RuntimeError("kernels.linear.tune cannot benchmark while a CUDA graph is being captured")
+    if not autotune_enabled(x.dtype):
+        raise RuntimeError("tuning applies to float16/bfloat16 on a GPU with DUODIFF_TRITON_AUTOTUNE != 0")
+    flags = dict(bias=bias is not None, gelu=activation == "gelu", residual=residual is not None)
+    key = tuning_key(m, n, k1, k2, x.dtype, **flags)
+    timings = {}
+    for cfg in candidate_configs(m, x.dtype, gelu=flags["gelu"], residual=flags["residual"]):
+        lch = linear_launch(m, n, k1, k2, x.dtype, config=cfg, **flags)
+        timings[cfg] = _bench_ms(lambda: lch.run(*tensors))
+    best = min(timings, key=timings.get)
+    _TUNED[key] = best
+    return best
 
 
 def linear(
@@ -130,7 +288,7 @@ def linear(
     activation: Optional[str] = None,
     residual: Optional[torch.Tensor] = None,
     x2: Optional[torch.Tensor] = None,
-    blocks: Optional[Tuple[int, int, int, int, int]] = None,
+    blocks: Optional[Config] = None,
 ) -> torch.Tensor:
     """``epilogue(cat[x, x2] @ weight^T + bias)`` in one kernel.
 
@@ -142,39 +300,22 @@ def linear(
         residual: optional (..., N) added last.
         x2: optional (..., K2) second input, as if concatenated after x on the last axis.
         blocks: force (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) (tests, benchmarks);
-            default: autotuned on a GPU for 16-bit inputs, else :func:`_blocks`.
+            default: on a GPU for 16-bit inputs the shape bucket's tuned tile (:func:`tune`,
+            :func:`select_config`), else :func:`default_config`.
     Returns:
         (..., N) in x's dtype.
     """
-    check_dtype("x", x)
-    if activation not in (None, "gelu"):
-        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
-    if activation is not None and residual is not None:
-        raise ValueError("one epilogue at a time: activation or residual")
-    lead = x.shape[:-1]
-    k1 = x.shape[-1]
-    a = x.reshape(-1, k1).contiguous()
-    m = a.shape[0]
-    k2 = x2.shape[-1] if x2 is not None else 0
-    a2 = x2.reshape(-1, k2).contiguous().to(x.dtype) if x2 is not None else a
-    n = weight.shape[0]
-    if weight.shape[1] != k1 + k2:
-        raise ValueError(f"weight has {weight.shape[1]} input features, inputs give {k1 + k2}")
-    w = weight.contiguous().to(x.dtype)
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    res = residual.reshape(m, n).contiguous() if residual is not None else out
-    args = (a, a2, w, bias if bias is not None else w, res, out, m, n, k1, k2, w.stride(0))
-    flags = dict(HAS_A2=x2 is not None, HAS_BIAS=bias is not None, GELU=activation == "gelu",
-                 HAS_RES=residual is not None, PRECISION=dot_precision(x.dtype), UPCAST=dot_upcast(x.dtype))
-    if blocks is None and _autotune_enabled(x.dtype):
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        _linear_kernel_tuned[grid](*args, **flags)
+    tensors, m, n, k1, k2, lead = _prepare(x, weight, bias, activation, residual, x2)
+    flags = dict(bias=bias is not None, gelu=activation == "gelu", residual=residual is not None)
+    if blocks is not None:
+        cfg = tuple(blocks)
+    elif autotune_enabled(x.dtype):
+        key = tuning_key(m, n, k1, k2, x.dtype, **flags)
+        cfg = select_config(key, m, x.dtype, lambda: tune(x, weight, bias, activation, residual, x2))
     else:
-        bm, bn, bk, warps, stages = blocks or _blocks(m, n, k1 + k2, x.dtype)
-        grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-        _linear_kernel[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                             num_warps=warps, num_stages=stages)
-    return out.reshape(*lead, n)
+        cfg = default_config(m, x.dtype)
+    linear_launch(m, n, k1, k2, x.dtype, config=cfg, **flags).run(*tensors)
+    return tensors[-1].reshape(*lead, n)
 
 
 def linear_reference(x, weight, bias=None, activation=None, residual=None, x2=None):

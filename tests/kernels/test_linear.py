@@ -65,3 +65,84 @@ def test_every_autotune_tile_computes_the_same(device, poisoned, blocks):
     ref = torch.nn.functional.linear(torch.cat([x, x2], -1).double(), w.double(), b.double())
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     assert (out.double() - ref).abs().max().item() < tol
+
+
+# ---- tuning keys, buckets and the CUDA-graph capture rule (pure logic, no GPU) -------------------
+def _lin():
+    import importlib
+
+    return importlib.import_module("duodiff_fast.kernels.linear")
+
+
+def test_m_bucket_rounds_rows_up_to_powers_of_two():
+    lin = _lin()
+    assert [lin.m_bucket(m) for m in (1, 16, 17, 257, 512, 513, 256 * 258)] == [16, 16, 32, 512, 512, 1024, 131072]
+
+
+def test_tuning_key_buckets_rows_and_keeps_epilogue_flags():
+    lin = _lin()
+    key = lambda m, **f: lin.tuning_key(m, 1024, 1024, 0, torch.bfloat16, **{**dict(bias=True, gelu=False,  # noqa: E731
+                                                                              residual=False), **f})
+    assert key(200 * 258) == key(250 * 258)            # shrinking batch: one bucket, one tuning
+    assert key(100 * 258) != key(250 * 258)
+    assert len({key(258), key(258, gelu=True), key(258, residual=True), key(258, bias=False)}) == 4
+    two_input = lin.tuning_key(258, 1024, 1024, 1024, torch.bfloat16, bias=True, gelu=False, residual=False)
+    assert two_input != key(258) and two_input[-1] is True
+    assert lin.tuning_key(258, 1024, 1024, 0, torch.float16, bias=True, gelu=False, residual=False) != key(258)
+
+
+@pytest.fixture
+def clean_tuning():
+    lin = _lin()
+    lin.clear_tuning()
+    yield lin
+    lin.clear_tuning()
+
+
+def _capture(monkeypatch, capturing):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
+
+
+def test_no_benchmark_while_a_stream_is_capturing(monkeypatch, clean_tuning):
+    lin = clean_tuning
+    _capture(monkeypatch, True)
+    key = lin.tuning_key(1000, 512, 512, 0, torch.bfloat16, bias=True, gelu=True, residual=False)
+    calls = []
+    cfg = lin.select_config(key, 1000, torch.bfloat16, lambda: calls.append(1) or (64, 64, 64, 4, 5))
+    assert calls == [] and cfg == lin.default_config(1000, torch.bfloat16)
+    assert lin.tuned_configs() == {}                    # the fallback is not remembered as tuned
+    with pytest.raises(RuntimeError, match="captured"):
+        lin.tune(torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16))
+
+
+def test_tuned_once_per_bucket_and_used_inside_capture(monkeypatch, clean_tuning):
+    lin = clean_tuning
+    _capture(monkeypatch, False)
+    calls = []
+    tuner = lambda: calls.append(1) or (64, 128, 64, 4, 4)  # noqa: E731
+    key = lambda m: lin.tuning_key(m, 512, 512, 0, torch.bfloat16, bias=True, gelu=False, residual=True)  # noqa: E731
+    assert lin.select_config(key(1000), 1000, torch.bfloat16, tuner) == (64, 128, 64, 4, 4)
+    assert lin.select_config(key(900), 900, torch.bfloat16, tuner) == (64, 128, 64, 4, 4)
+    assert calls == [1]                                 # 900 and 1000 rows share the 1024 bucket
+    _capture(monkeypatch, True)
+    assert lin.select_config(key(1000), 1000, torch.bfloat16, tuner) == (64, 128, 64, 4, 4)
+    assert calls == [1]
+
+
+def test_tune_refuses_where_tuning_does_not_apply(clean_tuning):
+    with pytest.raises(RuntimeError, match="float16/bfloat16 on a GPU"):
+        clean_tuning.tune(torch.randn(4, 8), torch.randn(4, 8))
+
+
+def test_heavy_epilogues_skip_tiles_that_spill():
+    lin = _lin()
+    plain = lin.candidate_configs(4096, torch.bfloat16, interpret=False)
+    gelu = lin.candidate_configs(4096, torch.bfloat16, interpret=False, gelu=True)
+    res = lin.candidate_configs(4096, torch.bfloat16, interpret=False, residual=True)
+    assert set(lin.TUNING_CONFIGS) <= set(plain) and gelu == res
+    assert (128, 256, 64, 8, 3) in plain and (128, 256, 64, 8, 3) not in gelu
+    assert all(lin.acc_registers(c) <= lin.HEAVY_EPILOGUE_MAX_ACC_REGS for c in gelu) and len(gelu) >= 4
+    assert lin.default_config(4096, torch.bfloat16, interpret=False) in gelu
+    assert lin.candidate_configs(4096, torch.float32, interpret=False) == [lin.default_config(4096, torch.float32,
+                                                                                              interpret=False)]
