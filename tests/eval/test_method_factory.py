@@ -108,7 +108,7 @@ def test_adadiff_heads_only_checkpoint_takes_the_full_backbone(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(built.denoiser(x, t), AdaDiff(model, SCHED, 0.45, mode="simulated")(x, t))
     # a U-ViT file is not an AdaDiff checkpoint; a wrong config is a key/shape report
-    with pytest.raises(CheckpointError, match="uems"):
+    with pytest.raises(CheckpointError, match="plain U-ViT"):
         build_method(MethodSpec("adadiff", theta=0.1), "tiny", MethodWeights(adadiff=str(tmp_path / "full.pth")),
                      SCHED, "cpu")
     torch.save(model.state_dict(), tmp_path / "ada.pt")
