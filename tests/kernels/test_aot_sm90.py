@@ -1,8 +1,8 @@
 """The ahead-of-time sm_90 compile check (``python -m duodiff_fast.kernels.aot``), no GPU needed.
 
 The full matrix (4 U-ViT widths x batch 1 and 256 x bfloat16 and float16, 172 distinct
-compilations) takes about 4 CPU-minutes (18 minutes of wall time on the shared 2-core machine it
-was measured on), so pytest compiles a representative subset (~1.6 CPU-minutes) that runs
+compilations) takes about 3.5 minutes with --jobs 2 on 2 cores (4 CPU-minutes), so pytest
+compiles a representative subset (about 1 minute, 1.6 CPU-minutes) that runs
 every kernel variant: H/2 at batch 256 in bfloat16 (head dim 72 = 64 + 16, 128-row attention
 tiles, class labels) and S/2 at batch 1 in float16 (head dim 64, 64-row tiles, no labels), every
 linear tuning candidate of every epilogue included. The CLI runs the full matrix (.ci/run).
