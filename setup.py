@@ -5,16 +5,19 @@ package, and ``csrc/`` (C++/CUDA ops) is compiled into ``duodiff_fast._C`` with
 ``torch.utils.cpp_extension``:
 
 * ``DUODIFF_FAST_BUILD=cuda|cpu|none`` picks the build; unset: ``cuda`` when a CUDA toolkit is found
-  (``CUDA_HOME``, else ``/usr/local/cuda`` when present), ``cpu`` otherwise.
-* ``TORCH_CUDA_ARCH_LIST`` (default: the supported architectures, Hopper included, see
-  ``DEFAULT_CUDA_ARCHS``) and ``MAX_JOBS`` are honoured.
+  (``CUDA_HOME``, else ``/usr/local/cuda`` when present) and there is a GPU to build for (one is
+  visible, or ``TORCH_CUDA_ARCH_LIST`` names the architectures), ``cpu`` otherwise: compiling the
+  CUDA kernels for every architecture on a machine without a GPU takes long and gives nothing to run.
+* ``TORCH_CUDA_ARCH_LIST`` (default: the visible GPUs' architectures; with ``DUODIFF_FAST_BUILD=cuda``
+  and no GPU visible, ``DEFAULT_CUDA_ARCHS``) and ``MAX_JOBS`` are honoured.
 * torch must be importable while building: install torch (and setuptools, wheel, ninja) first, then
   ``pip install --no-build-isolation``. When the extension cannot be built (torch not importable,
   e.g. under pip's build isolation, or no C++ compiler) the build stops with ONE line saying why
   and how to proceed; ``DUODIFF_FAST_BUILD=none`` installs without it on purpose.
 * pip hides a build's own output unless ``-v``, so the build mode is written into the version's
   local label, which pip prints: ``Successfully installed duodiff-fast-0.1.0+cpu`` (CPU kernels),
-  ``...+cuda.sm80.sm86.sm89.sm90`` (CUDA kernels for those architectures, CPU ones too), ``...+noext``.
+  ``...+cuda.sm80.sm86.sm89.sm90`` (CUDA kernels for those architectures, CPU ones too), ``...+noext``;
+  ``...+cpu.nogpu`` is the CPU build chosen because a toolkit was found but no GPU to build for.
 """
 import os
 import shutil
@@ -50,6 +53,17 @@ def _cannot_build(why: str):
                      "install without the native kernels")
 
 
+def _visible_gpu_archs(torch) -> str:
+    """The visible GPUs' architectures as a TORCH_CUDA_ARCH_LIST ("9.0"), or "" without a GPU."""
+    try:
+        if not torch.cuda.is_available():
+            return ""
+        caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    except Exception:  # a broken driver: treat as no GPU (the CPU build is still made)
+        return ""
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(caps))
+
+
 def _native_extensions():
     """([extension], cmdclass, label) for duodiff_fast._C; label is the build mode for the version."""
     mode = os.environ.get("DUODIFF_FAST_BUILD", "").strip().lower() or "auto"
@@ -74,11 +88,13 @@ def _native_extensions():
     has_cuda = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
     if mode == "cuda" and not has_cuda:
         raise SystemExit("DUODIFF_FAST_BUILD=cuda but no CUDA toolkit (CUDA_HOME) or no CUDA build of torch")
-    use_cuda = has_cuda and mode in ("auto", "cuda")
+    gpu_archs = _visible_gpu_archs(torch)
+    target_known = bool(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()) or bool(gpu_archs)
+    use_cuda = has_cuda and (mode == "cuda" or (mode == "auto" and target_known))
     rel = lambda names: [os.path.join("csrc", n) for n in names]  # noqa: E731
     cxx = ["-O3"]  # the C++ standard comes from torch.utils.cpp_extension (C++20 for torch >= 2.10)
     if use_cuda:
-        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", gpu_archs or DEFAULT_CUDA_ARCHS)
         # e.g. "8.0;9.0+PTX" -> 80_90_PTX: one preprocessor token, no quotes to lose in the shell
         tag = "".join(c if c.isalnum() else ("" if c == "." else "_") for c in archs.strip())
         macros = [("DUODIFF_WITH_CUDA", "1"), ("DUODIFF_CUDA_ARCHS", tag or "unknown")]
@@ -90,7 +106,7 @@ def _native_extensions():
         label = "cuda." + ".".join(f"sm{a}" for a in sms if a.isalnum())
     else:
         ext = cpp_extension.CppExtension("duodiff_fast._C", rel(cpp), extra_compile_args={"cxx": cxx})
-        label = "cpu"
+        label = "cpu.nogpu" if (has_cuda and mode == "auto") else "cpu"
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}, label
 
 
