@@ -435,7 +435,8 @@ class _BucketedExit(_FirstExit):
         scatter_rows(state.out, target, program.ex.final(self.head(i), bb.extras, bb.in_chans, state.h))
         state.exits.index_fill_(0, target, i)
         stay = real & ~leave
-        n = read_count(stay.sum())  # the one host read of this layer
+        count = stay.sum()  # (), on the device: the steps below depend on the buckets only, not on n
+        n = read_count(count)  # the one host read of this layer
         if n == 0:
             state.h = state.h[:0]
             state.skips = []
@@ -448,7 +449,7 @@ class _BucketedExit(_FirstExit):
             h, *rest = gather_rows([state.h, *state.skips, *(state.carry[m] for m in names)], order, check=False)
             state.h, state.skips, state.carry = h, rest[:k], dict(zip(names, rest[k:]))
             rows = state.rows.index_select(0, order)
-            state.rows = torch.where(torch.arange(bucket, device=dev) < n, rows, torch.full_like(rows, b))
+            state.rows = torch.where(torch.arange(bucket, device=dev) < count, rows, torch.full_like(rows, b))
             self.active = n
         self.stats.add(state.h.shape[0], n)
         return False

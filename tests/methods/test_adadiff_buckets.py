@@ -17,6 +17,8 @@ from duodiff_fast.ops.compaction import bucket_ladder, choose_bucket, partition_
 from duodiff_fast.samplers import sample
 from duodiff_fast.schedules import get_schedule
 
+from tests.kernels.conftest import device  # noqa: F401  (the device the kernels run on, or skip)
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -268,3 +270,27 @@ def test_denoiser_bucketed_mode(solver, steps):
         AdaDiff(model, schedule, theta=0.07, mode="bucketed", buckets=[0, 2])
     with pytest.raises(ValueError, match="buckets"):
         AdaDiff(model, schedule, theta=0.07, mode="bucketed", buckets=[])
+
+
+# ------------------------------------------------------------------------------ the triton backend
+
+def test_bucketed_with_padding_on_triton_matches_reference(device):
+    from tests.methods.test_every_backend import _denoiser
+
+    schedule = get_schedule("vp-linear")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 4, 8, 8, generator=g).to(device)
+    # rows at t = 0.9, 0.95 leave before layer 2; the 3 others run on in bucket 4 (one padding row)
+    t = torch.tensor([0.9, 0.2, 0.5, 0.95, 0.1], dtype=torch.float32, device=device)
+    y = torch.tensor([1, 5, 0, 9, 3], device=device)
+    outs = {}
+    for backend in ("reference", "triton"):
+        den = _denoiser("adadiff-bucketed", backend, schedule)
+        den.model.to(device)
+        with torch.no_grad():
+            outs[backend] = den(x, t, y).float().cpu()
+        assert den.last_exits.tolist() == [2, 5, 5, 2, 5]
+        assert (den.bucket_stats.real_rows, den.bucket_stats.padded_rows) == (19, 3)
+    ref = outs["reference"]
+    err = float((outs["triton"] - ref).norm() / ref.norm())
+    assert err < (1e-4 if device.type == "cpu" else 5e-2), f"triton vs reference relative error {err:.3g}"
