@@ -18,6 +18,7 @@ from duodiff_fast.samplers import sample
 from duodiff_fast.schedules import get_schedule
 
 from tests.kernels.conftest import device  # noqa: F401  (the device the kernels run on, or skip)
+from tests.methods.test_adadiff import inputs, make_model  # random-UEM tiny models and their inputs
 
 
 @pytest.fixture(autouse=True)
@@ -28,25 +29,16 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def make_model(name="tiny", seed=0, spread=2.0, bias=0.0, uem_hidden=0):
-    """A tiny AdaDiff model whose UEMs give widely spread u (random exit patterns)."""
+def mlp_uem_model(seed=5, spread=2.0):
+    """A tiny AdaDiff model with two-layer UEMs (the time embedding is carried, not time logits)."""
     torch.manual_seed(seed)
-    model = AdaDiffUViT(create_model(name), uem_hidden=uem_hidden).eval()
+    model = AdaDiffUViT(create_model("tiny"), uem_hidden=8).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for uem in model.uems:
             lin = uem.out_linear
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * spread / math.sqrt(lin.in_features))
-            lin.bias.fill_(bias)
     return model
-
-
-def inputs(model, b, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, model.in_chans, model.img_size, model.img_size, generator=g)
-    ts = torch.rand(b, generator=g) * 999
-    y = torch.randint(0, model.num_classes, (b,), generator=g) if model.is_conditional else None
-    return x, ts, y
 
 
 def assert_agree(model, x, ts, y, theta, buckets=None):
@@ -121,7 +113,7 @@ def test_bucketed_equals_simulated_and_shrinking_random_patterns(name, b):
 
 
 def test_custom_ladder_and_mlp_uems():
-    model = make_model(seed=5, uem_hidden=8)  # non-linear UEMs: the time embedding is carried instead
+    model = mlp_uem_model()
     x, ts, y = inputs(model, 13, seed=1)
     with torch.no_grad():
         u = model(x, ts, y).u
