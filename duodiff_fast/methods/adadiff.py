@@ -615,8 +615,10 @@ class AdaDiff(ModelDenoiser):
     Works with every solver; rows may sit at different t. ``last_exits`` holds the (B,) exit
     layers of the latest call; ``bucket_stats`` (bucketed mode; else None) the :class:`BucketStats`
     padding waste summed over every call. Under the CUDA-graph runtime (``runtime.graphs.GraphDenoiser``)
-    the simulated mode has fixed shapes and can be captured; the shrinking mode refuses capture
-    (the runtime then warns once and calls it directly).
+    the simulated mode has fixed shapes and can be captured; the shrinking and bucketed modes
+    refuse capture as a whole (the runtime then warns once and calls them directly). The bucketed
+    mode's (layer, bucket) steps have static shapes, ready for per-bucket graphs; capturing them is
+    not implemented yet.
     """
 
     def __init__(self, model: AdaDiffUViT, schedule, theta: float, mode: str = "shrinking", recorder=None,

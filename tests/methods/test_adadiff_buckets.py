@@ -145,7 +145,7 @@ def synthetic_model(sample_spread=0.0, seed=0):
     return model, schedule
 
 
-@pytest.mark.parametrize("b", [5, 13])
+@pytest.mark.parametrize("b", [1, 5, 13])
 def test_synthetic_profile_with_mixed_times(b):
     model, schedule = synthetic_model(sample_spread=3.0, seed=b)
     g = torch.Generator().manual_seed(b)
@@ -155,7 +155,7 @@ def test_synthetic_profile_with_mixed_times(b):
     seen = set()
     for theta in (0.01, 0.07, 0.3, 0.9):
         seen.update(assert_agree(model, x, ts, None, theta).tolist())
-    assert {2, model.num_layers} <= seen
+    assert {2, model.num_layers} <= seen or b == 1
 
 
 # ------------------------------------------------------------------------------ padding, by hand
