@@ -62,7 +62,8 @@ import torch.nn.functional as F
 
 from ..backends import model_dtype
 from ..models.program import program_for
-from ..ops.compaction import bucket_ladder, choose_bucket, gather_rows, partition_order, scatter_rows
+from ..ops.compaction import bucket_ladder, gather_rows, partition_order, scatter_rows
+from ..runtime.graphs import choose_bucket
 from ..models.uvit import UViT, final_layer
 from .denoiser import ModelDenoiser
 
@@ -442,7 +443,7 @@ class _BucketedExit(_FirstExit):
             state.skips = []
             return True
         if n != self.active:  # rows left: stayers to the front (stable), padded up to n's bucket
-            bucket = choose_bucket(self.ladder, n)
+            bucket = choose_bucket(n, self.ladder)  # the smallest bucket >= n (the ladder ends at B)
             order = partition_order(stay)[:bucket]  # in range by construction: no index check
             names = list(state.carry)
             k = len(state.skips)

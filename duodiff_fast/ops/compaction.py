@@ -8,8 +8,8 @@ their original batch positions (``scatter_rows``). When rows of one batch take d
 path on its rows and writes the results back.
 
 Bucketed batches (AdaDiff's ``mode="bucketed"``): the active rows are padded up to the smallest
-bucket of a fixed ladder (:func:`bucket_ladder`, :func:`choose_bucket`), so every layer runs one of a
-few static shapes; :func:`partition_order` moves the rows that stay to the front without a host read.
+bucket of a fixed ladder (:func:`bucket_ladder`; ``runtime.graphs.choose_bucket`` picks one), so
+every layer runs one of a few static shapes; :func:`partition_order` moves the rows that stay to the front without a host read.
 
 The native ops of ``duodiff_fast._C`` (``torch.ops.duodiff.active_indices / gather_rows /
 scatter_rows_``) run where :func:`~duodiff_fast.ops.availability.native_available` says they can
@@ -24,7 +24,7 @@ import torch
 from .availability import native_available
 
 __all__ = ["active_indices", "gather_rows", "scatter_rows", "split_rows", "take_rows", "bucket_ladder",
-           "choose_bucket", "partition_order"]
+           "partition_order"]
 
 
 def active_indices(keep: torch.Tensor) -> torch.Tensor:
@@ -134,16 +134,6 @@ def bucket_ladder(batch: int, buckets: Optional[Sequence[int]] = None) -> List[i
             raise ValueError(f"buckets must be a non-empty list of positive ints, got {buckets!r}")
         ladder = sorted({b for b in buckets if b < batch})
     return ladder + [batch]
-
-
-def choose_bucket(ladder: Sequence[int], n: int) -> int:
-    """The smallest bucket of ``ladder`` (ascending) holding ``n`` rows (n >= 1)."""
-    if n < 1 or n > ladder[-1]:
-        raise ValueError(f"{n} rows do not fit the bucket ladder {list(ladder)} (need 1 <= n <= {ladder[-1]})")
-    for b in ladder:
-        if b >= n:
-            return b
-    raise AssertionError("unreachable: the last bucket holds every count")
 
 
 def partition_order(stay: torch.Tensor) -> torch.Tensor:

