@@ -9,7 +9,8 @@ path on its rows and writes the results back.
 
 Bucketed batches (AdaDiff's ``mode="bucketed"``): the active rows are padded up to the smallest
 bucket of a fixed ladder (:func:`bucket_ladder`; ``runtime.graphs.choose_bucket`` picks one), so
-every layer runs one of a few static shapes; :func:`partition_order` moves the rows that stay to the front without a host read.
+every layer runs one of a few static shapes; :func:`partition_order` moves the rows that stay to
+the front without a host read.
 
 The native ops of ``duodiff_fast._C`` (``torch.ops.duodiff.active_indices / gather_rows /
 scatter_rows_``) run where :func:`~duodiff_fast.ops.availability.native_available` says they can
