@@ -226,7 +226,7 @@ def plan(args, device_type: str) -> List[dict]:
             for solver in _split(args.solvers):
                 rows = ["base" if t == 0 else f"DuoDiff t_s={t}" for t in args.t_s_list]
                 if backend in _split(args.adadiff_backends) and solver in _split(args.adadiff_solvers):
-                    rows += [f"AdaDiff {th:g} {m}" for th in args.theta_list for m in ("shrink", "sim")]
+                    rows += [f"AdaDiff {th:g} {m}" for th in args.theta_list for m in ("shrink", "sim", "bucket")]
                 if ("multistage" in methods and backend in _split(args.method_backends)
                         and solver in _split(args.method_solvers) and backend != "torch.compile"):
                     rows.append("multistage")
@@ -394,7 +394,7 @@ class Runner:
             ada = set_synthetic_exit_profile(AdaDiffUViT(copy.deepcopy(full_ref)), schedule, **profile).to(dev)
             ada_model = prepare_model(ada, g["backend"], compile_mode=args.compile_mode)
             for th in args.theta_list:
-                for mode, lab in (("shrinking", "shrink"), ("simulated", "sim")):
+                for mode, lab in (("shrinking", "shrink"), ("simulated", "sim"), ("bucketed", "bucket")):
                     key = f"AdaDiff {th:g} {lab}"
                     rec = ExitRecorder(ada_model.num_layers)
                     recorders[key] = rec
@@ -435,6 +435,8 @@ class Runner:
                 r["shallow_evaluations"] = routes.count("shallow")
             if key in recorders and r["status"] == "ok":
                 r["mean_exit_layer"] = recorders[key].mean_exit() if len(recorders[key]) else None
+            if getattr(dens[key], "bucket_stats", None) is not None:  # over warm-up and timed runs
+                r["bucket_padding"] = dens[key].bucket_stats.as_dict()
             if key == "multistage" and ms is not None and evals[key]:
                 stages = ms.routing(evals[key])
                 r["stage_steps"] = [stages.count(i) for i in range(ms.model.num_stages)]
@@ -459,6 +461,11 @@ class Runner:
             realised = base_s / shrink["per_sample"]["median_s"]
             shrink.update(allowed_speedup=n / mean_exit, realised_speedup=realised,
                           speedup_efficiency=realised / (n / mean_exit))
+            bucket = rows.get(f"AdaDiff {th:g} bucket")
+            if bucket is not None and bucket["status"] == "ok":
+                realised = base_s / bucket["per_sample"]["median_s"]
+                bucket.update(allowed_speedup=n / mean_exit, realised_speedup=realised,
+                              speedup_efficiency=realised / (n / mean_exit))
             out.append(_row(g, f"AdaDiff {th:g} est", self.args, None, self.args.batch_size, t_s=None, theta=th,
                             exit_mode="paper-estimate", estimate_per_sample_s=estimate, mean_exit_layer=mean_exit,
                             num_layers=n, status="estimate", paper_per_sample_s=None,

@@ -41,10 +41,19 @@ Inference, two implementations that agree to rounding:
       tensors and time logits, are compacted and go on, so layer i processes only the rows still
       active. Both run as hooks of the backbone's layer program (``duodiff_fast.models.program``),
       so they run on whichever backend the backbone asks for (``prepare_model(m, "triton")``).
+    * :meth:`AdaDiffUViT.exit_bucketed`: the shrinking batch with static shapes. The active rows are
+      padded up to the smallest bucket of a ladder (powers of two, then the batch), so each layer
+      runs one of a few shapes; per layer the only host read is the count of rows still active
+      (:func:`read_count`), which picks the next bucket. Every (layer, bucket) step has a fixed
+      shape -- what per-bucket CUDA graphs need -- but it runs eagerly here (no capture yet).
+      Padding rows are copies of rows that already left: attention is per sample, so they never
+      touch the real rows, and their writes go to a trash row that is cut off. The padding waste
+      is counted in a :class:`BucketStats`.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -53,6 +62,8 @@ import torch.nn.functional as F
 
 from ..backends import model_dtype
 from ..models.program import program_for
+from ..ops.compaction import bucket_ladder, gather_rows, partition_order, scatter_rows
+from ..runtime.graphs import choose_bucket
 from ..models.uvit import UViT, final_layer
 from .denoiser import ModelDenoiser
 
@@ -63,11 +74,44 @@ __all__ = [
     "AdaDiffOutputs",
     "AdaDiffObjective",
     "AdaDiff",
+    "BucketStats",
     "check_theta",
     "set_synthetic_exit_profile",
 ]
 
-EXIT_MODES = ("shrinking", "simulated")
+EXIT_MODES = ("shrinking", "simulated", "bucketed")
+
+
+def read_count(count: torch.Tensor) -> int:
+    """The bucketed exit's one host read per layer: the number of rows still active (a 0-d tensor)."""
+    return int(count)
+
+
+@dataclass
+class BucketStats:
+    """Padding waste of the bucketed exit, summed over the layers run (and over calls).
+
+    real_rows: sum over layers of the active rows a layer ran; padded_rows: sum of the padding
+    rows it ran on top (bucket - active); calls: exits run. Heads and UEMs run on the same buckets.
+    """
+
+    real_rows: int = 0
+    padded_rows: int = 0
+    calls: int = 0
+
+    def add(self, bucket: int, real: int) -> None:
+        self.real_rows += real
+        self.padded_rows += bucket - real
+
+    @property
+    def waste(self) -> float:
+        """Fraction of the rows run that were padding (0 when nothing ran)."""
+        total = self.real_rows + self.padded_rows
+        return self.padded_rows / total if total else 0.0
+
+    def as_dict(self) -> Dict[str, float]:
+        return {"real_rows": self.real_rows, "padded_rows": self.padded_rows, "waste": self.waste,
+                "calls": self.calls}
 
 
 def check_theta(theta) -> float:
@@ -286,16 +330,39 @@ class AdaDiffUViT(nn.Module):
                                "decided on the host after every layer); use mode='simulated' under capture")
         program, timesteps, temb = self._program(x, timesteps, y)
         hook = _FirstExit(self, theta)
-        if hook.linear:  # the time part of every UEM's logit, once: (B, N); compacted like the rows
-            carry = {"tlogit": torch.stack([uem.time_logit(temb) for uem in self.uems], dim=1)}
-        else:
-            carry = {"temb": temb}
-        state = program.encode(x, timesteps, y, hook=hook, carry=carry)
+        state = program.encode(x, timesteps, y, hook=hook, carry=hook.carry(temb))
         eps = state.out if state.done else program.decode(state, hook=hook)
         exits = state.exits
         if exits is None:  # no row left early
             exits = torch.full((x.shape[0],), self.num_layers, dtype=torch.long, device=x.device)
         return eps, exits
+
+    @torch.no_grad()
+    def exit_bucketed(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor], theta: float,
+                      buckets: Optional[List[int]] = None,
+                      stats: Optional[BucketStats] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Shrinking batch padded to a bucket ladder: at most one host read per layer.
+
+        Args:
+            buckets: the bucket sizes (default: powers of two below B), see
+                :func:`~duodiff_fast.ops.compaction.bucket_ladder`; B itself is always the top one.
+            stats: a :class:`BucketStats` the padding of this call is added to.
+        Returns eps (B, C, H, W) and exit layers (B,) int64 in [0, N], equal (to rounding) to
+        :meth:`exit_simulated`.
+        """
+        theta = check_theta(theta)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the bucketed exit reads the active count on the host after every UEM and "
+                               "cannot be captured in one CUDA graph; use mode='simulated' under capture")
+        ladder = bucket_ladder(x.shape[0], buckets)
+        program, timesteps, temb = self._program(x, timesteps, y)
+        hook = _BucketedExit(self, theta, ladder, stats if stats is not None else BucketStats())
+        state = program.encode(x, timesteps, y, hook=hook, carry=hook.carry(temb))
+        if not state.done:
+            program.decode(state, hook=hook)  # the last bucket's final layer; padding lands in the trash row
+        hook.stats.calls += 1
+        b = x.shape[0]
+        return state.out[:b], state.exits[:b]
 
 
 class _EveryExit:
@@ -324,6 +391,12 @@ class _FirstExit:
     def head(self, i: int) -> nn.Module:
         return self.model.heads[i]
 
+    def carry(self, temb: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Per-row tensors that follow the rows: the time part of every UEM logit (B, N), or temb (B, D)."""
+        if self.linear:  # once per call, not once per layer
+            return {"tlogit": torch.stack([uem.time_logit(temb) for uem in self.model.uems], dim=1)}
+        return {"temb": temb}
+
     def before_layer(self, i: int, state, program) -> torch.Tensor:
         uem = self.model.uems[i]
         if self.linear:
@@ -331,6 +404,56 @@ class _FirstExit:
         else:
             u = uem(state.h, state.carry["temb"])
         return u.float() <= self.theta  # (K,) rows that leave
+
+
+class _BucketedExit(_FirstExit):
+    """Layer-program hook: :class:`_FirstExit`'s decision, with the rows kept in ladder buckets.
+
+    State between layers: ``state.h`` holds P = bucket rows, the ``active`` real ones first;
+    ``state.rows`` (P,) is each slot's batch position, B (the trash row of ``state.out`` and
+    ``state.exits``, both (B + 1, ...)) for padding slots. Every step before the host read has the
+    shape of the current bucket P, every step after it the shape of the next bucket.
+    """
+
+    def __init__(self, model: AdaDiffUViT, theta: float, ladder: List[int], stats: BucketStats):
+        super().__init__(model, theta)
+        self.ladder = ladder
+        self.stats = stats
+        self.batch = ladder[-1]
+        self.active = self.batch
+
+    def exit_rows(self, i: int, state, leave: torch.Tensor, program) -> bool:
+        """Rows ``leave`` (P,) exit through head i; the rest move to the front of the next bucket."""
+        bb, b, dev = program.model, self.batch, state.h.device
+        if state.out is None:  # before layer 0: the whole batch, which is the top bucket (no padding)
+            state.out = state.h.new_empty((b + 1, bb.in_chans, bb.img_size, bb.img_size))
+            state.exits = torch.full((b + 1,), program.num_layers, dtype=torch.long, device=dev)
+            state.rows = torch.arange(b, device=dev)
+        real = state.rows < b
+        leave = leave & real
+        # The head runs on every slot (a static shape); slots that do not leave write the trash row.
+        target = torch.where(leave, state.rows, torch.full_like(state.rows, b))
+        scatter_rows(state.out, target, program.ex.final(self.head(i), bb.extras, bb.in_chans, state.h))
+        state.exits.index_fill_(0, target, i)
+        stay = real & ~leave
+        count = stay.sum()  # (), on the device: the steps below depend on the buckets only, not on n
+        n = read_count(count)  # the one host read of this layer
+        if n == 0:
+            state.h = state.h[:0]
+            state.skips = []
+            return True
+        if n != self.active:  # rows left: stayers to the front (stable), padded up to n's bucket
+            bucket = choose_bucket(n, self.ladder)  # the smallest bucket >= n (the ladder ends at B)
+            order = partition_order(stay)[:bucket]  # in range by construction: no index check
+            names = list(state.carry)
+            k = len(state.skips)
+            h, *rest = gather_rows([state.h, *state.skips, *(state.carry[m] for m in names)], order, check=False)
+            state.h, state.skips, state.carry = h, rest[:k], dict(zip(names, rest[k:]))
+            rows = state.rows.index_select(0, order)
+            state.rows = torch.where(torch.arange(bucket, device=dev) < count, rows, torch.full_like(rows, b))
+            self.active = n
+        self.stats.add(state.h.shape[0], n)
+        return False
 
 
 def set_synthetic_exit_profile(model: AdaDiffUViT, schedule=None, t_switch: float = 0.6, exit_layer: int = 2,
@@ -483,23 +606,33 @@ class AdaDiff(ModelDenoiser):
         model: an :class:`AdaDiffUViT` (any backend form of it, e.g. from ``prepare_model``).
         schedule: the noise schedule it was trained with.
         theta: exit threshold in [0, 1]; a sample exits at the first layer whose u <= theta.
-        mode: "shrinking" (compacted batch, the fast path) or "simulated" (reference).
+        mode: "shrinking" (compacted batch, the fast path), "bucketed" (compacted batch padded to
+            a bucket ladder: one host read per layer, static shapes) or "simulated" (reference).
+        buckets: the bucket ladder of the bucketed mode (default: powers of two below the batch).
         recorder: an object with ``record(t (B,), exit_layers (B,))`` called on every evaluation
             (e.g. :class:`duodiff_fast.analysis.ExitRecorder`). Under classifier-free guidance the
             cond and uncond rows are both recorded (they exit independently).
 
     Works with every solver; rows may sit at different t. ``last_exits`` holds the (B,) exit
-    layers of the latest call. Under the CUDA-graph runtime (``runtime.graphs.GraphDenoiser``)
-    the simulated mode has fixed shapes and can be captured; the shrinking mode refuses capture
-    (the runtime then warns once and calls it directly).
+    layers of the latest call; ``bucket_stats`` (bucketed mode; else None) the :class:`BucketStats`
+    padding waste summed over every call. Under the CUDA-graph runtime (``runtime.graphs.GraphDenoiser``)
+    the simulated mode has fixed shapes and can be captured; the shrinking and bucketed modes
+    refuse capture as a whole (the runtime then warns once and calls them directly). The bucketed
+    mode's (layer, bucket) steps have static shapes, ready for per-bucket graphs; capturing them is
+    not implemented yet.
     """
 
-    def __init__(self, model: AdaDiffUViT, schedule, theta: float, mode: str = "shrinking", recorder=None):
+    def __init__(self, model: AdaDiffUViT, schedule, theta: float, mode: str = "shrinking", recorder=None,
+                 buckets: Optional[List[int]] = None):
         super().__init__(model, schedule)
         self.theta = check_theta(theta)
         if mode not in EXIT_MODES:
             raise ValueError(f"mode must be one of {EXIT_MODES}, got {mode!r}")
         self.mode = mode
+        self.buckets = None if buckets is None else list(buckets)
+        if self.buckets is not None:
+            bucket_ladder(1, self.buckets)  # a clear error now, not at the first call
+        self.bucket_stats: Optional[BucketStats] = BucketStats() if mode == "bucketed" else None
         self.recorder = recorder
         self.last_exits: Optional[torch.Tensor] = None
 
@@ -507,8 +640,12 @@ class AdaDiff(ModelDenoiser):
         self.check(x, t, y)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
-        run = self.model.exit_shrinking if self.mode == "shrinking" else self.model.exit_simulated
-        eps, exits = run(x.to(model_dtype(self.model)), timesteps, y, self.theta)
+        xm = x.to(model_dtype(self.model))
+        if self.mode == "bucketed":
+            eps, exits = self.model.exit_bucketed(xm, timesteps, y, self.theta, self.buckets, self.bucket_stats)
+        else:
+            run = self.model.exit_shrinking if self.mode == "shrinking" else self.model.exit_simulated
+            eps, exits = run(xm, timesteps, y, self.theta)
         self.last_exits = exits
         if self.recorder is not None:
             self.recorder.record(t, exits)

@@ -7,7 +7,8 @@ executor (:mod:`duodiff_fast.models.executor`) picked for the call. Methods plug
 * ``hook`` (AdaDiff): before layer i, ``hook.before_layer(i, state, program)`` may return a (K,)
   bool mask of rows that leave; the program runs their exit head ``hook.head(i)``, writes them to
   their batch positions and compacts the rest -- hidden states, the pending skip stack and the
-  hook's per-row ``state.carry`` tensors -- so later layers see only active rows.
+  hook's per-row ``state.carry`` tensors -- so later layers see only active rows. A hook with its
+  own ``exit_rows`` replaces that exit step (AdaDiff's bucketed batch, padded to static shapes).
 * ``keep`` (ASE): out-block j runs attention + MLP only where ``j < keep`` (an int, or a (B,) long
   tensor per row); a dropped out-block still applies its ``skip_linear`` (the long skip is kept).
 * ``decoder`` (multistage): out-blocks, norm, prediction head and final conv come from this
@@ -173,7 +174,14 @@ class LayerProgram:
             blk, h if rows is None else h.index_select(0, rows)), out=h)
 
     def _exit(self, i: int, state: RowState, leave: torch.Tensor, hook) -> bool:
-        """Rows ``leave`` (K,) bool exit through ``hook.head(i)``; True when none is left."""
+        """Rows ``leave`` (K,) bool exit through ``hook.head(i)``; True when none is left.
+
+        A hook with an ``exit_rows(i, state, leave, program)`` method does the exit itself (AdaDiff's
+        bucketed batch keeps padded rows, with ``state.rows`` pointing padding at a trash row B).
+        """
+        exit_rows = getattr(hook, "exit_rows", None)
+        if exit_rows is not None:
+            return exit_rows(i, state, leave, self)
         n_leave = int(leave.sum())  # host read: the shapes of the next layer depend on it
         if n_leave == 0:
             return False

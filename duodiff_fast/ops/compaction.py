@@ -7,6 +7,11 @@ their original batch positions (``scatter_rows``). When rows of one batch take d
 (DuoDiff's backbones, multistage decoders, ASE's per-row kept blocks), :func:`split_rows` runs each
 path on its rows and writes the results back.
 
+Bucketed batches (AdaDiff's ``mode="bucketed"``): the active rows are padded up to the smallest
+bucket of a fixed ladder (:func:`bucket_ladder`; ``runtime.graphs.choose_bucket`` picks one), so
+every layer runs one of a few static shapes; :func:`partition_order` moves the rows that stay to
+the front without a host read.
+
 The native ops of ``duodiff_fast._C`` (``torch.ops.duodiff.active_indices / gather_rows /
 scatter_rows_``) run where :func:`~duodiff_fast.ops.availability.native_available` says they can
 for the tensors' device; these PyTorch implementations otherwise. The results are the same.
@@ -19,7 +24,8 @@ import torch
 
 from .availability import native_available
 
-__all__ = ["active_indices", "gather_rows", "scatter_rows", "split_rows", "take_rows"]
+__all__ = ["active_indices", "gather_rows", "scatter_rows", "split_rows", "take_rows", "bucket_ladder",
+           "partition_order"]
 
 
 def active_indices(keep: torch.Tensor) -> torch.Tensor:
@@ -40,10 +46,12 @@ def _check_index(index: torch.Tensor, rows: int) -> None:
             raise IndexError(f"row index out of range for a tensor with {rows} rows (index spans [{lo}, {hi}])")
 
 
-def gather_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor) -> List[torch.Tensor]:
+def gather_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor, check: bool = True) -> List[torch.Tensor]:
     """Rows ``index`` (K,) of each (B, ...) tensor, as new contiguous (K, ...) tensors.
 
-    All tensors must have the same number of rows B; the index is validated once for all of them.
+    All tensors must have the same number of rows B; the index is validated once for all of them
+    (one host read on CUDA). ``check=False`` skips that read, for indices in range by construction
+    (a permutation from :func:`partition_order`).
     """
     tensors = list(tensors)
     if not tensors:
@@ -52,7 +60,8 @@ def gather_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor) -> List[to
     for t in tensors[1:]:
         if t.shape[0] != rows:
             raise ValueError(f"gather_rows needs tensors with the same number of rows, got {t.shape[0]} and {rows}")
-    _check_index(index, rows)
+    if check:
+        _check_index(index, rows)
     device = tensors[0].device
     same_device = all(t.device == device for t in tensors) and (index.device == device or index.device.type == "cpu")
     if same_device and native_available(device):
@@ -108,3 +117,31 @@ def split_rows(route: torch.Tensor, values: Iterable, run: Callable[[object, Opt
     if out is None:
         raise ValueError("split_rows: no row takes any of the given routes")
     return out
+
+
+def bucket_ladder(batch: int, buckets: Optional[Sequence[int]] = None) -> List[int]:
+    """The ascending batch sizes a shrinking batch is padded to; the largest is ``batch``.
+
+    Default: the powers of two below ``batch``, then ``batch`` itself (13 -> [1, 2, 4, 8, 13]).
+    Given ``buckets`` are sorted, the ones >= ``batch`` dropped and ``batch`` appended.
+    """
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if buckets is None:
+        ladder = [1 << k for k in range(batch.bit_length()) if (1 << k) < batch]
+    else:
+        buckets = list(buckets)
+        if not buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in buckets):
+            raise ValueError(f"buckets must be a non-empty list of positive ints, got {buckets!r}")
+        ladder = sorted({b for b in buckets if b < batch})
+    return ladder + [batch]
+
+
+def partition_order(stay: torch.Tensor) -> torch.Tensor:
+    """(P,) bool -> (P,) int64 permutation: the True rows first, each group in its original order.
+
+    A stable sort, so the shape is static and no host read is needed (unlike ``nonzero``).
+    """
+    if stay.dim() != 1 or stay.dtype != torch.bool:
+        raise ValueError(f"stay must be a 1-D bool mask, got shape {tuple(stay.shape)} dtype {stay.dtype}")
+    return torch.sort((~stay).to(torch.int32), stable=True).indices

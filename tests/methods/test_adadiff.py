@@ -297,7 +297,7 @@ def test_latency_benchmark_rows(tmp_path):
     assert out.is_file()
     ada = [r for r in result["rows"] if r.get("theta") is not None]
     # measured rows (timed interleaved with the base), then the paper's estimates (not measured)
-    assert [r["exit_mode"] for r in ada] == ["shrinking", "simulated"] * 2 + ["paper-estimate"] * 2
+    assert [r["exit_mode"] for r in ada] == ["shrinking", "simulated", "bucketed"] * 2 + ["paper-estimate"] * 2
     base = next(r for r in result["rows"] if r["t_s"] == 0)["per_sample"]["median_s"]
     for r in ada:
         assert 0 <= r["mean_exit_layer"] <= r["num_layers"] == 5
@@ -307,6 +307,12 @@ def test_latency_benchmark_rows(tmp_path):
         else:
             assert "PROGRAMMED" in r["uem_profile"] and r["status"] == "ok"
             assert r["per_sample"]["median_s"] > 0 and r["speedup"]["over"] == "base"
+        if r["exit_mode"] == "bucketed":
+            pad = r["bucket_padding"]
+            assert pad["calls"] > 0 and pad["real_rows"] > 0 and 0.0 <= pad["waste"] < 1.0
+            assert r["speedup_efficiency"] == pytest.approx(r["realised_speedup"] / r["allowed_speedup"])
+        else:
+            assert "bucket_padding" not in r
 
 
 def test_synthetic_exit_profile_schedule_defaults_to_linear_and_checks_arguments():

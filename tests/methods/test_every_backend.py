@@ -54,7 +54,7 @@ def _denoiser(method: str, backend: str, schedule):
     raise AssertionError(method)
 
 
-METHODS = ["base", "duodiff", "adadiff-simulated", "adadiff-shrinking", "ase", "multistage"]
+METHODS = ["base", "duodiff", "adadiff-simulated", "adadiff-shrinking", "adadiff-bucketed", "ase", "multistage"]
 
 
 @pytest.mark.parametrize("method", METHODS)
