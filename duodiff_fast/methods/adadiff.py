@@ -582,16 +582,8 @@ class AdaDiffObjective:
                  generator: Optional[torch.Generator] = None):
         base = self.base
         t, noise, x_t = base.sample(x0, generator)
-        if base.num_classes > 0:
-            if y is None:
-                raise ValueError(f"the model is class-conditional (num_classes={base.num_classes}) but no labels came")
-            from ..training.objective import drop_labels
-
-            y = drop_labels(y, base.p_uncond, base.num_classes - 1, generator)
-        else:
-            y = None
-        timesteps = base.schedule.model_input(t).to(device=x0.device, dtype=torch.float32)
-        out = model(x_t, timesteps, y)
+        y = base.training_labels(y, generator)
+        out = model(x_t, base.network_timesteps(t, x0.device), y)
         terms = self.losses(out, noise, self.detach_ual_weight, self.target)
         loss = terms["l_simple"] + self.lam * terms["l_u"] + self.beta * terms["l_ual"]
         metrics = {k: v.detach() for k, v in terms.items()}

@@ -39,7 +39,7 @@ from ..backends import model_dtype
 from ..models.program import program_for
 from ..models.uvit import UViT
 from ..samplers.constants import host_time
-from ..training.objective import DiffusionObjective, drop_labels
+from ..training.objective import DiffusionObjective
 from .denoiser import ModelDenoiser
 
 # Kept out-blocks per fifth of [0, 1]; first entry t in [0, 0.2) (data side), last [0.8, 1] (noise).
@@ -282,13 +282,8 @@ class ASEObjective(DiffusionObjective):
         if hasattr(inner, "out_blocks"):
             self.dropping.validate(len(inner.out_blocks))
         t, noise, x_t = self.sample(x0, generator)
-        if self.num_classes > 0:
-            if y is None:
-                raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) but no labels came")
-            y = drop_labels(y, self.p_uncond, self.num_classes - 1, generator)
-        else:
-            y = None
-        timesteps = self.schedule.model_input(t).to(device=x0.device, dtype=torch.float32)
+        y = self.training_labels(y, generator)
+        timesteps = self.network_timesteps(t, x0.device)
         keep = self.dropping.kept_blocks(t).to(x0.device)
         eps = model(x_t, timesteps, y, keep=keep)  # (B, C, H, W)
         per_row = (eps.float() - noise).pow(2).flatten(1).mean(1)  # (B,)

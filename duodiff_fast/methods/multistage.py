@@ -31,7 +31,7 @@ from ..models.program import RowState, program_for
 from ..models.uvit import Block, UViT, init_linear_and_norm
 from ..ops.compaction import split_rows, take_rows
 from ..samplers.constants import host_time
-from ..training.objective import DiffusionObjective, drop_labels
+from ..training.objective import DiffusionObjective
 from .denoiser import ModelDenoiser
 
 CIFAR10_BOUNDARIES = (0.442, 0.631)
@@ -369,14 +369,8 @@ class MultistageObjective(DiffusionObjective):
         self.step += 1
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=torch.float32)
         x_t = self.schedule.add_noise(x0.float(), noise, t).to(torch.float32)
-        if self.num_classes > 0:
-            if y is None:
-                raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) but no labels came")
-            y = drop_labels(y, self.p_uncond, self.num_classes - 1, generator)
-        else:
-            y = None
-        timesteps = self.schedule.model_input(t).to(device=x0.device, dtype=torch.float32)
-        eps = model(x_t, timesteps, y, stage=stage)
+        y = self.training_labels(y, generator)
+        eps = model(x_t, self.network_timesteps(t, x0.device), y, stage=stage)
         loss = (eps.float() - noise).pow(2).mean()
         return loss, {"loss": loss.detach(), "stage": torch.tensor(float(stage))}
 

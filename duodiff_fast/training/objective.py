@@ -68,16 +68,23 @@ class DiffusionObjective:
         x_t = self.schedule.add_noise(x0.float(), noise, t).to(torch.float32)
         return t, noise, x_t
 
+    def training_labels(self, y: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
+        """The labels the network sees in training: (B,) int64 with the null class at rate
+        ``p_uncond``, or None for an unconditional model (a conditional one without labels is an error)."""
+        if self.num_classes <= 0:
+            return None
+        if y is None:
+            raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) but no labels came")
+        return drop_labels(y, self.p_uncond, self.num_classes - 1, generator)
+
+    def network_timesteps(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """(B,) float32 time input the network is fed for times ``t`` (``schedule.model_input``)."""
+        return self.schedule.model_input(t).to(device=device, dtype=torch.float32)
+
     def __call__(self, model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor],
                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         t, noise, x_t = self.sample(x0, generator)
-        if self.num_classes > 0:
-            if y is None:
-                raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) but no labels came")
-            y = drop_labels(y, self.p_uncond, self.num_classes - 1, generator)
-        else:
-            y = None
-        timesteps = self.schedule.model_input(t).to(device=x0.device, dtype=torch.float32)
-        eps = model(x_t, timesteps, y)  # (B, C, H, W)
+        y = self.training_labels(y, generator)
+        eps = model(x_t, self.network_timesteps(t, x0.device), y)  # (B, C, H, W)
         loss = (eps.float() - noise).pow(2).mean()
         return loss, {"loss": loss.detach()}
