@@ -33,6 +33,7 @@ Prints a table and writes JSON (device, versions, settings, every timing) to ben
 from __future__ import annotations
 
 import argparse
+import os
 import copy
 import time
 from typing import Callable, Dict, List, Optional
@@ -140,6 +141,12 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     a("--method-backends", default=None, help="backends of the ASE/multistage rows (default reference on CPU, "
       "reference,eager-bf16 on CUDA; never torch.compile: these forwards bypass the compiled forward)")
     a("--method-solvers", default=None, help="solvers of the ASE/multistage rows (default ddim on CPU, every solver on CUDA)")
+    a("--adadiff-checkpoint", default=None, help="trained AdaDiff weights (this package's AdaDiffUViT state dict, "
+      "or the DuoDiff/AdaDiff authors' early-exit files) for the AdaDiff rows instead of programmed exits; "
+      "needs one --configs entry that fits them (a heads-only file takes its backbone from --checkpoint)")
+    a("--checkpoint", default=None, help="full U-ViT weights for the backbone of a heads-only --adadiff-checkpoint")
+    a("--multistage-checkpoint", default=None, help="a saved MultistageUViT (save_multistage) for the multistage "
+      "row instead of random stage decoders; needs one --configs entry")
     a("--multistage-boundaries", default="0.442,0.631", help="multistage stage boundaries on t (default: the paper's CIFAR-10 ones)")
     a("--multistage-widths", default="1.5,1,0.125", help="stage decoder widths as fractions of the shared width, data "
       "side first (default 1.5,1,0.125: the paper's 192/128/16 decoders over a 128 encoder)")
@@ -209,6 +216,14 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
         raise SystemExit(f"--t-s takes integers and --adadiff-thetas numbers: {e}")
     if 0 not in args.t_s_list:
         args.t_s_list = [0] + args.t_s_list  # speedups need the base row
+    for flag, path in (("--adadiff-checkpoint", args.adadiff_checkpoint),
+                       ("--multistage-checkpoint", args.multistage_checkpoint), ("--checkpoint", args.checkpoint)):
+        if path is None:
+            continue
+        if not os.path.exists(path):
+            raise SystemExit(f"{flag}: no such file or folder: {path}")
+        if len(_split(args.configs)) != 1:
+            raise SystemExit(f"{flag} fits one model config: pass exactly one --configs entry")
     return args
 
 
@@ -370,6 +385,13 @@ class Runner:
         return time_interleaved(fns, self.device, self.args.repeats, self.args.warmup, desc=desc,
                                 progress=not self.args.no_progress, clock=self.args.clock)
 
+    def trained_adadiff(self, config: str):
+        """The AdaDiffUViT of --adadiff-checkpoint (float32, on the device), read by the method factory."""
+        from ..methods.factory import MethodWeights, _adadiff_model
+
+        weights = MethodWeights(full=self.args.checkpoint, adadiff=self.args.adadiff_checkpoint)
+        return _adadiff_model(config, weights, {}).float().to(self.device).eval()
+
     # ---- base, DuoDiff, AdaDiff, multistage of one (config, backend, solver) -----------------------
     def group_main(self, g: dict) -> List[dict]:
         args, dev = self.args, self.device
@@ -390,8 +412,12 @@ class Runner:
             from ..methods import AdaDiff, AdaDiffUViT
             from ..methods.adadiff import set_synthetic_exit_profile
 
-            profile = dict(ADADIFF_PROFILE, exit_layer=min(ADADIFF_PROFILE["exit_layer"], full_ref.num_layers - 1))
-            ada = set_synthetic_exit_profile(AdaDiffUViT(copy.deepcopy(full_ref)), schedule, **profile).to(dev)
+            if args.adadiff_checkpoint:  # trained heads and UEMs: the exits a real model takes
+                ada, uem_note = self.trained_adadiff(g["config"]), f"trained: {args.adadiff_checkpoint}"
+            else:
+                profile = dict(ADADIFF_PROFILE, exit_layer=min(ADADIFF_PROFILE["exit_layer"], full_ref.num_layers - 1))
+                ada = set_synthetic_exit_profile(AdaDiffUViT(copy.deepcopy(full_ref)), schedule, **profile).to(dev)
+                uem_note = ADADIFF_NOTE
             ada_model = prepare_model(ada, g["backend"], compile_mode=args.compile_mode)
             for th in args.theta_list:
                 for mode, lab in (("shrinking", "shrink"), ("simulated", "sim"), ("bucketed", "bucket")):
@@ -400,7 +426,7 @@ class Runner:
                     recorders[key] = rec
                     dens[key] = AdaDiff(ada_model, schedule, th, mode=mode, recorder=rec)
                     extra[key] = dict(t_s=None, theta=th, exit_mode=mode, num_layers=ada_model.num_layers,
-                                      uem_profile=ADADIFF_NOTE,
+                                      uem_profile=uem_note,
                                       paper_per_sample_s=(PAPER_ADADIFF_SECONDS.get((g["config"], th))
                                                           if g["solver"] == "ddpm" and mode == "shrinking" else None))
         ms = None
@@ -410,8 +436,14 @@ class Runner:
             bounds = [float(v) for v in _split(args.multistage_boundaries)]
             d = full_ref.embed_dim
             widths = [max(1, int(round(float(f) * d))) for f in _split(args.multistage_widths)]
-            torch.manual_seed(0)
-            ms_ref = MultistageUViT(bounds, stage_widths=widths, **get_spec(g["config"]).kwargs).to(dev).eval()
+            if args.multistage_checkpoint:
+                from ..methods import load_multistage
+
+                ms_ref = load_multistage(args.multistage_checkpoint).to(dev).eval()
+                bounds, widths = list(ms_ref.boundaries), [int(st.width) for st in ms_ref.stages]
+            else:
+                torch.manual_seed(0)
+                ms_ref = MultistageUViT(bounds, stage_widths=widths, **get_spec(g["config"]).kwargs).to(dev).eval()
             ms = MultistageDenoiser(prepare_model(ms_ref, g["backend"], compile_mode=args.compile_mode), schedule)
             dens["multistage"] = ms
             extra["multistage"] = dict(t_s=None, boundaries=bounds, stage_widths=widths, paper_per_sample_s=None)

@@ -109,3 +109,31 @@ def test_budget_skips_groups_with_the_reason(tmp_path):
                              "--ase-schedules", "D1"))
     skipped = [r for r in res["rows"] if r["status"] == "skipped"]
     assert skipped and all("budget" in r["error"] for r in skipped)
+
+
+def test_trained_adadiff_and_multistage_checkpoints_drive_their_rows(tmp_path):
+    from duodiff_fast.methods import AdaDiffUViT, MultistageUViT, save_multistage
+    from duodiff_fast.models import create_model, get_spec
+
+    torch.manual_seed(3)
+    ada = AdaDiffUViT(create_model("tiny"))
+    with torch.no_grad():  # every UEM says "certain": all rows leave before layer 0
+        for uem in ada.uems:
+            uem.out_linear.bias.fill_(-30.0)
+    torch.save(ada.state_dict(), tmp_path / "ada.pt")
+    ms = MultistageUViT((0.3, 0.7), stage_widths=[16, 8, 8], **get_spec("tiny").kwargs)
+    save_multistage(ms, str(tmp_path / "ms.pt"))
+    res = latency.main(_tiny(tmp_path, "--adadiff-thetas", "0.5", "--adadiff-solvers", "ddim",
+                             "--adadiff-checkpoint", str(tmp_path / "ada.pt"), "--methods", "multistage",
+                             "--multistage-checkpoint", str(tmp_path / "ms.pt")))
+    rows = {r["method"]: r for r in res["rows"]}
+    shrink = rows["AdaDiff 0.5 shrink"]
+    assert shrink["status"] == "ok" and shrink["uem_profile"].startswith("trained:")
+    assert shrink["mean_exit_layer"] == 0  # the trained (here: forced) UEMs decide, not a programmed profile
+    assert rows["multistage"]["status"] == "ok" and rows["multistage"]["stage_widths"] == [16, 8, 8]
+    with pytest.raises(SystemExit, match="no such file"):
+        latency.resolve(latency.parse_args(["--adadiff-checkpoint", str(tmp_path / "missing.pt"),
+                                            "--configs", "tiny"]), torch.device("cpu"))
+    with pytest.raises(SystemExit, match="one --configs entry"):
+        latency.resolve(latency.parse_args(["--adadiff-checkpoint", str(tmp_path / "ada.pt"),
+                                            "--configs", "tiny,tiny-cond"]), torch.device("cpu"))
