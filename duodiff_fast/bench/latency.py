@@ -5,9 +5,11 @@ for one (config, solver, backend) -- are timed **interleaved** (one whole sampli
 round, the order rotating), after **warm-up** runs that are timed and reported apart (first-call
 compilation, autotuning, allocator growth). Each row reports the median and interquartile range
 (IQR) of its per-sample time (batch time / batch size) and keeps every repeat in the JSON. A
-speedup is median(base) / median(row) with a 95% paired bootstrap interval over the rounds. A row
-whose IQR exceeds ``--unstable-iqr`` % of its median is marked **unstable**: its speedup is kept in
-the JSON but printed as "unstable", not as a figure. A row that fails says so, with the error, in
+speedup is the median of the per-round ratios base_i / row_i with a 95% bootstrap interval over
+the rounds; a drift of the whole machine moves both times of a round and cancels in the ratio. A
+compared row whose paired ratios spread (IQR) more than ``--unstable-iqr`` % of their median, and a
+base row whose own time IQR does, is marked **unstable**: its speedup is kept in the JSON but
+printed as "unstable", not as a figure. A row that fails says so, with the error, in
 the table and the JSON (status "failed"), and the command exits 1 after writing the JSON.
 
 Defaults by machine (an option given on the command line always wins):
@@ -126,7 +128,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
       "default on CUDA and with several CPU threads) or process (CPU seconds of this process; the default for a "
       "single-threaded CPU run, steady on a shared machine). Wall seconds are kept in the JSON either way")
     a("--unstable-iqr", type=float, default=DEFAULT_UNSTABLE_IQR_PCT,
-      help=f"mark a row unstable when its IQR exceeds this %% of its median (default {DEFAULT_UNSTABLE_IQR_PCT:g})")
+      help=f"mark a row unstable when the spread of its paired speedups (a base row: of its time) exceeds "
+      f"this %% of the median (default {DEFAULT_UNSTABLE_IQR_PCT:g})")
     a("--budget", type=float, default=None, help="seconds: groups not started by then are recorded as skipped "
       "(default: none; gpu-suite preset 200)")
     a("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -300,22 +303,28 @@ def _row(group: dict, method: str, args, timing: Optional[dict], batch_size: int
     row["clock"] = args.clock
     row["wall_batch_seconds"] = timing["wall_s"]
     row["per_sample"] = summarize([t / batch_size for t in timing["times_s"]], args.unstable_iqr)
-    row["unstable"] = row["per_sample"]["unstable"]
+    # the row's own time spread; a compared row's ``unstable`` is replaced by its speedup's (_add_speedups)
+    row["time_unstable"] = row["unstable"] = row["per_sample"]["unstable"]
     return row
 
 
 def _add_speedups(rows: List[dict], base: dict, label: str = "base") -> None:
-    """Speedup of each ok row over ``base`` (same group, paired rounds)."""
+    """Speedup of each ok row over ``base`` (same group, paired rounds).
+
+    A compared row's ``unstable`` becomes its speedup's: the spread of the paired per-round ratios
+    (see :mod:`duodiff_fast.bench.stats`); its own time IQR stays in ``time_unstable``.
+    """
     if base.get("status") != "ok":
         return
     bt = base["batch_seconds"]["times_s"]
     for r in rows:
         if r is base or r.get("status") != "ok" or len(r["batch_seconds"]["times_s"]) != len(bt):
             continue
-        sp = speedup(bt, r["batch_seconds"]["times_s"])
-        # stable only when both rows are: a speedup of or over an unstable row is not a fact
-        sp.update(over=label, unstable=bool(r["unstable"] or base["unstable"]))
+        threshold = r["per_sample"]["unstable_threshold_iqr_pct"]
+        sp = speedup(bt, r["batch_seconds"]["times_s"], unstable_spread_pct=threshold)
+        sp.update(over=label)
         r["speedup"] = sp
+        r["unstable"] = sp["unstable"]
 
 
 class Runner:
@@ -662,6 +671,8 @@ def format_table(rows: List[dict]) -> str:
             note = f"{r['status'].upper()}: {r['error']}"
         elif r["status"] == "estimate":
             note = "estimate (not measured)"
+        elif r.get("speedup") and r["speedup"]["unstable"]:
+            note = f"UNSTABLE (paired spread {r['speedup']['spread_pct']:.0f}% > {ps['unstable_threshold_iqr_pct']:g}%)"
         elif r.get("unstable"):
             note = f"UNSTABLE (IQR > {ps['unstable_threshold_iqr_pct']:g}%)"
         if r.get("layer_bound_speedup"):
@@ -714,13 +725,16 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> dict:
     failed = [r for r in rows if r["status"] == "failed"]
     unstable = [r for r in rows if r["status"] == "ok" and r["unstable"]]
     print(f"\n{len(rows)} rows in {wall:.0f} s: {len(failed)} failed, {len(unstable)} unstable "
-          f"(IQR > {args.unstable_iqr:g}% of the median; their speedups are not figures)")
+          f"(spread > {args.unstable_iqr:g}% of the median; their speedups are not figures)")
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     result = dict(benchmark="latency", environment=env, settings=settings, wall_seconds=wall,
                   statistics=dict(center="median", spread="interquartile range (q3 - q1), % of the median",
-                                  unstable=f"IQR > {args.unstable_iqr:g}% of the median, or < 3 repeats",
-                                  speedup="median(base) / median(row); 95% paired percentile bootstrap over "
-                                          "rounds (2000 resamples)",
+                                  unstable=(f"a compared row: the IQR of its paired per-round speedups > "
+                                            f"{args.unstable_iqr:g}% of their median; a base row: its own time "
+                                            f"IQR > {args.unstable_iqr:g}% of its median; or < 3 repeats "
+                                            "(time_unstable: the row's own time IQR)"),
+                                  speedup="median of per-round ratios base_i / row_i; 95% percentile bootstrap "
+                                          "over rounds (2000 resamples)",
                                   timing="rows of a group interleaved, order rotating per round; warm-up runs "
                                          "timed apart (warmup_seconds, wall)",
                                   clock=(f"{args.clock}: " + ("wall-clock seconds" if args.clock == "wall" else

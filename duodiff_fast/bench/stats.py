@@ -1,9 +1,12 @@
 """Statistics of repeated timings: median and interquartile range, stability, speedup intervals.
 
 Every benchmark row keeps all its repeats; these functions turn them into the figures the tables
-print. A speedup is the ratio of two rows' medians, with a percentile-bootstrap interval computed
-by resampling the measurement *rounds* (the rows of a group are timed interleaved, one run of each
-per round, so a round's pair of times saw the same machine load; resampling rounds keeps the pairs).
+print. The rows of a group are timed interleaved, one run of each per round, so a round's pair of
+times saw the same machine state. A speedup is therefore the median of the per-round ratios
+base_i / row_i, with a percentile-bootstrap interval computed by resampling the rounds, and its
+stability is the spread (IQR) of those paired ratios: a slow drift of the whole machine (CPU
+frequency, a neighbour on the host) moves both times of a round together and cancels in the ratio,
+while it inflates each row's own IQR. Each row's own IQR is still reported and judged for its time.
 """
 from __future__ import annotations
 
@@ -59,22 +62,23 @@ def is_unstable(stats: Optional[dict]) -> bool:
 
 
 def speedup(base_times: Sequence[float], times: Sequence[float], resamples: int = 2000, confidence: float = 0.95,
-            seed: int = 0) -> Dict[str, float]:
-    """median(base) / median(row) with a paired percentile-bootstrap interval over rounds.
+            seed: int = 0, unstable_spread_pct: float = DEFAULT_UNSTABLE_IQR_PCT) -> Dict[str, object]:
+    """Median of the paired ratios base_i / row_i, with a percentile-bootstrap interval over rounds.
 
     ``base_times[i]`` and ``times[i]`` must come from the same round. Returns dict(point, low, high,
-    confidence, method).
+    confidence, spread_pct (IQR of the paired ratios, % of their median), unstable (spread_pct above
+    ``unstable_spread_pct``, or fewer than 3 rounds), ratios (every round's), method).
     """
     if len(base_times) != len(times) or not times:
         raise ValueError(f"speedup needs paired rounds, got {len(base_times)} and {len(times)} timings")
-    point = statistics.median(base_times) / statistics.median(times)
+    ratios = [float(b) / float(t) for b, t in zip(base_times, times)]
+    point = statistics.median(ratios)
+    spread_pct = 100.0 * (quantile(ratios, 0.75) - quantile(ratios, 0.25)) / point if point > 0 else 0.0
     rng = random.Random(seed)
-    n = len(times)
-    boots = []
-    for _ in range(resamples):
-        idx = [rng.randrange(n) for _ in range(n)]
-        boots.append(statistics.median([base_times[i] for i in idx]) / statistics.median([times[i] for i in idx]))
+    n = len(ratios)
+    boots = [statistics.median([ratios[rng.randrange(n)] for _ in range(n)]) for _ in range(resamples)]
     alpha = (1.0 - confidence) / 2
     return {"point": point, "low": quantile(boots, alpha), "high": quantile(boots, 1 - alpha),
-            "confidence": confidence,
-            "method": f"ratio of medians; paired percentile bootstrap over rounds ({resamples} resamples)"}
+            "confidence": confidence, "spread_pct": spread_pct,
+            "unstable": bool(n < 3 or spread_pct > unstable_spread_pct), "ratios": ratios,
+            "method": f"median of per-round ratios; percentile bootstrap over rounds ({resamples} resamples)"}

@@ -64,3 +64,19 @@ def test_a_failing_row_is_recorded_with_its_error_and_the_others_go_on():
         time_interleaved({"a": lambda: None}, torch.device("cpu"), repeats=0)
     with pytest.raises(ValueError):
         time_interleaved({"a": lambda: None}, torch.device("cpu"), repeats=1, clock="sundial")
+
+
+def test_machine_drift_cancels_in_the_paired_speedup_but_not_in_a_real_spread():
+    # the machine slows down by up to 1.7x between rounds; both rows of a round see the same state
+    drift = [1.0, 1.0, 1.6, 1.7, 1.1, 1.0, 1.5, 1.65, 1.05, 1.2, 1.0]
+    base = [2.0 * d for d in drift]
+    row = [1.0 * d * (1 + 0.01 * (i % 3)) for i, d in enumerate(drift)]
+    assert summarize(row)["unstable"] and summarize(base)["unstable"]  # each row's own time: unstable
+    sp = speedup(base, row)
+    assert not sp["unstable"] and sp["spread_pct"] < 3
+    assert sp["point"] == pytest.approx(2.0 / 1.01, rel=0.02) and sp["low"] <= sp["point"] <= sp["high"]
+    assert len(sp["ratios"]) == len(base)
+    # a row whose own runs scatter (not shared with the base) stays unstable
+    scattered = [1.0, 1.6, 0.9, 1.4, 1.0, 0.8, 1.5, 1.0, 1.3, 0.9, 1.2]
+    assert speedup([2.0] * 11, scattered)["unstable"]
+    assert speedup([2.0, 2.0], [1.0, 1.0])["unstable"]  # fewer than 3 rounds: no spread can be judged
