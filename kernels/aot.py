@@ -294,10 +294,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         uses = sum(len(u) for _, u in found.values())
         print(f"{uses} launches planned, {len(found)} distinct sm_90 compilations")
         return 0
+    import triton
+
     rows = run_check(workloads, batches, dtypes, jobs=max(1, args.jobs), kernels=kernels)
     print(format_table(rows))
     bad = [r for r in rows if r["problems"]]
-    print(f"\n{len(rows)} distinct sm_90 compilations in {time.time() - t0:.0f}s: "
+    print(f"\n{len(rows)} distinct sm_90 compilations with Triton {triton.__version__} in {time.time() - t0:.0f}s: "
           f"{len(bad)} failing (spill, shared memory or compile error)")
     if args.json:
         with open(args.json, "w") as f:
