@@ -41,6 +41,16 @@ def golden():
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it. Tiny models gain nothing from intra-op
+    threads, and on a busy 2-core machine the threads' spin-waiting makes them ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """With DUODIFF_REQUIRE_GPU=1 (benchmarks/gpu_suite.sh) a skipped ``gpu``-marked test is a failure:

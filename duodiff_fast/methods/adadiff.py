@@ -114,6 +114,14 @@ class BucketStats:
                 "calls": self.calls}
 
 
+def _refuse_capture(x: torch.Tensor, what: str) -> None:
+    """Raise if a CUDA graph is being captured: the shrinking and bucketed exits read the active row
+    count on the host after every UEM, so no single graph can hold them."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{what} cannot be captured in one CUDA graph (it reads the active row count on "
+                           "the host after every layer); use mode='simulated' under capture")
+
+
 def check_theta(theta) -> float:
     """Return theta as a float if it is a number in [0, 1]; raise a clear error otherwise."""
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta):
@@ -324,10 +332,7 @@ class AdaDiffUViT(nn.Module):
         :meth:`exit_simulated`.
         """
         theta = check_theta(theta)
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            # Row counts are read on the host after every UEM: no single graph can hold this.
-            raise RuntimeError("the shrinking batch cannot be captured in one CUDA graph (its shapes are "
-                               "decided on the host after every layer); use mode='simulated' under capture")
+        _refuse_capture(x, "the shrinking batch")
         program, timesteps, temb = self._program(x, timesteps, y)
         hook = _FirstExit(self, theta)
         state = program.encode(x, timesteps, y, hook=hook, carry=hook.carry(temb))
@@ -351,9 +356,7 @@ class AdaDiffUViT(nn.Module):
         :meth:`exit_simulated`.
         """
         theta = check_theta(theta)
-        if x.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the bucketed exit reads the active count on the host after every UEM and "
-                               "cannot be captured in one CUDA graph; use mode='simulated' under capture")
+        _refuse_capture(x, "the bucketed exit")
         ladder = bucket_ladder(x.shape[0], buckets)
         program, timesteps, temb = self._program(x, timesteps, y)
         hook = _BucketedExit(self, theta, ladder, stats if stats is not None else BucketStats())

@@ -12,12 +12,7 @@ from duodiff_fast.samplers import ClassifierFreeGuidance, sample
 from duodiff_fast.schedules import get_schedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one intra-op thread
 
 
 def make_model(name="tiny", seed=0, spread=2.0, bias=0.0):

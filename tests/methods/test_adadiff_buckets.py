@@ -22,12 +22,7 @@ from tests.kernels.conftest import device  # noqa: F401  (the device the kernels
 from tests.methods.test_adadiff import inputs, make_model  # random-UEM tiny models and their inputs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one intra-op thread
 
 
 def mlp_uem_model(seed=5, spread=2.0):

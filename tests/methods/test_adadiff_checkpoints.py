@@ -49,9 +49,9 @@ def duodiff_early_exit_sd(backbone, seed=1):
     return sd, heads
 
 
-def _layer_inputs(bb, x, ts):
+def _layer_inputs(bb, x, ts, y=None):
     """Tokens entering each transformer layer 0..N-1 and leaving the last one, by hand."""
-    h = bb.embed(x, ts)
+    h = bb.embed(x, ts, y)
     seen, skips = [h], []
     for blk in bb.in_blocks:
         h = blk(h)
@@ -177,17 +177,7 @@ def test_adadiff_official_estimators_after_each_layer(tmp_path, name):
     b, c, s = 4, bb.in_chans, bb.img_size
     x, ts = torch.randn(b, c, s, s), torch.rand(b) * 999
     y = torch.randint(0, bb.num_classes - 1, (b,)) if bb.num_classes > 0 else None
-    h = bb.embed(x, ts, y)
-    seen, skips = [h], []  # tokens leaving each layer j = 0 .. N-1, by hand
-    for blk in bb.in_blocks:
-        h = blk(h)
-        skips.append(h)
-        seen.append(h)
-    h = bb.mid_block(h)
-    seen.append(h)
-    for blk in bb.out_blocks:
-        h = blk(h, skips.pop())
-        seen.append(h)
+    seen = _layer_inputs(bb, x, ts, y)  # tokens leaving the embedding and each layer, by hand
     with torch.no_grad():
         out = model(x, ts, y)
         assert torch.isinf(out.u[0]).all()

@@ -21,13 +21,9 @@ def tiny_uvit(**overrides):
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core machine the threads'
-    spin-waiting makes them ~10x slower; restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _every_training_test_one_thread(one_thread):
+    """Every training test runs tiny models: one intra-op thread (tests/conftest.py's one_thread)."""
     yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
