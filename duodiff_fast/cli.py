@@ -5,6 +5,8 @@
     duodiff-fast train --config cifar10-s2-shallow --data folder:/data/cifar10 --out-dir runs/shallow
     duodiff-fast bench                      # benchmarks/latency.py with the machine's defaults
     duodiff-fast configs                    # the named model configurations
+    duodiff-fast configs --show tiny-cond   # one of them as a JSON model config (edit, pass to --config)
+    duodiff-fast sample --checkpoint runs/my_run --n-samples 16   # a run folder knows its config
 
 Exit status: 0 success; 2 a usage error (bad option or value, unknown config, a file that does not
 exist or does not fit; the message names it); 1 a runtime error (the command was valid but could not
@@ -31,11 +33,15 @@ def _add_sample_parser(sub) -> None:
                     "and classifier-free guidance. Writes samples.npz (uint8 images or float latents), "
                     "samples.pt (float tensor) and, for pixel models, grid.png.",
     )
-    p.add_argument("--config", required=True,
-                   help="model config name of the full backbone (see `duodiff-fast configs`)")
+    p.add_argument("--config", default=None,
+                   help="model config of the full backbone: a registered name (`duodiff-fast configs`) or a "
+                        "JSON model config (`duodiff-fast configs --show NAME`); optional when --checkpoint "
+                        "records its config (a checkpoint folder, a training run folder, trainer checkpoints)")
     p.add_argument("--checkpoint", default=None,
-                   help="weights of the full backbone (.pth/.pt/.safetensors; official or trainer "
-                        "checkpoints). Required unless --random-weights")
+                   help="weights of the full backbone: a checkpoint folder (config.json + model.safetensors), a "
+                        "training run folder (its export/ema: the EMA weights; RUN/export/raw for the raw ones), "
+                        "or a file (.pth/.pt/.safetensors; official or trainer checkpoints). Required unless "
+                        "--random-weights")
     p.add_argument("--shallow-checkpoint", default=None,
                    help="weights of the DuoDiff shallow backbone (config <config>-shallow); needed when --t-s > 0")
     p.add_argument("--t-s", type=int, default=0,
@@ -90,7 +96,8 @@ def _add_train_parser(sub) -> None:
                     "Checkpoints are written atomically and a rerun with the same --out-dir resumes.",
     )
     p.add_argument("--config", required=True,
-                   help="model config name; train DuoDiff's shallow backbone with <name>-shallow")
+                   help="model config: a registered name (train DuoDiff's shallow backbone with <name>-shallow) "
+                        "or a path to a JSON model config (`duodiff-fast configs --show NAME` prints one)")
     p.add_argument("--data", default="synthetic",
                    help="data source: folder:/path (images; labels from sub-folders), npz:/path.npz "
                         "(pixels or latents), a bare path, or 'synthetic' (default synthetic)")
@@ -103,7 +110,15 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--betas", default="0.99,0.999", help="AdamW betas (default 0.99,0.999)")
     p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"].default, help="linear warm-up steps (default 1500)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 disables (default 1.0)")
-    p.add_argument("--ema-decay", type=float, default=d["ema_decay"].default, help="EMA decay (default 0.9999)")
+    p.add_argument("--ema-decay", type=float, default=d["ema_decay"].default,
+                   help="EMA decay (default 0.9999), reached after a warm-up: update t uses "
+                        "min(decay, (1 + t) / (10 + t))")
+    p.add_argument("--no-ema-warmup", action="store_true",
+                   help="use --ema-decay from the first update (U-ViT's EMA; a short run's EMA then keeps "
+                        "much of the random initial weights)")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips of the training images (default: off, except for the "
+                        "CIFAR-10/CelebA recipes cifar10-s2 and celeba64-s4 and their -shallow twins)")
     p.add_argument("--p-uncond", type=float, default=None,
                    help="label drop rate to the null class for conditional models (default 0.1; 0.15 for imagenet256-l2)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"),
@@ -142,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.table_cmd import add_eval_parser
 
     add_eval_parser(sub)
-    sub.add_parser("configs", help="list the named model configurations")
+    cp = sub.add_parser("configs", help="list the named model configurations, or print one as JSON")
+    cp.add_argument("--show", default=None, metavar="NAME",
+                    help="print config NAME as a JSON model config (a starting point for --config my.json)")
     return parser
 
 
@@ -171,10 +188,10 @@ def cmd_train(args) -> int:
         model=args.config, schedule=args.schedule, data=args.data, out_dir=args.out_dir,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         betas=betas, warmup_steps=args.warmup_steps, grad_clip=args.grad_clip or None,
-        ema_decay=args.ema_decay, p_uncond=args.p_uncond, amp=args.amp, seed=args.seed,
+        ema_decay=args.ema_decay, ema_warmup=not args.no_ema_warmup, hflip=args.hflip, p_uncond=args.p_uncond, amp=args.amp, seed=args.seed,
         save_every=args.save_every, keep_last=args.keep_last, log_every=args.log_every,
         device=args.device, num_workers=args.num_workers,
-        resume=None if args.resume == "none" else args.resume,
+        resume=args.resume,
         model_overrides={"use_checkpoint": True} if args.gradient_checkpointing else {},
         progress=not args.no_progress,
     )
@@ -214,9 +231,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)  # usage errors exit 2 here (argparse), --help exits 0
         if args.command == "configs":
-            from .models import describe
+            from .models import describe, spec_json
 
-            print(describe())
+            print(spec_json(args.show) if args.show else describe())
             return 0
         return {"sample": cmd_sample, "train": cmd_train, "eval": cmd_eval}[args.command](args)
     except SystemExit as e:

@@ -27,9 +27,31 @@ def checkpoint_hashes(checkpoints: Mapping[str, str]) -> Dict[str, Dict[str, str
     """
     out = {}
     for role, path in sorted(checkpoints.items()):
+        if os.path.isdir(path):
+            out[role] = _folder_hash(path)
+            continue
         st = os.stat(path)
         out[role] = {"path": path, "sha256": _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)}
     return out
+
+
+def _file_hash(path: str) -> str:
+    st = os.stat(path)
+    return _sha256(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def _folder_hash(path: str) -> Dict[str, str]:
+    """A checkpoint folder, run folder or training-state folder: the hash of the weights file it
+    resolves to, combined with that folder's ``config.json`` when it has one (the head count
+    lives there, not in the weights)."""
+    from ..models.checkpoint import resolve_checkpoint_path
+
+    file, _ = resolve_checkpoint_path(path)
+    config = os.path.join(os.path.dirname(file), "config.json")
+    digest = _file_hash(file)
+    if os.path.isfile(config):
+        digest = hashlib.sha256(f"{digest}:{_file_hash(config)}".encode()).hexdigest()
+    return {"path": path, "file": file, "sha256": digest}
 
 
 def environment(device: torch.device) -> Dict[str, object]:

@@ -24,7 +24,7 @@ from ..methods.factory import METHODS, MethodSpec, MethodWeights, parse_ase_chec
 from .sharding import ShardPlan
 
 __all__ = ["add_method_options", "add_sample_options", "method_spec_from_args", "weights_from_args",
-           "sample_labels", "device_for", "SampleJob", "run_sample", "cmd_sample"]
+           "sample_labels", "device_for", "resolve_model_spec", "SampleJob", "run_sample", "cmd_sample"]
 
 DEFAULT_SHARD_SIZE = 1000
 LABEL_STREAM = 1 << 64  # added to the seed: labels draw from a stream apart from the noise
@@ -122,6 +122,24 @@ def _solver_kwargs(args) -> Dict[str, object]:
     return {"order": args.order, "method": args.dpm_method}
 
 
+def resolve_model_spec(args):
+    """The model config of ``--config`` (a registered name, a JSON model config or a checkpoint
+    folder), else the one ``--checkpoint`` records (a checkpoint folder, a run folder, this
+    package's trainer files); a ValueError says what to pass when neither gives one."""
+    from ..models import checkpoint_spec, get_spec
+
+    if args.config:
+        return get_spec(args.config)
+    if not args.checkpoint:
+        raise ValueError("--config is needed (a registered name or a JSON model config) unless --checkpoint "
+                         "is a file or folder that records its config")
+    spec = checkpoint_spec(args.checkpoint, use_ema=args.use_ema)
+    if spec is None:
+        raise ValueError(f"--checkpoint {args.checkpoint} does not record its model config: pass --config "
+                         "(a registered name, `duodiff-fast configs`, or a JSON model config)")
+    return spec
+
+
 class SampleJob:
     """One method's sampling set-up: denoiser, labels and the settings that identify its samples.
 
@@ -137,13 +155,13 @@ class SampleJob:
         from .manifest import checkpoint_hashes
 
         self.args, self.spec, self.device = args, spec, device
-        self.model_spec = get_spec(args.config)
+        self.model_spec = resolve_model_spec(args)
         self.schedule_name = args.schedule or self.model_spec.schedule
         # The time input the checkpoints declare (e.g. the DuoDiff authors' t/1000), else the config's.
         self.time_input = resolve_time_input(self.model_spec.time_input, [
             args.checkpoint, args.shallow_checkpoint if spec.method == "duodiff" else None])
         self.schedule = self.model_spec.make_schedule(args.schedule, self.time_input)
-        built = build_method(spec, args.config, weights_from_args(args), self.schedule, device, args.backend)
+        built = build_method(spec, self.model_spec, weights_from_args(args), self.schedule, device, args.backend)
         self.built = built
         model = built.model
         self.num_classes = int(model.num_classes) if getattr(model, "is_conditional", False) else 0
@@ -157,7 +175,7 @@ class SampleJob:
         self.decoder = None
         if args.autoencoder:
             if not self.model_spec.latent:
-                raise ValueError(f"--autoencoder is for latent models; {args.config} works in pixel space")
+                raise ValueError(f"--autoencoder is for latent models; {self.model_spec.name} works in pixel space")
             from ..autoencoder import AutoencoderKL
 
             self.decoder = AutoencoderKL.from_checkpoint(args.autoencoder).to(device).decode
@@ -171,8 +189,14 @@ class SampleJob:
     def settings(self) -> Dict[str, object]:
         """Everything that decides sample i's value (not the batch size, device count or n)."""
         a = self.args
+        from ..models import REGISTRY
+
+        registered = REGISTRY.get(self.model_spec.name) is self.model_spec
         return {
-            "config": a.config, **self.spec.settings(), **self.built.details,
+            "config": self.model_spec.name,
+            # a config that is not a registry entry is identified by its keywords
+            **({} if registered else {"model_config": dict(self.model_spec.kwargs)}),
+            **self.spec.settings(), **self.built.details,
             "checkpoints": {r: c["sha256"] for r, c in self.checkpoints.items()},
             "random_weights": bool(a.random_weights), "use_ema": bool(a.use_ema), "weights_seed": a.seed,
             "schedule": self.schedule_name, "time_input": self.time_input, "solver": a.solver, "steps": a.steps, **self.solver_kwargs,

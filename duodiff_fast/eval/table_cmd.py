@@ -109,8 +109,9 @@ def cmd_eval(args) -> int:
     manifests = {}
     for spec in specs:
         job = SampleJob(args, spec, device)
+        config_name = job.model_spec.name
         if job.model_spec.latent and job.decoder is None:
-            raise ValueError(f"{args.config} is a latent model: FID needs images, pass --autoencoder")
+            raise ValueError(f"{job.model_spec.name} is a latent model: FID needs images, pass --autoencoder")
         manifest = run_sample(args, job=job, out=os.path.join(args.out, "samples", spec.slug))
         if dist.rank != 0:
             continue
@@ -133,9 +134,9 @@ def cmd_eval(args) -> int:
     elif not extractor.is_standard:
         notes.append(f"Inception weights {extractor.weights_id} are not the standard "
                      f"{fidlib.INCEPTION_FILENAME}: FID values are not comparable with published ones.")
-    notes.append(f"{args.config}, {args.solver} {args.steps or 'default'} steps, {args.n_samples} samples per "
+    notes.append(f"{config_name}, {args.solver} {args.steps or 'default'} steps, {args.n_samples} samples per "
                  f"method, reference {args.reference}, device {device}, backend {args.backend}.")
-    title = f"FID vs time per sample: {args.config}"
+    title = f"FID vs time per sample: {config_name}"
     write_csv(os.path.join(args.out, "results.csv"), rows)
     write_markdown(os.path.join(args.out, "results.md"), rows, notes, title)
     write_plot(os.path.join(args.out, "fid_vs_time.png"), rows, title, notes[0] if smoke else None)

@@ -227,8 +227,15 @@ def _missing(what: str, flag: str) -> ValueError:
     return ValueError(f"no weights for {what}: pass {flag} (or --random-weights for a smoke test)")
 
 
-def _uvit(config: str, path: Optional[str], weights: MethodWeights, what: str, flag: str):
-    """A U-ViT of ``config``: loaded from ``path``, or random (seeded) when allowed."""
+def _config_name(config) -> str:
+    """How messages name a config (a registered name, a JSON path or a ModelSpec)."""
+    return getattr(config, "name", None) or str(config)
+
+
+def _uvit(config, path: Optional[str], weights: MethodWeights, what: str, flag: str):
+    """A U-ViT of ``config`` (a name, JSON path or ModelSpec): loaded from ``path`` (a file, a
+    checkpoint folder or a run folder; a config the file records must agree), or random (seeded)
+    when allowed."""
     from ..models import create_model, load_weights
 
     with torch.random.fork_rng(devices=[]):
@@ -241,7 +248,7 @@ def _uvit(config: str, path: Optional[str], weights: MethodWeights, what: str, f
     return model
 
 
-def _adadiff_model(config: str, weights: MethodWeights, checkpoints: Dict[str, str]):
+def _adadiff_model(config, weights: MethodWeights, checkpoints: Dict[str, str]):
     """An AdaDiffUViT from an AdaDiff checkpoint (backbone from it or from the full checkpoint)."""
     from ..methods import AdaDiffUViT
     from ..models.checkpoint import CheckpointError, extract_state_dict, key_mismatch_lines, read_checkpoint_file
@@ -279,20 +286,21 @@ def _adadiff_model(config: str, weights: MethodWeights, checkpoints: Dict[str, s
         sd = dict(sd, **{f"backbone.{k}": v for k, v in backbone.state_dict().items()})
     lines = key_mismatch_lines(model, sd, what=f"AdaDiff checkpoint {weights.adadiff}")
     if lines:
-        raise CheckpointError("\n".join(lines + [f"  (built for config {config!r}, uem_hidden={hidden})"]))
+        raise CheckpointError("\n".join(lines + [f"  (built for config {_config_name(config)!r}, uem_hidden={hidden})"]))
     model.load_state_dict(sd, strict=True)
     return model
 
 
 def build_method(
     spec: MethodSpec,
-    config: str,
+    config,
     weights: MethodWeights,
     schedule,
     device: torch.device,
     backend: str = "reference",
 ) -> BuiltMethod:
-    """The denoiser of ``spec`` for model config ``config``, on ``device`` with ``backend``.
+    """The denoiser of ``spec`` for model config ``config`` (a registered name, a JSON model config
+    path or a :class:`~duodiff_fast.models.ModelSpec`), on ``device`` with ``backend``.
 
     Raises ValueError (or CheckpointError, a ValueError) naming the missing or mismatched file
     before any network runs.
@@ -300,9 +308,10 @@ def build_method(
     from ..backends import check_backend, prepare_model
     from ..methods import AdaDiff, ASEDenoiser, DuoDiff, ModelDenoiser, MultistageDenoiser, get_dropping_schedule
     from ..methods import load_multistage
-    from ..models import shallow_name
+    from ..models import shallow_spec
 
     check_backend(backend)
+    name = _config_name(config)
     device = torch.device(device)
     checkpoints: Dict[str, str] = {}
 
@@ -310,13 +319,14 @@ def build_method(
         return prepare_model(m.to(device), backend)
 
     if spec.method in ("base", "duodiff"):
-        full = prep(_uvit(config, weights.full, weights, f"the full backbone ({config})", "--checkpoint"))
+        full = prep(_uvit(config, weights.full, weights, f"the full backbone ({name})", "--checkpoint"))
         if weights.full:
             checkpoints["full"] = weights.full
         if spec.method == "base":
             return BuiltMethod(spec, ModelDenoiser(full, schedule), full, checkpoints)
-        shallow = prep(_uvit(shallow_name(config), weights.shallow, weights,
-                             f"DuoDiff's shallow backbone ({shallow_name(config)})", "--shallow-checkpoint"))
+        twin = shallow_spec(config)
+        shallow = prep(_uvit(twin, weights.shallow, weights,
+                             f"DuoDiff's shallow backbone ({twin.name})", "--shallow-checkpoint"))
         if weights.shallow:
             checkpoints["shallow"] = weights.shallow
         return BuiltMethod(spec, DuoDiff(shallow, full, schedule, spec.t_s), full, checkpoints)
@@ -326,7 +336,7 @@ def build_method(
     if spec.method == "ase":
         path = weights.ase_path(spec.ase_schedule) or weights.full
         role = "ase" if weights.ase_path(spec.ase_schedule) else "full"
-        model = prep(_uvit(config, path, weights, f"ASE {spec.ase_schedule} ({config})",
+        model = prep(_uvit(config, path, weights, f"ASE {spec.ase_schedule} ({name})",
                            "--ase-checkpoint or --checkpoint"))
         if path:
             checkpoints[role] = path
@@ -344,7 +354,7 @@ def build_method(
     elif weights.random:
         from ..methods import MultistageUViT
 
-        full = _uvit(config, weights.full, weights, f"the full backbone ({config})", "--checkpoint")
+        full = _uvit(config, weights.full, weights, f"the full backbone ({name})", "--checkpoint")
         if weights.full:
             checkpoints["full"] = weights.full
         ms = MultistageUViT.from_uvit(full)

@@ -3,6 +3,7 @@ from .checkpoint import (
     CheckpointError,
     CheckpointInfo,
     checkpoint_info,
+    checkpoint_spec,
     extract_state_dict,
     infer_config,
     load_model,
@@ -24,7 +25,11 @@ from .configs import (
     list_configs,
     matching_configs,
     shallow_name,
+    shallow_spec,
+    spec_json,
 )
+from .model_types import MODEL_TYPES, ModelType, get_model_type, register_model_type
+from .pretrained import is_pretrained_folder, load_pretrained, resolve_pretrained_folder, save_pretrained
 from .uvit import UViT, patchify, timestep_embedding, unpatchify
 
 __all__ = [
@@ -34,4 +39,6 @@ __all__ = [
     "CheckpointError", "read_checkpoint_file", "extract_state_dict", "infer_config",
     "load_weights", "load_model", "save_weights",
     "TIME_INPUTS", "check_time_input", "CheckpointInfo", "checkpoint_info", "resolve_time_input",
+    "checkpoint_spec", "shallow_spec", "spec_json", "MODEL_TYPES", "ModelType", "get_model_type",
+    "register_model_type", "is_pretrained_folder", "load_pretrained", "resolve_pretrained_folder", "save_pretrained",
 ]

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import zipfile
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -170,11 +171,18 @@ def resolve_checkpoint_path(path: Union[str, os.PathLike], use_ema: bool = False
 
     A folder written by the U-ViT / AdaDiff trainers (``<step>.ckpt/`` with ``nnet.pth``,
     ``nnet_ema.pth``, ``optimizer.pth``, ``step.pth``) resolves to ``nnet_ema.pth`` when
-    ``use_ema`` and ``nnet.pth`` otherwise; a file resolves to itself.
+    ``use_ema`` and ``nnet.pth`` otherwise; a checkpoint folder (``config.json`` +
+    ``model.safetensors``, see :mod:`.pretrained`) to its ``model.safetensors``, a training run
+    folder to ``export/ema/model.safetensors`` (its EMA weights); a file resolves to itself.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
         return path, use_ema
+    from .pretrained import WEIGHTS_FILE, resolve_pretrained_folder
+
+    folder = resolve_pretrained_folder(path)  # a checkpoint folder, or a run folder's export/ema
+    if folder is not None:
+        return os.path.join(folder, WEIGHTS_FILE), False
     name = _TRAIN_STATE_FILES[bool(use_ema)]
     file = os.path.join(path, name)
     if not os.path.isfile(file):
@@ -198,8 +206,38 @@ def load_checkpoint_object(checkpoint: Union[str, os.PathLike, Mapping[str, obje
         if path.endswith(".safetensors"):  # what save_weights records travels as metadata
             meta = _safetensors_metadata(path)
             obj = {"state_dict": obj, **({"time_input": meta["time_input"]} if "time_input" in meta else {})}
+            recorded = _recorded_config(path, meta)
+            if recorded is not None:
+                obj["model_config"], obj["model_type"] = recorded
         return obj, use_ema, path
     return _plain_namespaces(checkpoint), use_ema, "checkpoint"
+
+
+def _recorded_config(path: str, meta: Mapping[str, str]) -> Optional[Tuple[Dict[str, object], str]]:
+    """(constructor keywords, model_type) a safetensors file records: the ``config.json`` beside
+    it in a checkpoint folder, or the ``model_config`` metadata :func:`save_weights` writes."""
+    from .pretrained import CONFIG_FILE, WEIGHTS_FILE, pretrained_spec
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) == WEIGHTS_FILE and os.path.isfile(os.path.join(folder, CONFIG_FILE)):
+        spec = pretrained_spec(folder)
+        return dict(spec.kwargs), spec.model_type
+    if "model_config" in meta:
+        try:
+            config = json.loads(meta["model_config"])
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{path}: unreadable model_config metadata: {e}") from None
+        return dict(config), meta.get("model_type", "uvit")
+    return None
+
+
+def recorded_model_config(obj: Mapping[str, object]) -> Optional[Dict[str, object]]:
+    """The constructor keywords a loaded checkpoint object records (``model_config``: this
+    package's training checkpoints, exports and checkpoint folders), or None."""
+    config = obj.get("model_config")
+    if isinstance(config, Mapping):
+        return {k: v for k, v in config.items() if k != "use_checkpoint"}
+    return None
 
 
 def declared_time_input(obj: Mapping[str, object], where: str = "checkpoint") -> Optional[str]:
@@ -260,6 +298,43 @@ def checkpoint_info(checkpoint: Union[str, os.PathLike, Mapping[str, object]], u
     return CheckpointInfo(layout, declared_time_input(obj, where), source, args, layout_error)
 
 
+def checkpoint_spec(checkpoint: Union[str, os.PathLike], use_ema: bool = False):
+    """The model config (a :class:`~duodiff_fast.models.configs.ModelSpec`) a checkpoint records,
+    or None when it records none.
+
+    Checkpoint folders and run folders give their ``config.json``; this package's training
+    checkpoints and exported files give their ``model_config``, with the run's schedule (from
+    the recorded ``TrainConfig``) and time input.
+    """
+    from .configs import REGISTRY, ModelSpec
+    from .pretrained import pretrained_spec, resolve_pretrained_folder
+
+    path = os.fspath(checkpoint)
+    folder = resolve_pretrained_folder(path)
+    if folder is not None:
+        return pretrained_spec(folder)
+    file, use_ema = resolve_checkpoint_path(path, use_ema)
+    if file.endswith(".safetensors"):
+        obj = load_checkpoint_object(file, use_ema)[0]
+    else:
+        obj = read_checkpoint_file(file, mmap=True)
+    config = recorded_model_config(obj)
+    if config is None:
+        return None
+    train = obj.get("config") if isinstance(obj.get("config"), Mapping) else {}
+    model = train.get("model")
+    base = REGISTRY.get(model) if isinstance(model, str) else None
+    if base is None and isinstance(model, str) and model.endswith(".json") and os.path.isfile(model):
+        from .configs import load_spec_file
+
+        base = load_spec_file(model)  # the JSON config the run was trained from
+    schedule = train.get("schedule") or (base.schedule if base else "linear")
+    return ModelSpec(os.path.splitext(os.path.basename(file))[0], dict(config), schedule,
+                     latent=bool(base.latent) if base else False, source=file,
+                     time_input=declared_time_input(obj, file) or (base.time_input if base else "index"),
+                     model_type=str(obj.get("model_type", "uvit")))
+
+
 def resolve_time_input(default: str, checkpoints: Sequence[Optional[Union[str, os.PathLike]]]) -> str:
     """The time input to sample with: what the given checkpoints declare, else ``default``.
 
@@ -285,10 +360,37 @@ def resolve_time_input(default: str, checkpoints: Sequence[Optional[Union[str, o
 def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: Optional[int] = None) -> Dict[str, object]:
     """Recover the UViT constructor keywords from a state dict's keys and shapes.
 
-    ``num_heads`` cannot be read from weights: pass it when known (e.g. from the DuoDiff authors'
-    ``args``); otherwise it is taken from a registered config of the same width when one exists,
-    else embed_dim // 64.
+    The head count changes no weight shape, so it cannot be read from the weights. It is
+    ``num_heads`` when given (e.g. from the DuoDiff authors' ``args``); else the head count of the
+    registered configs the weights fit exactly (the published U-ViT and DuoDiff models); else a
+    :class:`CheckpointError` names the ambiguity and how to resolve it. It is never guessed.
     """
+    config = _shape_config(state_dict)
+    if num_heads:
+        config["num_heads"] = int(num_heads)
+        return config
+    fits = matching_configs(config)
+    from .configs import REGISTRY
+
+    heads = sorted({REGISTRY[n].kwargs["num_heads"] for n in fits})
+    if len(heads) == 1:
+        config["num_heads"] = heads[0]
+        return config
+    width = config["embed_dim"]
+    options = [h for h in range(1, width + 1) if width % h == 0]
+    shown = {k: v for k, v in config.items() if k not in ("num_heads", "qk_scale")}
+    raise CheckpointError(
+        f"cannot tell the attention head count of this U-ViT checkpoint: the weights (UViT({shown})) fit "
+        f"any head count dividing embed_dim={width} ({', '.join(map(str, options))})"
+        + (f" and the registered configs {fits} disagree ({heads})" if fits else
+           ", the file does not record its config and it is not a registered config")
+        + ". Pass the model config (--config NAME_OR_JSON on the command line, config= in "
+        "load_model) or the head count (load_model(..., num_heads=N)); checkpoints written by "
+        "this package's trainer (RUN/export/ema, RUN/latest.pt) record it")
+
+
+def _shape_config(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, object]:
+    """The UViT keywords the weights' shapes fix (``num_heads`` None: shapes cannot tell it)."""
     try:
         pe = state_dict["patch_embed.proj.weight"]  # (D, C, p, p)
         pos = state_dict["pos_embed"]  # (1, extras + L, D)
@@ -301,7 +403,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: Optional[int
     grid = int(round(num_patches ** 0.5))
     n_in = len({k.split(".")[1] for k in state_dict if k.startswith("in_blocks.")})
     hidden = int(state_dict["mid_block.mlp.fc1.weight"].shape[0]) if "mid_block.mlp.fc1.weight" in state_dict else 4 * embed_dim
-    config = dict(
+    return dict(
         img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=embed_dim,
         depth=2 * n_in, num_heads=None, mlp_ratio=hidden // embed_dim if hidden % embed_dim == 0 else hidden / embed_dim,
         qkv_bias="mid_block.attn.qkv.bias" in state_dict, qk_scale=None,
@@ -309,11 +411,6 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: Optional[int
         conv="final_layer.weight" in state_dict,
         skip=any(k.endswith("skip_linear.weight") for k in state_dict) or n_in == 0,
     )
-    from .configs import REGISTRY
-
-    widths = {s.kwargs["embed_dim"]: s.kwargs["num_heads"] for s in REGISTRY.values()}
-    config["num_heads"] = int(num_heads) if num_heads else widths.get(embed_dim, max(1, embed_dim // 64))
-    return config
 
 
 def key_mismatch_lines(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str = "checkpoint") -> List[str]:
@@ -370,12 +467,12 @@ def _mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> 
     if hint:
         lines.append(hint)
     try:
-        cfg = infer_config(sd)
+        cfg = _shape_config(sd)
         fits = matching_configs(cfg)
         if fits:
             lines.append(f"  the checkpoint fits config(s): {', '.join(fits)}")
         else:
-            shown = {k: v for k, v in cfg.items() if k not in ("qk_scale",)}
+            shown = {k: v for k, v in cfg.items() if k not in ("qk_scale", "num_heads")}
             lines.append(f"  the checkpoint looks like UViT({shown}), which is not a registered config")
     except CheckpointError:
         lines.append("  the checkpoint does not look like a U-ViT state dict")
@@ -390,7 +487,9 @@ def load_weights(
     """Load a checkpoint (path or already-loaded dict) into ``model`` strictly; returns the model.
 
     Raises :class:`CheckpointError` before touching the model's parameters when keys or shapes
-    differ, listing the differences and the registered configs the checkpoint would fit. The time
+    differ, listing the differences and the registered configs the checkpoint would fit, and when
+    the checkpoint records a model config (this package's exports and training checkpoints) that
+    differs from ``model.config`` (e.g. another head count, which no weight shape shows). The time
     input the checkpoint declares is recorded as ``model.time_input`` (None when it does not say;
     see the module docstring).
     """
@@ -400,33 +499,67 @@ def load_weights(
     report = _mismatch_report(model, sd)
     if report:
         raise CheckpointError(report.replace("checkpoint", f"checkpoint ({where})" if is_path else "checkpoint", 1))
+    _check_recorded_config(model, obj, where)
     time_input = declared_time_input(obj, where)
     model.load_state_dict(sd, strict=True)
     model.time_input = time_input
     return model
 
 
+def _check_recorded_config(model: torch.nn.Module, obj: Mapping[str, object], where: str) -> None:
+    """CheckpointError when ``obj`` records a model config that ``model.config`` contradicts."""
+    recorded = recorded_model_config(obj)
+    own = getattr(model, "config", None)
+    if recorded is None or not isinstance(own, dict):
+        return
+    keys = (set(recorded) | set(own)) - {"use_checkpoint"}
+    differ = sorted(k for k in keys if recorded.get(k) != own.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: checkpoint {recorded.get(k)!r} vs model {own.get(k)!r}" for k in differ)
+        raise CheckpointError(f"checkpoint ({where}) records a different model config than the model's ({detail}); "
+                              "load it without a config (load_model(path) / no --config) to use its own")
+
+
 def load_model(
     checkpoint: Union[str, os.PathLike, Mapping[str, object]],
-    config: Optional[Union[str, Dict[str, object]]] = None,
+    config: Optional[Union[str, os.PathLike, Dict[str, object]]] = None,
     use_ema: bool = False,
+    num_heads: Optional[int] = None,
 ):
-    """Build a UViT and load ``checkpoint`` into it.
+    """Build the network a checkpoint holds and load it.
 
-    ``config`` is a registry name, a dict of constructor keywords, or None to infer the
-    architecture from the weights (see :func:`infer_config`).
+    ``checkpoint``: a file (any format :func:`load_weights` reads), a checkpoint folder
+    (``config.json`` + ``model.safetensors``), or a training run folder (its ``export/ema``: the
+    EMA weights; pass ``RUN/export/raw`` for the raw ones).
+
+    The architecture comes from, in this order: ``config`` (a registry name, a JSON model config
+    path, or a dict of UViT keywords; when the checkpoint records its own config the two must
+    agree); the config the checkpoint records (checkpoint folders, this package's training
+    checkpoints and exports); the DuoDiff authors' ``args``; the weights' shapes plus
+    ``num_heads``, or the registered config they fit. A checkpoint whose head count nothing
+    tells is refused (:func:`infer_config`), never guessed.
     """
-    from .configs import create_model
+    from .configs import create_model, get_spec
+    from .model_types import get_model_type
     from .uvit import UViT
 
-    obj, use_ema, _ = load_checkpoint_object(checkpoint, use_ema)
-    if config is None:
-        args = obj.get("args") if isinstance(obj.get("args"), Mapping) else {}
-        model = UViT(**infer_config(extract_state_dict(obj, use_ema=use_ema), num_heads=args.get("num_heads")))
-    elif isinstance(config, str):
-        model = create_model(config)
+    obj, use_ema, where = load_checkpoint_object(checkpoint, use_ema)
+    recorded = recorded_model_config(obj)
+    if config is not None:
+        model = UViT(**config) if isinstance(config, Mapping) else create_model(get_spec(config))
+    elif recorded is not None:
+        model = get_model_type(str(obj.get("model_type", "uvit"))).build(dict(recorded))
     else:
-        model = UViT(**config)
+        args = obj.get("args") if isinstance(obj.get("args"), Mapping) else {}
+        heads = num_heads or args.get("num_heads")
+        try:
+            kwargs = infer_config(extract_state_dict(obj, use_ema=use_ema), num_heads=heads)
+        except CheckpointError as e:
+            raise CheckpointError(f"{where}: {e}") from None
+        model = UViT(**kwargs)
+    if num_heads and getattr(model, "config", {}).get("num_heads") not in (None, num_heads):
+        raise CheckpointError(f"{where}: num_heads={num_heads} contradicts the model config "
+                              f"(num_heads={model.config['num_heads']})")
     try:
         return load_weights(model, obj, use_ema=use_ema)
     except CheckpointError as e:
@@ -435,13 +568,18 @@ def load_model(
         raise
 
 
-def save_weights(model: torch.nn.Module, path: Union[str, os.PathLike], time_input: Optional[str] = None) -> None:
+def save_weights(model: torch.nn.Module, path: Union[str, os.PathLike], time_input: Optional[str] = None,
+                 record_config: bool = False) -> None:
     """Write the model's state dict atomically (``.safetensors`` by extension, else torch).
 
     ``time_input`` (default: ``model.time_input`` when a loaded checkpoint declared one) is
     recorded so that the file keeps its time-input convention: as safetensors metadata, or for
     torch files as ``{"format", "state_dict", "time_input"}`` when it is not the default
     ``"index"`` (a plain state dict otherwise, the official format every U-ViT loader reads).
+    ``record_config=True`` also records ``model.config`` (``model_config``: the JSON of the
+    constructor keywords in safetensors metadata, an entry of the torch dict), so that
+    :func:`load_model` needs no config. For a whole checkpoint folder see
+    :func:`duodiff_fast.models.pretrained.save_pretrained`.
     """
     from ..io_utils import atomic_torch_save, atomic_write_bytes
 
@@ -449,13 +587,22 @@ def save_weights(model: torch.nn.Module, path: Union[str, os.PathLike], time_inp
         time_input = getattr(model, "time_input", None)
     if time_input is not None:
         check_time_input(time_input)
+    config = None
+    if record_config:
+        config = getattr(model, "config", None)
+        if not isinstance(config, dict):
+            raise ValueError("record_config=True needs a model with a plain-data .config dict")
+        config = {k: v for k, v in config.items() if k != "use_checkpoint"}
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if os.fspath(path).endswith(".safetensors"):
         from safetensors.torch import save
 
         meta = {"format": WEIGHTS_FORMAT, **({"time_input": time_input} if time_input else {})}
+        if config is not None:
+            meta["model_config"] = json.dumps(config)
         atomic_write_bytes(path, save(sd, metadata=meta))
-    elif time_input not in (None, "index"):
-        atomic_torch_save({"format": WEIGHTS_FORMAT, "state_dict": sd, "time_input": time_input}, path)
+    elif time_input not in (None, "index") or config is not None:
+        atomic_torch_save({"format": WEIGHTS_FORMAT, "state_dict": sd, "time_input": time_input or "index",
+                           **({"model_config": config} if config is not None else {})}, path)
     else:
         atomic_torch_save(sd, path)

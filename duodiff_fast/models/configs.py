@@ -9,11 +9,36 @@ Names:
     DuoDiff paper (Table 3): cifar10-s2, celeba64-s4, imagenet64-m4, imagenet256-l2
     other published U-ViT configs: imagenet64-l4, imagenet256-h2, imagenet512-l4, imagenet512-h4
     small configs for tests and CPU benchmarks: tiny, tiny-cond, tiny-latent
+
+Model configs as JSON. Wherever a config name is accepted (``get_spec``, ``create_model``, the
+CLI's ``--config``), a path to a JSON file, or a checkpoint folder holding a ``config.json``, is
+accepted too. ``duodiff-fast configs --show NAME`` prints one to start from::
+
+    {
+      "model_type": "uvit",            # a registered model type (see .model_types)
+      "name": "tiny-cond",             # optional; default: the file's stem
+      "schedule": "linear",            # optional noise schedule (default "linear")
+      "time_input": "index",           # optional: "index" (default) or "normalized"
+      "latent": false,                 # optional: true for Stable Diffusion KL-f8 latent models
+      "source": "...",                 # optional free text
+      "model": {"img_size": 16, "patch_size": 2, "in_chans": 1, "embed_dim": 64, "depth": 4,
+                "num_heads": 4, "mlp_ratio": 4, "qkv_bias": false, "qk_scale": null,
+                "mlp_time_embed": false, "num_classes": 11, "conv": true, "skip": true}
+    }
+
+``model`` holds the constructor keywords; for ``uvit`` img_size, patch_size, in_chans,
+embed_dim, depth and num_heads are required (the head count changes no weight shape, so it is
+never guessed), the others default as above. Checkpoint folders' ``config.json`` files are such
+configs plus what the folder records about its weights (:data:`FOLDER_KEYS`).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from .model_types import get_model_type
 
 SHALLOW_DEPTH = 2  # DuoDiff's shallow backbone: 1 in-block + mid-block + 1 out-block = 3 layers
 SHALLOW_SUFFIX = "-shallow"
@@ -53,9 +78,40 @@ class ModelSpec:
     latent: bool = False
     source: str = ""
     time_input: str = "index"
+    model_type: str = "uvit"
 
     def __post_init__(self) -> None:
         check_time_input(self.time_input)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The JSON model config of this spec (see the module docstring)."""
+        return {"model_type": self.model_type, "name": self.name, "schedule": self.schedule,
+                "time_input": self.time_input, "latent": bool(self.latent), "source": self.source,
+                "model": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], where: str = "model config",
+                  default_name: str = "custom") -> "ModelSpec":
+        """Parse a JSON model config; ValueError names the first problem and ``where`` it is."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where}: a model config is a JSON object, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(SPEC_KEYS) - set(FOLDER_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; a model config has {sorted(SPEC_KEYS)}")
+        if "model_type" not in d or "model" not in d:
+            raise ValueError(f"{where}: a model config needs 'model_type' (e.g. \"uvit\") and 'model' "
+                             "(the constructor keywords); `duodiff-fast configs --show tiny` prints an example")
+        mtype = get_model_type(str(d["model_type"]))
+        mtype.check_kwargs(d["model"], where)
+        kwargs = dict(mtype_defaults(mtype.name), **d["model"])
+        time_input = d.get("time_input", "index")
+        if time_input not in TIME_INPUTS:
+            raise ValueError(f"{where}: time_input must be one of {TIME_INPUTS}, got {time_input!r}")
+        if not isinstance(d.get("latent", False), bool):
+            raise ValueError(f"{where}: latent must be true or false, got {d['latent']!r}")
+        return cls(name=str(d.get("name") or default_name), kwargs=kwargs,
+                   schedule=str(d.get("schedule") or "linear"), latent=bool(d.get("latent", False)),
+                   source=str(d.get("source") or where), time_input=time_input, model_type=mtype.name)
 
     def make_schedule(self, schedule: Optional[str] = None, time_input: Optional[str] = None):
         """The noise schedule to sample/train with: ``schedule`` (default: the config's) feeding
@@ -66,11 +122,26 @@ class ModelSpec:
 
     def shallow(self) -> "ModelSpec":
         """The DuoDiff shallow backbone of this configuration (depth 2, same width)."""
+        if self.model_type != "uvit":
+            raise ValueError(f"DuoDiff's shallow twin is defined for U-ViT configs, not {self.model_type!r}")
         kwargs = dict(self.kwargs, depth=SHALLOW_DEPTH)
         return dataclasses.replace(
             self, name=self.name + SHALLOW_SUFFIX, kwargs=kwargs,
             source=f"DuoDiff shallow backbone of {self.name}",
         )
+
+
+# Top-level keys of a JSON model config, and the extra ones a checkpoint folder's config.json holds.
+SPEC_KEYS = ("model_type", "name", "schedule", "time_input", "latent", "source", "model")
+FOLDER_KEYS = ("format", "weights", "step", "ema", "train")
+
+
+def mtype_defaults(model_type: str) -> Dict[str, object]:
+    """Keywords a JSON config of ``model_type`` may leave out, with their values."""
+    if model_type == "uvit":
+        return {k: v for k, v in _uvit(0, 0, 0, 0, 0).items()
+                if k not in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
+    return {}
 
 
 def _uvit(img_size, patch_size, embed_dim, depth, num_heads, *, in_chans=3, num_classes=-1,
@@ -130,17 +201,71 @@ def list_configs() -> List[str]:
     return sorted(REGISTRY)
 
 
-def get_spec(name: str) -> ModelSpec:
-    """The :class:`ModelSpec` called ``name``; a clear error lists the known names."""
+SpecLike = Union[str, "os.PathLike[str]", ModelSpec]
+
+
+def load_spec_file(path: Union[str, "os.PathLike[str]"]) -> ModelSpec:
+    """Read a JSON model config (or a checkpoint folder's ``config.json``)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from .pretrained import resolve_pretrained_folder
+
+        path = os.path.join(resolve_pretrained_folder(path) or path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    stem = os.path.splitext(os.path.basename(path))[0]
+    if stem == "config":  # a folder's config.json: name it after the folder
+        stem = os.path.basename(os.path.dirname(os.path.abspath(path))) or stem
+    return ModelSpec.from_dict(data, where=path, default_name=stem)
+
+
+def get_spec(name: SpecLike) -> ModelSpec:
+    """The :class:`ModelSpec` of ``name``: a registered name, a path to a JSON model config, a
+    checkpoint folder (its ``config.json``) or a run folder (its ``export/ema``), or a spec
+    (returned as is).
+
+    Unknown names raise KeyError listing the known ones.
+    """
+    if isinstance(name, ModelSpec):
+        return name
+    if isinstance(name, os.PathLike) or (isinstance(name, str) and name not in REGISTRY and (
+            name.endswith(".json") or os.path.isdir(name) or os.sep in name)):
+        path = os.fspath(name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"model config {path!r}: no such JSON file or checkpoint folder")
+        if os.path.isdir(path):
+            from .pretrained import resolve_pretrained_folder
+
+            if resolve_pretrained_folder(path) is None:
+                raise FileNotFoundError(f"model config {path!r}: the folder is not a checkpoint folder "
+                                        "(config.json + model.safetensors) nor a run folder with export/ema")
+        return load_spec_file(path)
     try:
         return REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown model config {name!r}; known configs: {', '.join(list_configs())}") from None
+        raise KeyError(f"unknown model config {name!r}; known configs: {', '.join(list_configs())} "
+                       "(or give a path to a JSON model config)") from None
 
 
-def get_config(name: str) -> Dict[str, object]:
+def spec_json(name: SpecLike) -> str:
+    """The JSON model config of ``name`` (what ``duodiff-fast configs --show`` prints)."""
+    return json.dumps(get_spec(name).to_dict(), indent=2)
+
+
+def get_config(name: SpecLike) -> Dict[str, object]:
     """The UViT constructor keywords of config ``name`` (a fresh dict)."""
     return dict(get_spec(name).kwargs)
+
+
+def shallow_spec(name: SpecLike) -> ModelSpec:
+    """The DuoDiff shallow twin of a full config (registered ``<name>-shallow``, or depth 2 of a JSON config)."""
+    spec = get_spec(name)
+    if spec.name in REGISTRY and REGISTRY[spec.name] is spec:
+        return get_spec(shallow_name(spec.name))
+    return spec.shallow()
 
 
 def shallow_name(name: str) -> str:
@@ -161,20 +286,21 @@ def matching_configs(config: Dict[str, object], ignore: tuple = ("num_heads", "q
     return sorted(out)
 
 
-def create_model(name: str, **overrides):
-    """Build the UViT of config ``name``; keyword ``overrides`` replace config entries.
+def create_model(name: SpecLike, **overrides):
+    """Build the network of config ``name`` (see :func:`get_spec`: a name, a JSON path or a spec);
+    keyword ``overrides`` replace config entries.
 
     Example: ``create_model("cifar10-s2")``, ``create_model("imagenet256-l2-shallow")``,
-    ``create_model("tiny", depth=6)``.
+    ``create_model("tiny", depth=6)``, ``create_model("my_model.json")``.
     """
-    from .uvit import UViT
-
-    kwargs = get_config(name)
-    unknown = set(overrides) - set(kwargs) - {"use_checkpoint"}
+    spec = get_spec(name)
+    mtype = get_model_type(spec.model_type)
+    kwargs = dict(spec.kwargs)
+    unknown = set(overrides) - set(mtype.keywords)
     if unknown:
-        raise TypeError(f"unknown UViT keyword(s) {sorted(unknown)}; valid: {sorted(kwargs)}")
+        raise TypeError(f"unknown {mtype.display} keyword(s) {sorted(unknown)}; valid: {sorted(mtype.keywords)}")
     kwargs.update(overrides)
-    return UViT(**kwargs)
+    return mtype.build(kwargs)
 
 
 def describe(name: Optional[str] = None) -> str:

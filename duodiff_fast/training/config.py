@@ -17,6 +17,11 @@ DEFAULT_P_UNCOND = 0.1
 P_UNCOND_BY_MODEL = {"imagenet256-l2": 0.15, "imagenet256-l2-shallow": 0.15}
 
 AMP_MODES = ("auto", "bf16", "none")
+# Recipes whose published training flips images left-right (U-ViT / DuoDiff on CIFAR-10 and
+# CelebA 64x64, natural photos where a mirror image is as valid as the original). Every other
+# model config trains without flips unless asked (TrainConfig.hflip, --hflip): mirrored digits
+# or text are wrong data.
+HFLIP_RECIPES = ("cifar10-s2", "cifar10-s2-shallow", "celeba64-s4", "celeba64-s4-shallow")
 
 
 @dataclasses.dataclass
@@ -24,8 +29,9 @@ class TrainConfig:
     """Settings of a training run.
 
     Attributes:
-        model: a registry name ("cifar10-s2", "cifar10-s2-shallow", "tiny", ...) or a dict of
-            UViT keywords (optionally with "name": a registry entry the keywords override).
+        model: a registry name ("cifar10-s2", "cifar10-s2-shallow", "tiny", ...), a path to a
+            JSON model config (see ``duodiff_fast.models.configs``), or a dict of UViT keywords
+            (optionally with "name": a registry entry the keywords override).
         model_overrides: UViT keywords replacing those of ``model`` (e.g. {"use_checkpoint": True}).
         schedule: noise schedule name; None takes the registry entry's schedule ("linear" when
             ``model`` is a dict without a name).
@@ -39,6 +45,11 @@ class TrainConfig:
         warmup_steps: linear LR warm-up length, then constant.
         grad_clip: max global gradient norm; None or 0 disables clipping.
         ema_decay: EMA factor.
+        ema_warmup: warm the EMA up: update t (0-based) uses decay_t = min(ema_decay, (1 + t) / (10 + t)),
+            so a short run's EMA is not dominated by the random initial weights (False: ema_decay
+            from the first update, as U-ViT).
+        hflip: random horizontal flips of the training data; None: on only for the recipes in
+            :data:`HFLIP_RECIPES` (or as the data spec's "hflip" says), off for everything else.
         p_uncond: label drop rate for conditional models; None: 0.15 for imagenet256-l2, else 0.1.
         seed: seeds model init, data order and noise.
         out_dir: run directory (checkpoints, log.jsonl, config.json).
@@ -49,7 +60,7 @@ class TrainConfig:
         device: "auto", "cpu", "cuda" or "cuda:i".
         num_workers: DataLoader workers for datasets read from disk.
         resume: "auto" (resume from ``out_dir``'s latest checkpoint when there is one), a
-            checkpoint path, or None (start fresh).
+            checkpoint path, or None / "none" (start fresh; the two are the same).
         init_weights: weights to start from when not resuming (any format the models package
             reads: a plain state dict, an official U-ViT file, a training checkpoint); the EMA
             starts from them too. For fine-tuning (ASE block dropping, AdaDiff heads).
@@ -72,6 +83,8 @@ class TrainConfig:
     warmup_steps: int = WARMUP_STEPS
     grad_clip: Optional[float] = 1.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    hflip: Optional[bool] = None
     p_uncond: Optional[float] = None
     seed: int = 0
     out_dir: str = "runs/train"
@@ -89,6 +102,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = [float(b) for b in self.betas]
+        if isinstance(self.resume, str) and self.resume.lower() == "none":
+            self.resume = None  # the CLI's --resume none
         self.validate()
 
     def validate(self) -> None:
@@ -111,6 +126,7 @@ class TrainConfig:
         need(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         need(self.time_input in (None,) + TIME_INPUTS,
              f"time_input must be None or one of {TIME_INPUTS}, got {self.time_input!r}")
+        need(self.hflip in (None, True, False), f"hflip must be None, True or False, got {self.hflip!r}")
         need(self.amp in AMP_MODES, f"amp must be one of {AMP_MODES}, got {self.amp!r}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")

@@ -7,6 +7,12 @@ What is reproducible: model init (from ``seed``), the batch order and flips (a f
 ``(seed, step, rank)``), and the noise, timesteps and label drops (a per-rank generator whose
 state is checkpointed). On CPU, a run resumed from a checkpoint ends bit-identical to the
 uninterrupted run.
+
+Run folder (``cfg.out_dir``): ``config.json`` (the run's settings), ``log.jsonl``,
+``ckpt_<step>.pt`` / ``latest.pt`` (resumable training state), and at every checkpoint the
+exports ``export/ema/`` and ``export/raw/``: checkpoint folders (``config.json`` +
+``model.safetensors``, see ``duodiff_fast.models.pretrained``) of the EMA and raw weights, which
+``duodiff-fast sample --checkpoint RUN`` (the EMA) or ``RUN/export/raw`` load without --config.
 """
 from __future__ import annotations
 
@@ -111,6 +117,50 @@ def resolve_train_time_input(cfg: TrainConfig, resume_path: Optional[str], loss_
     return "index"
 
 
+def resolve_hflip(cfg: TrainConfig, dataset: Optional[torch.utils.data.Dataset]) -> bool:
+    """Whether this run flips its data left-right.
+
+    ``cfg.hflip`` when set; else the data spec's ``"hflip"``; else on only for the recipes in
+    :data:`~.config.HFLIP_RECIPES` with pixel data read from files. A dataset passed to the
+    trainer directly (``dataset`` None here) is flipped only when ``cfg.hflip`` says so.
+    """
+    from .config import HFLIP_RECIPES
+    from .data import parse_data_spec
+
+    spec_flip = parse_data_spec(cfg.data).get("hflip") if dataset is not None else None
+    if cfg.hflip is not None:
+        if spec_flip is not None and bool(spec_flip) != cfg.hflip:
+            raise ValueError(f"TrainConfig.hflip={cfg.hflip} contradicts the data spec's hflip={spec_flip}")
+        return cfg.hflip
+    if dataset is None:
+        return False
+    if spec_flip is not None:
+        return bool(spec_flip)
+    if cfg.model_name not in HFLIP_RECIPES:
+        return False
+    return default_hflip(cfg.data, dataset)
+
+
+def export_spec(cfg: TrainConfig, model: nn.Module, time_input: str):
+    """The model config a run's exports record (None when ``model`` is not a plain UViT).
+
+    The registry entry or JSON config ``cfg.model`` names, with the built model's keywords, the
+    run's schedule and time input.
+    """
+    import dataclasses as dc
+
+    from ..models import UViT, get_spec
+    from ..models.configs import ModelSpec
+
+    config = _plain_config(model)
+    if not isinstance(model, UViT) or config is None:
+        return None
+    kwargs = {k: v for k, v in config.items() if k != "use_checkpoint"}
+    base = get_spec(cfg.model_name) if cfg.model_name else ModelSpec("custom", kwargs, "linear", source="TrainConfig.model")
+    return dc.replace(base, kwargs=kwargs, schedule=resolve_schedule_name(cfg), time_input=time_input,
+                      source=f"trained by duodiff-fast from {base.name}" if cfg.model_name else base.source)
+
+
 def _plain_config(model: nn.Module) -> Optional[Dict[str, Any]]:
     """The model's constructor keywords when they are plain data (stored in checkpoints)."""
     config = getattr(model, "config", None)
@@ -156,7 +206,7 @@ class Trainer:
         self.model = (model if model is not None else build_model(cfg)).to(self.device)
         self.model_config = _plain_config(self.model)
         self.num_classes = int(getattr(self.model, "num_classes", 0) or 0)
-        self.ema = EMA(self.model, cfg.ema_decay)
+        self.ema = EMA(self.model, cfg.ema_decay, warmup=cfg.ema_warmup)
         self.params = trainable_parameters(self.model)
         self.optimizer = build_optimizer(self.params, cfg.lr, cfg.weight_decay, cfg.betas, cfg.adam_eps)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.warmup_steps)
@@ -174,6 +224,7 @@ class Trainer:
         # Carried by the model, so that save_weights / export_weights keep the convention.
         self.model.time_input = self.time_input
         self.ema.module.time_input = self.time_input
+        self.export_spec = export_spec(cfg, self.model, self.time_input)
 
         if dataset is None:
             self.dataset = self._build_dataset()
@@ -181,7 +232,7 @@ class Trainer:
             self.dataset = dataset
             if hasattr(self.model, "img_size") and hasattr(self.model, "in_chans"):
                 check_dataset(dataset, int(self.model.img_size), int(self.model.in_chans), self.num_classes)
-        hflip = default_hflip(cfg.data, self.dataset) if dataset is None else False
+        hflip = resolve_hflip(cfg, self.dataset if dataset is None else None)
         self.sampler = StepSampler(len(self.dataset), cfg.batch_size, self.env.rank, self.env.world_size,
                                    cfg.seed, hflip=hflip)
 
@@ -281,9 +332,7 @@ class Trainer:
         cfg = self.cfg
         if self.is_main:
             os.makedirs(cfg.out_dir, exist_ok=True)
-            atomic_write_json(os.path.join(cfg.out_dir, CONFIG_NAME),
-                              {"train": cfg.to_dict(), "model": self.model_config,
-                               "world_size": self.env.world_size})
+            atomic_write_json(os.path.join(cfg.out_dir, CONFIG_NAME), self.run_config())
         if self.step >= total:
             return self.history[-1] if self.history else {}
         from tqdm.auto import tqdm
@@ -356,14 +405,50 @@ class Trainer:
             "time_input": self.time_input,
         }
 
+    def run_config(self) -> Dict[str, Any]:
+        """What the run folder's ``config.json`` holds: the settings (``hflip`` resolved), the
+        model's keywords and the exports' folders."""
+        train = dict(self.cfg.to_dict(), hflip=bool(self.sampler.hflip))
+        exports = None
+        if self.export_spec is not None:
+            exports = {"ema": "export/ema", "raw": "export/raw", "default": "ema",
+                       "ema_decay": self.cfg.ema_decay, "ema_warmup": self.cfg.ema_warmup}
+        return {"train": train, "model": self.model_config, "world_size": self.env.world_size, "exports": exports}
+
     def save(self) -> Optional[str]:
-        """Write a checkpoint for the current step (rank 0 writes; all ranks must call)."""
+        """Write a checkpoint for the current step and the exports ``export/ema`` and
+        ``export/raw`` (rank 0 writes; all ranks must call)."""
         state = self.state_dict()
         path = None
         if self.is_main:
             path = self.checkpoints.save(state, self.step)
+            if self.export_spec is not None:
+                from ..models.pretrained import export_folder
+
+                for kind in ("ema", "raw"):
+                    self.export_pretrained(export_folder(self.cfg.out_dir, kind), ema=kind == "ema")
+                if self.cfg.progress or self.step >= self.cfg.steps:
+                    print(f"step {self.step}: exported the EMA weights (decay {self.cfg.ema_decay}"
+                          f"{', warm-up' if self.cfg.ema_warmup else ''}; {self.ema.num_updates} updates) to "
+                          f"{export_folder(self.cfg.out_dir, 'ema')} (what the run folder gives `sample`) and "
+                          f"the raw weights to {export_folder(self.cfg.out_dir, 'raw')}", flush=True)
         barrier(self.env)
         return path
+
+    def export_pretrained(self, folder: str, ema: bool = True) -> str:
+        """Write the EMA (default) or raw weights as a checkpoint folder (``config.json`` +
+        ``model.safetensors``, recording the model config, ``weights``: "ema"/"raw", the step and
+        the EMA settings). Call on rank 0; returns the folder."""
+        from ..models.pretrained import save_pretrained
+
+        if self.export_spec is None:
+            raise ValueError(f"{type(self.model).__name__} is not a plain U-ViT: it has no model config to export; "
+                             "use export_weights(path)")
+        module = self.ema.module if ema else self.model
+        extra = {"weights": "ema" if ema else "raw", "step": self.step,
+                 "ema": {"decay": self.cfg.ema_decay, "warmup": self.cfg.ema_warmup,
+                         "num_updates": self.ema.num_updates}}
+        return save_pretrained(module, folder, self.export_spec, extra=extra, time_input=self.time_input)
 
     def load(self, path: str) -> None:
         """Restore model, EMA, optimizer, scheduler, step and RNG states from a checkpoint."""
@@ -404,13 +489,21 @@ class Trainer:
         self.ema.copy_from(self.model)
 
     def export_weights(self, path: str, ema: bool = True) -> None:
-        """Write the weights (EMA by default) for sampling, atomically, with ``models.save_weights``:
-        a plain state dict, or one that records the time input when it is not "index"."""
+        """Write the weights (EMA by default) for sampling, atomically.
+
+        ``path`` ending in ``.pt``/``.pth``/``.safetensors``: one file (``models.save_weights``)
+        that records the time input and, for a U-ViT, its model config (``model_config``), so
+        ``load_model`` needs no config. Any other path: a checkpoint folder
+        (:meth:`export_pretrained`).
+        """
         from ..models import save_weights
 
         module = self.ema.module if ema else self.model
         if self.is_main:
-            save_weights(module, path, time_input=self.time_input)
+            if os.fspath(path).endswith((".pt", ".pth", ".safetensors")):
+                save_weights(module, path, time_input=self.time_input, record_config=self.export_spec is not None)
+            else:
+                self.export_pretrained(path, ema=ema)
         barrier(self.env)
 
     def close(self) -> None:

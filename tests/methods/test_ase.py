@@ -6,7 +6,7 @@ from duodiff_fast.methods.ase import (
     PAPER_SCHEDULES, PAPER_SPEEDUP_PCT, ASEDenoiser, ASEObjective, ASEUViT, DroppingSchedule,
     ase_finetune_config, ase_forward, finetune_ase, get_dropping_schedule,
 )
-from duodiff_fast.models import create_model
+from duodiff_fast.models import create_model, load_weights
 from duodiff_fast.samplers import sample
 from duodiff_fast.schedules import linear_ddpm, vp_linear
 from duodiff_fast.training import SyntheticDataset, TrainConfig
@@ -238,7 +238,7 @@ def test_finetune_loss_falls_and_weights_round_trip(tmp_path):
     path = tmp_path / "ema.pt"
     trainer.export_weights(str(path))
     plain = create_model("tiny")
-    plain.load_state_dict(torch.load(path, weights_only=True))
+    load_weights(plain, path)  # the export records the model config beside the state dict
     den = ASEDenoiser(plain.eval(), linear_ddpm(), [2, 1, 0])
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 0.5], dtype=torch.float64)
     ref = ASEDenoiser(trainer.ema.module.eval(), linear_ddpm(), [2, 1, 0])(x, t)

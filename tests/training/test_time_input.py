@@ -24,11 +24,18 @@ def test_configured_time_input_trains_and_is_recorded(make_cfg, tmp_path):
     assert again.step == 2 and again.time_input == "normalized"
 
 
-def test_default_stays_index_and_exports_plain_state_dicts(make_cfg, tiny_uvit, tmp_path):
+def test_default_stays_index_and_exports_record_it_with_the_config(make_cfg, tiny_uvit, tmp_path):
+    from duodiff_fast.models import save_weights
+
     trainer = train(make_cfg(steps=1))
     assert trainer.time_input == "index" and trainer.schedule.time_input == "index"
     trainer.export_weights(str(tmp_path / "w.pt"))
-    UViT(**tiny_uvit()).load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True))
+    exported = torch.load(tmp_path / "w.pt", weights_only=True)
+    assert exported["time_input"] == "index" and exported["model_config"]["embed_dim"] == tiny_uvit()["embed_dim"]
+    UViT(**tiny_uvit()).load_state_dict(exported["state_dict"])
+    # A plain state dict for the official U-ViT loaders is still one save_weights call away.
+    save_weights(trainer.ema.module, tmp_path / "plain.pt")
+    UViT(**tiny_uvit()).load_state_dict(torch.load(tmp_path / "plain.pt", weights_only=True))
 
 
 def test_fine_tuning_the_authors_model_inherits_their_convention(make_cfg, tiny_uvit, tmp_path):

@@ -46,10 +46,15 @@ def test_loss_falls_and_run_dir_contents(make_cfg, tiny_uvit, tmp_path):
     w = "decoder_pred.weight"
     assert not torch.equal(ckpt["ema_state_dict"][w], ckpt["model_state_dict"][w])
 
-    # Exported EMA weights load into a plain UViT; the models package reads the checkpoint too.
+    # Exported EMA weights record the model config next to a plain state dict; the models package
+    # rebuilds the model from them, and reads the training checkpoint too.
     trainer.export_weights(str(tmp_path / "ema.pt"))
-    UViT(**tiny_uvit()).load_state_dict(torch.load(tmp_path / "ema.pt", weights_only=True))
+    exported = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert exported["model_config"] == {k: v for k, v in tiny_uvit().items() if k != "use_checkpoint"}
+    UViT(**tiny_uvit()).load_state_dict(exported["state_dict"])
     from duodiff_fast.models import load_model
+
+    assert load_model(tmp_path / "ema.pt").config == trainer.model.config
 
     ema_model = load_model(os.path.join(run, "latest.pt"), use_ema=True)
     assert torch.equal(ema_model.decoder_pred.weight, trainer.ema.module.decoder_pred.weight)
@@ -142,8 +147,9 @@ def test_image_folder_training_with_workers(make_cfg, tiny_uvit, tmp_path):
             Image.new("RGB", (12, 10), (80 * k, 40 * i, 200)).save(root / cls / f"{i}.png")
     trainer = train(make_cfg(model=tiny_uvit(num_classes=3), data=f"folder:{root}", steps=3, batch_size=4,
                              num_workers=1))
-    assert trainer.sampler.hflip  # pixel data from files flips by default
+    assert not trainer.sampler.hflip  # flips are off unless asked (or a CIFAR-10/CelebA recipe)
     assert trainer.step == 3 and np.isfinite(trainer.history[-1]["loss"])
+    assert json.load(open(os.path.join(trainer.cfg.out_dir, "config.json")))["train"]["hflip"] is False
 
 
 def test_custom_loss_fn_and_frozen_backbone(make_cfg):
