@@ -1,6 +1,6 @@
 import pytest
 
-from duodiff_fast.models import PAPER_CONFIGS, REGISTRY, create_model, get_config, get_spec, shallow_name
+from duodiff_fast.models import PAPER_CONFIGS, REGISTRY, create_model, get_config, get_spec, list_configs, shallow_name
 
 
 def test_paper_configs_match_table_3():
@@ -49,3 +49,69 @@ def test_unknown_name_lists_known():
 def test_unknown_override():
     with pytest.raises(TypeError, match="unknown UViT keyword"):
         create_model("tiny", widht=3)
+
+
+# ------------------------------------------------------------------------------ JSON model configs
+def test_every_registered_config_round_trips_through_json(tmp_path):
+    import json
+
+    from duodiff_fast.models import spec_json
+    from duodiff_fast.models.configs import ModelSpec
+
+    for name in list_configs():
+        text = spec_json(name)
+        again = ModelSpec.from_dict(json.loads(text))
+        assert again == get_spec(name), name
+        path = tmp_path / f"{name}.json"
+        path.write_text(text)
+        assert get_spec(str(path)) == get_spec(name)
+        if name.startswith("tiny"):  # small enough to build
+            assert create_model(str(path)).config == create_model(name).config
+
+
+def test_json_config_with_any_channel_count(tmp_path):
+    import json
+
+    import torch
+
+    cfg = {"model_type": "uvit", "model": {"img_size": 16, "patch_size": 2, "in_chans": 1, "embed_dim": 32,
+                                           "depth": 2, "num_heads": 2, "num_classes": 5}}
+    path = tmp_path / "gray.json"
+    path.write_text(json.dumps(cfg))
+    spec = get_spec(str(path))
+    assert spec.name == "gray" and spec.schedule == "linear" and spec.time_input == "index"
+    assert spec.kwargs["mlp_ratio"] == 4 and spec.kwargs["conv"] is True  # defaults filled in
+    m = create_model(str(path))
+    out = m(torch.randn(2, 1, 16, 16), torch.tensor([1.0, 2.0]), torch.tensor([0, 4]))
+    assert out.shape == (2, 1, 16, 16)
+    assert get_spec(str(path)).shallow().kwargs["depth"] == 2
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "dit"}, "unknown model_type 'dit'"),
+    ({"model": {"img_size": 16}}, r"\['patch_size', 'in_chans', 'embed_dim', 'depth', 'num_heads'\] are required"),
+    ({"model": {"img_size": 16, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "heads": 2}},
+     "unknown UViT keyword"),
+    ({"colour": "red"}, "unknown key"),
+    ({"time_input": "seconds"}, "time_input must be one of"),
+])
+def test_bad_json_configs_are_refused_by_name(tmp_path, change, message):
+    import json
+
+    cfg = {"model_type": "uvit", "model": {"img_size": 16, "patch_size": 2, "in_chans": 1, "embed_dim": 32,
+                                           "depth": 2, "num_heads": 2}}
+    cfg.update(change)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=message):
+        get_spec(str(path))
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such JSON file"):
+        get_spec(str(tmp_path / "nope.json"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        get_spec(str(tmp_path / "broken.json"))
+    with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
+        get_spec(str(tmp_path))

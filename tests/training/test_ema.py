@@ -61,3 +61,41 @@ def test_ema_of_wrapped_model_tracks_inner_module():
         model.lin.bias.fill_(2.0)
     ema.update(wrapped)
     torch.testing.assert_close(ema.module.lin.bias, 0.5 * start + 0.5 * torch.full((2,), 2.0))
+
+
+def test_warmup_matches_its_closed_form():
+    """decay_t = min(decay, (1 + t) / (10 + t)); on a constant target the initial weights' share
+    after T updates is prod_t decay_t, and for t with (1 + t)/(10 + t) < decay that product
+    telescopes to 9! T! / (T + 9)! = 1 / C(T + 9, 9)."""
+    from math import comb, prod
+
+    torch.manual_seed(0)
+    model = Net()
+    ema = EMA(model, decay=0.999, warmup=True)
+    assert ema.current_decay() == pytest.approx(0.1)
+    init = ema.module.lin.weight.detach().clone()
+    with torch.no_grad():
+        model.lin.weight.add_(1.0)  # a fixed target: EMA = target - share * (target - init)
+    target = model.lin.weight.detach().clone()
+    decays = []
+    for t in range(40):
+        decays.append(ema.current_decay())
+        ema.update(model)
+    assert decays == [pytest.approx(min(0.999, (1 + t) / (10 + t))) for t in range(40)]
+    share = prod(decays)
+    assert share == pytest.approx(1 / comb(40 + 9, 9), rel=1e-9)
+    torch.testing.assert_close(ema.module.lin.weight, target - share * (target - init), rtol=0, atol=1e-6)
+    # The cap: far into the run the decay is the configured one.
+    ema.num_updates = 10 ** 6
+    assert ema.current_decay() == 0.999
+    assert EMA(model, decay=0.999).current_decay() == 0.999  # no warm-up: decay from the start
+    assert ema.meta()["warmup"] is True
+
+
+def test_warmup_makes_a_short_runs_ema_forget_the_init():
+    """The issue's numbers: 2,500 updates at 0.9999 keep 78% of the initial weights without warm-up."""
+    from math import prod
+
+    without = 0.9999 ** 2500
+    with_warmup = prod(min(0.9999, (1 + t) / (10 + t)) for t in range(2500))
+    assert without == pytest.approx(0.78, abs=0.005) and with_warmup < 0.004
