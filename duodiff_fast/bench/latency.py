@@ -45,7 +45,7 @@ import torch
 from ..backends import BACKENDS, prepare_model
 from ..io_utils import atomic_write_json
 from ..methods import DuoDiff, ModelDenoiser
-from ..models import PAPER_CONFIGS, create_model, get_spec, shallow_name
+from ..models import PAPER_CONFIGS, create_model, get_spec, shallow_spec
 from ..samplers import sample
 from ..schedules import get_schedule
 from .common import environment, results_path
@@ -112,7 +112,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--preset", default=None, choices=sorted(PRESETS), help="a named plan (gpu-suite: the GPU suite's narrowed plan)")
-    a("--configs", default=None, help="comma-separated model configs (default: 'tiny' on CPU, the paper's four on CUDA)")
+    a("--configs", default=None, help="comma-separated model configs: registered names, JSON model config paths or "
+      "checkpoint/run folders (default: --checkpoint when it is such a folder, else 'tiny' on CPU, the paper's "
+      "four on CUDA)")
     a("--solvers", default=None, help=f"comma-separated solvers among {', '.join(SOLVERS)} (default ddpm,ddim)")
     a("--backends", default=None, help=f"comma-separated backends among {', '.join(BACKENDS)} (default: reference "
       "on CPU; on CUDA every backend that can run there, triton included)")
@@ -177,6 +179,11 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
     """Fill every option left unset from the preset, then the device type's defaults; check names.
     Usage errors raise SystemExit with a message (exit status 2 through ``duodiff-fast bench``)."""
     base = DEFAULTS["cuda" if device.type == "cuda" else "cpu"]
+    if args.configs is None and args.checkpoint and not args.preset:
+        from ..models import resolve_pretrained_folder
+
+        if os.path.isdir(args.checkpoint) and resolve_pretrained_folder(args.checkpoint):
+            args.configs = args.checkpoint  # a checkpoint or run folder names its own architecture
     layer = dict(base, **PRESETS[args.preset]) if args.preset else base
     for key, value in layer.items():
         if getattr(args, key, None) is None:
@@ -350,12 +357,13 @@ class Runner:
         if name not in self.models:
             spec = get_spec(name)
             torch.manual_seed(0)
-            full = create_model(name).to(self.device).eval()
-            shallow = create_model(shallow_name(name)).to(self.device).eval()
+            full = create_model(spec).to(self.device).eval()
+            twin = shallow_spec(spec)
+            shallow = create_model(twin).to(self.device).eval()
             if self.args.nvtx:
                 from ..profiling import annotate_module
 
-                annotate_module(full, name), annotate_module(shallow, shallow_name(name))
+                annotate_module(full, spec.name), annotate_module(shallow, twin.name)
             self.models[name] = (get_schedule(spec.schedule), full, shallow)
         return self.models[name]
 
@@ -742,7 +750,8 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> dict:
                                          "wall_batch_seconds"))),
                   rows=rows)
     out = args.out or results_path(args.results_dir, "latency", device,
-                                   "-".join(_split(args.configs)) + (f"_{args.preset}" if args.preset else ""))
+                                   "-".join(get_spec(c).name for c in _split(args.configs))
+                                   + (f"_{args.preset}" if args.preset else ""))
     atomic_write_json(out, result)
     print(f"wrote {out}")
     return result
