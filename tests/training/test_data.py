@@ -179,3 +179,33 @@ def test_iterate_batches_direct_and_dataloader_paths_agree(tmp_path):
         (xa, ya), (xb, yb) = next(direct), next(loader)
         torch.testing.assert_close(xa, xb)
         assert torch.equal(ya, yb)
+
+
+def test_one_channel_data_in_every_layout(tmp_path):
+    """1-channel pixels as uint8 NHWC (and NHW), float NCHW and a grayscale image folder, with labels."""
+    from PIL import Image
+
+    from duodiff_fast.training.data import build_dataset
+
+    rng = np.random.default_rng(0)
+    pix = rng.integers(0, 256, (6, 8, 8, 1), dtype=np.uint8)
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    np.savez(tmp_path / "nhwc.npz", images=pix, labels=labels)
+    np.savez(tmp_path / "nhw.npz", arr_0=pix[..., 0], y=labels)
+    as_float = pix.transpose(0, 3, 1, 2).astype(np.float32) / 127.5 - 1
+    np.savez(tmp_path / "nchw.npz", images=as_float, label=labels)
+    want = torch.from_numpy(as_float)
+    for name in ("nhwc", "nhw", "nchw"):
+        ds = build_dataset(f"npz:{tmp_path / name}.npz", 8, 1, num_classes=4)
+        x, y = ds.get_batch(torch.arange(6))
+        assert x.shape == (6, 1, 8, 8) and y.tolist() == labels.tolist(), name
+        torch.testing.assert_close(x, want, rtol=0, atol=1e-6)
+    root = tmp_path / "folder"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (200, 100, 50)).save(root / cls / "0.png")
+    ds = build_dataset(f"folder:{root}", 8, 1, num_classes=3)
+    x, y = ds[1]
+    assert x.shape == (1, 8, 8) and y == 1
+    gray = Image.new("RGB", (1, 1), (200, 100, 50)).convert("L").getpixel((0, 0))
+    assert x[0, 0, 0].item() == pytest.approx(gray / 127.5 - 1, abs=1e-6)
