@@ -262,14 +262,20 @@ def _adadiff_model(config, weights: MethodWeights, checkpoints: Dict[str, str]):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(weights.seed)
             return AdaDiffUViT(backbone)
-    sd = extract_state_dict(read_checkpoint_file(weights.adadiff), use_ema=weights.use_ema)
+    obj = read_checkpoint_file(weights.adadiff)
+    sd = extract_state_dict(obj, use_ema=weights.use_ema)
     checkpoints["adadiff"] = weights.adadiff
     if not any(k.startswith("uems.") for k in sd):
         # Not this package's layout: the DuoDiff authors' or AdaDiff's own early-exit files (mapped
         # onto AdaDiffUViT), else a CheckpointError that lists the key roots found.
+        from ..models import get_spec
         from .adadiff_checkpoints import load_adadiff
 
-        return load_adadiff(weights.adadiff, use_ema=weights.use_ema)
+        # The head count is in no weight shape: the sampling config's, unless the file's args say.
+        heads = get_spec(config).kwargs.get("num_heads")
+        if isinstance(obj.get("args"), Mapping) and obj["args"].get("num_heads"):
+            heads = None
+        return load_adadiff(weights.adadiff, num_heads=heads, use_ema=weights.use_ema)
     hidden = int(sd["uems.0.mlp.0.weight"].shape[0]) if "uems.0.mlp.2.weight" in sd else 0
     has_backbone = any(k.startswith("backbone.") for k in sd)
     if has_backbone:
