@@ -62,7 +62,8 @@ class TrainConfig:
         resume: "auto" (resume from ``out_dir``'s latest checkpoint when there is one), a
             checkpoint path, or None / "none" (start fresh; the two are the same).
         init_weights: weights to start from when not resuming (any format the models package
-            reads: a plain state dict, an official U-ViT file, a training checkpoint); the EMA
+            reads: a plain state dict, an official U-ViT file, a training checkpoint, a checkpoint
+            folder or a run folder, whose export/ema is used); the EMA
             starts from them too. For fine-tuning (ASE block dropping, AdaDiff heads).
         progress: show a tqdm progress bar on rank 0.
         compile: wrap the model in ``torch.compile``.

@@ -98,7 +98,7 @@ def resolve_train_time_input(cfg: TrainConfig, resume_path: Optional[str], loss_
         if isinstance(declared, str):
             sources.append((what, declared))
     for what, path in (("resumed checkpoint", resume_path), ("init_weights", None if resume_path else cfg.init_weights)):
-        if path and os.path.isfile(path):
+        if path and os.path.exists(path):  # a file, or a checkpoint / run folder
             declared = checkpoint_info(path).time_input
             if declared is not None:
                 sources.append((f"{what} {path!r}", declared))
@@ -479,11 +479,14 @@ class Trainer:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
     def load_initial_weights(self, path: str) -> None:
-        """Start from the weights in ``path`` (model and EMA); optimizer and step stay fresh."""
+        """Start from the weights in ``path`` (model and EMA); optimizer and step stay fresh.
+
+        ``path``: any file ``models.load_weights`` reads, a checkpoint folder, or a run folder (its
+        ``export/ema``); a config the weights record must agree with this run's model."""
         from ..models import load_weights
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"init_weights file {path!r} does not exist")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"init_weights file or folder {path!r} does not exist")
         load_weights(self.model, path)
         self.model.time_input = self.time_input  # resolved with this file's declaration in __init__
         self.ema.copy_from(self.model)

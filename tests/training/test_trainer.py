@@ -209,3 +209,19 @@ def test_nan_loss_stops_training(make_cfg):
 
     with pytest.raises(FloatingPointError, match="step 1"):
         train(make_cfg(steps=3, grad_clip=None), loss_fn=loss_fn)
+
+
+def test_init_weights_from_a_run_folder(make_cfg, tmp_path):
+    """A run folder (its export/ema) or an export folder starts a fine-tuning run; a folder of
+    another head count is refused even though every weight shape fits."""
+    from duodiff_fast.models import CheckpointError
+
+    first = train(make_cfg(steps=2, out_dir=str(tmp_path / "a")))
+    for src in (first.cfg.out_dir, os.path.join(first.cfg.out_dir, "export", "raw")):
+        tuned = Trainer(make_cfg(out_dir=str(tmp_path / "b"), init_weights=src, resume=None))
+        want = first.ema.module if src == first.cfg.out_dir else first.model
+        for k, v in want.state_dict().items():
+            assert torch.equal(tuned.model.state_dict()[k], v)
+    other = dict(first.cfg.model, num_heads=first.cfg.model["num_heads"] // 2)
+    with pytest.raises(CheckpointError, match="num_heads"):
+        Trainer(make_cfg(model=other, out_dir=str(tmp_path / "c"), init_weights=first.cfg.out_dir))
