@@ -10,7 +10,16 @@ Accepted files:
     and ``args``, their ``argparse.Namespace`` of command-line settings;
   * files written by :func:`save_weights` that record the model's time input (below);
   * U-ViT / AdaDiff training-state folders (``<step>.ckpt/`` holding ``nnet.pth`` and
-    ``nnet_ema.pth``; ``use_ema`` picks the latter).
+    ``nnet_ema.pth``; ``use_ema`` picks the latter);
+  * checkpoint folders (``config.json`` + ``model.safetensors``, :mod:`.pretrained`) and this
+    package's training run folders (their ``export/ema`` folder).
+
+Model configs. Checkpoint folders, this package's training checkpoints and its exports record
+the model's constructor keywords (``model_config``): :func:`load_model` builds from them, and
+:func:`load_weights` refuses a model whose config differs (a head count changes no weight shape,
+so the weights alone cannot catch it). For files that record nothing, :func:`infer_config` reads
+the architecture from the shapes and takes the head count only from ``num_heads``, the DuoDiff
+authors' ``args`` or a registered config the shapes fit exactly; otherwise it refuses.
 Other projects' key layouts (the DuoDiff authors' and AdaDiff's early-exit models) are recognised
 by :mod:`.layouts` and loaded by ``duodiff_fast.methods.adadiff_checkpoints.load_adadiff``.
 Torch files are read with ``weights_only=True``: no pickled code runs. The one class allowed
