@@ -137,3 +137,23 @@ def test_trained_adadiff_and_multistage_checkpoints_drive_their_rows(tmp_path):
     with pytest.raises(SystemExit, match="one --configs entry"):
         latency.resolve(latency.parse_args(["--adadiff-checkpoint", str(tmp_path / "ada.pt"),
                                             "--configs", "tiny,tiny-cond"]), torch.device("cpu"))
+
+
+def test_configs_take_json_files_and_checkpoint_folders(tmp_path):
+    """--configs accepts a JSON model config; a checkpoint folder given as --checkpoint names the
+    architecture when --configs is left out."""
+    from duodiff_fast.models import create_model, spec_json
+    from duodiff_fast.models.pretrained import save_pretrained
+
+    gray = json.loads(spec_json("tiny"))
+    gray.update(name="gray")
+    gray["model"].update(in_chans=1, depth=2)
+    (tmp_path / "gray.json").write_text(json.dumps(gray))
+    args = _tiny(tmp_path, "--t-s", "0")
+    args[args.index("tiny")] = str(tmp_path / "gray.json")
+    res = latency.main(args)
+    assert [r["status"] for r in res["rows"]] == ["ok"]
+    save_pretrained(create_model(str(tmp_path / "gray.json")), tmp_path / "ckpt")
+    resolved = latency.resolve(latency.parse_args(["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]),
+                               torch.device("cpu"))
+    assert resolved.configs == str(tmp_path / "ckpt")
