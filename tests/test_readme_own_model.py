@@ -133,3 +133,13 @@ def test_cli_flips_configs_show_and_head_count_refusal(readme_run, capsys, one_t
                  "--steps", "2", "--out", "s4", "--no-progress"]) == 2
     assert "num_heads: checkpoint 2 vs model 4" in capsys.readouterr().err
     assert torch.equal(load_model("runs/gray16").pos_embed, load_model("runs/gray16/export/ema").pos_embed)
+
+
+def test_latest_pt_with_use_ema_samples_what_the_run_folder_does(readme_run, one_thread):
+    """The run folder's default (export/ema) is the EMA of latest.pt: the same images, bit for bit."""
+    example = _commands(_blocks(_section("Example: a 1-channel class-conditional model"), "bash")[0])[1]
+    argv = [a if a != "runs/gray16" else "runs/gray16/latest.pt" for a in example]
+    argv[argv.index("--out") + 1] = "samples/from_latest"
+    assert main(argv + ["--use-ema", "--no-progress", "--device", "cpu"]) == 0
+    with np.load("samples/gray16/samples.npz") as a, np.load("samples/from_latest/samples.npz") as b:
+        assert np.array_equal(a["arr_0"], b["arr_0"]) and np.array_equal(a["arr_1"], b["arr_1"])
