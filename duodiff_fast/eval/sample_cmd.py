@@ -149,7 +149,6 @@ class SampleJob:
 
     def __init__(self, args, spec: MethodSpec, device: torch.device):
         from ..methods.factory import build_method
-        from ..models import get_spec
         from ..samplers import ClassifierFreeGuidance
         from ..models import resolve_time_input
         from .manifest import checkpoint_hashes
