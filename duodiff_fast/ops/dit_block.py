@@ -1,4 +1,5 @@
-"""One DiT block (adaLN-Zero) through the Triton custom ops: the "triton" backend's DiT layer.
+"""One DiT block (adaLN-Zero), and the DiT final layer's token part, through the Triton custom ops:
+the "triton" backend's DiT layers.
 
 Computes, for tokens x (B, N, D) and the block's adaLN output ``mod = adaLN_modulation(c)``
 (B, 6D), chunked in DiT's order ``shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp``::
@@ -12,6 +13,9 @@ launches::
 
     adaln_layernorm -> linear (qkv, bias) -> attention_qkv -> linear_gated_residual (proj)
     -> adaln_layernorm -> linear_gelu_tanh (fc1) -> linear_gated_residual (fc2)
+
+:func:`dit_final_tokens` is the final layer before unpatchify: ``linear(norm(x) * (1 + scale) + shift)``
+with ``shift, scale = mod.chunk(2, dim=1)`` (two launches).
 
 The modulation chunks are strided views of ``mod`` that the kernels read in place (no copies).
 The B-row condition MLP that makes ``mod`` (SiLU, Linear(D, 6D)) is left to the caller: B rows, not
@@ -94,3 +98,26 @@ def dit_block(
     h = triton_ops.adaln_layernorm(x, shift_mlp, scale_mlp, eps)
     h = triton_ops.linear_gelu_tanh(h, fc1_weight, fc1_bias)                          # (B, N, H)
     return triton_ops.linear_gated_residual(h, fc2_weight, fc2_bias, x, gate_mlp)
+
+
+def dit_final_tokens(x: torch.Tensor, mod: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                     eps: float = 1e-6) -> torch.Tensor:
+    """DiT's ``FinalLayer`` up to unpatchify on the Triton kernels.
+
+    Args:
+        x: (B, N, D) tokens (float32/float16/bfloat16).
+        mod: (B, 2D) ``adaLN_modulation(c)`` of the final layer, chunked ``shift, scale``.
+        weight: (P, D) and bias (P,) or None: its ``linear`` (P = patch * patch * out_channels).
+        eps: the norm's epsilon (DiT: 1e-6).
+    Returns:
+        (B, N, P) in x's dtype (the caller unpatchifies).
+    """
+    if x.dim() != 3:
+        raise ValueError(f"dit_final_tokens: x must be (B, N, D), got shape {tuple(x.shape)}")
+    b, _, d = x.shape
+    p = weight.shape[0] if weight.dim() == 2 else -1
+    for name, t, shape in (("mod", mod, (b, 2 * d)), ("weight", weight, (p, d)), ("bias", bias, (p,))):
+        _check(name, t, shape, x.device)
+    shift, scale = mod.chunk(2, dim=1)
+    h = triton_ops.adaln_layernorm(x, shift, scale, eps)
+    return triton_ops.linear(h, weight, bias, None, None, False)

@@ -98,6 +98,30 @@ def test_dit_block_matches_the_equations(device, poisoned, dtype, b, n, d, heads
     assert err <= bound, f"dit_block {(b, n, d, heads, hidden)}: error {err:.3g} > bound {bound:.3g} ({dtype})"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dit_final_tokens_match_the_equations(device, poisoned, dtype):  # noqa: F811
+    """FinalLayer before unpatchify: linear(norm(x) * (1 + scale) + shift), shift/scale = mod.chunk(2)."""
+    from duodiff_fast.ops.dit_block import dit_final_tokens
+
+    g = torch.Generator().manual_seed(5)
+    b, n, d, out = 3, 17, 40, 24  # out = p * p * 2C for p = 2, C = 3
+    x = torch.randn(b, n, d, generator=g).to(device, dtype)
+    mod = torch.randn(b, 2 * d, generator=g).to(device, dtype)
+    w = (torch.randn(out, d, generator=g) / math.sqrt(d)).to(device, dtype)
+    bias = torch.randn(out, generator=g).to(device, dtype)
+    got = dit_final_tokens(x, mod, w, bias)
+    assert got.shape == (b, n, out) and got.dtype == dtype
+    shift, scale = (c.unsqueeze(1) for c in mod.double().chunk(2, 1))
+    exact = (_norm(x.double(), EPS) * (1 + scale) + shift) @ w.double().T + bias.double()
+    shift, scale = (c.unsqueeze(1) for c in mod.chunk(2, 1))
+    eager = F.linear(F.layer_norm(x, (d,), eps=EPS) * (1 + scale) + shift, w, bias)
+    slack = 2.0 if dtype == torch.bfloat16 and device.type == "cpu" else 1.0  # see above
+    err, bound = rel(got, exact), 2 * slack * rel(eager, exact) + FLOOR[dtype]
+    assert err <= bound, f"dit_final_tokens: error {err:.3g} > bound {bound:.3g} ({dtype})"
+    with pytest.raises(ValueError, match="mod must have shape"):
+        dit_final_tokens(x, mod[:, :d], w, bias)
+
+
 def test_zero_modulation_is_the_identity(device):  # noqa: F811
     """adaLN-Zero: with mod = 0 (a fresh DiT) both gates are 0 and the block returns x exactly."""
     g = torch.Generator().manual_seed(0)
