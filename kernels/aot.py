@@ -127,15 +127,10 @@ def dit_launches(w: DiTWorkload, batch: int, dtype: torch.dtype) -> Iterator[Tup
 def workload_launches(w, batch: int, dtype: torch.dtype) -> Iterator[Tuple[str, str, object]]:
     """(kernel family, what it computes, Launch) for every launch of one forward, every tuning
     candidate of each linear included. GPU plans (``interpret=False``) whatever the environment."""
-    import importlib
-
     if isinstance(w, DiTWorkload):
         yield from dit_launches(w, batch, dtype)
         return
-
-    # importlib: the package re-exports functions under the same names as these modules
-    attention, final_layer, frontend, layernorm, linear = (
-        importlib.import_module(f"{__package__}.{m}") for m in ("attention", "final_layer", "frontend", "layernorm", "linear"))
+    attention, final_layer, frontend, layernorm, linear = _modules()
 
     d, m, n = w.width, batch * w.tokens, w.tokens
     mlp = 4 * d
