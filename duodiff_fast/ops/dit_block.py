@@ -17,6 +17,11 @@ launches::
 :func:`dit_final_tokens` is the final layer before unpatchify: ``linear(norm(x) * (1 + scale) + shift)``
 with ``shift, scale = mod.chunk(2, dim=1)`` (two launches).
 
+Matmuls follow ``duodiff_fast.dispatch.matmul_impl()`` as the U-ViT's Triton executor does:
+"triton" (default) runs the fused-epilogue Triton matmuls above; "cublas" runs the bare matmuls
+through ``F.linear`` (cuBLAS) with the GELU and gated residuals in PyTorch, the norms and the
+attention still on the Triton kernels (``benchmarks/kernels.py`` compares the two choices).
+
 The modulation chunks are strided views of ``mod`` that the kernels read in place (no copies).
 The B-row condition MLP that makes ``mod`` (SiLU, Linear(D, 6D)) is left to the caller: B rows, not
 worth a kernel. Inference only (the custom ops have no backward).
@@ -24,8 +29,21 @@ worth a kernel. Inference only (the custom ops have no backward).
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import triton_ops
+
+MATMULS = ("triton", "cublas")
+
+
+def _matmul(matmul: Optional[str]) -> str:
+    if matmul is None:
+        from .. import dispatch  # lazily: dispatch imports this package
+
+        matmul = dispatch.matmul_impl()
+    if matmul not in MATMULS:
+        raise ValueError(f"matmul must be one of {', '.join(MATMULS)}, got {matmul!r}")
+    return matmul
 
 
 def _check(name: str, t: Optional[torch.Tensor], shape, device: torch.device) -> None:
@@ -59,6 +77,10 @@ def check_dit_block_args(x, mod, qkv_weight, qkv_bias, proj_weight, proj_bias, f
         _check(name, t, shape, x.device)
 
 
+def _cast(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    return None if t is None else t.to(dtype)
+
+
 def dit_block(
     x: torch.Tensor,
     mod: torch.Tensor,
@@ -72,6 +94,7 @@ def dit_block(
     fc2_bias: Optional[torch.Tensor],
     num_heads: int,
     eps: float = 1e-6,
+    matmul: Optional[str] = None,
 ) -> torch.Tensor:
     """One DiT block on the Triton kernels (see the module docstring for the equations).
 
@@ -84,16 +107,26 @@ def dit_block(
             (DiT: H = mlp_ratio * D).
         num_heads: attention heads (head_dim = D / num_heads, scale head_dim ** -0.5).
         eps: the norms' epsilon (DiT: 1e-6).
+        matmul: "triton" or "cublas" (default: ``duodiff_fast.dispatch.matmul_impl()``).
     Returns:
         (B, N, D) in x's dtype: the block's output tokens.
     """
     check_dit_block_args(x, mod, qkv_weight, qkv_bias, proj_weight, proj_bias, fc1_weight, fc1_bias,
                          fc2_weight, fc2_bias, num_heads)
     d = x.shape[-1]
+    scale = float((d // num_heads) ** -0.5)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
+    if _matmul(matmul) == "cublas":
+        dt = x.dtype
+        h = triton_ops.adaln_layernorm(x, shift_msa, scale_msa, eps)
+        a = triton_ops.attention_qkv(F.linear(h, qkv_weight.to(dt), _cast(qkv_bias, dt)), num_heads, scale)
+        x = x + gate_msa.to(dt).unsqueeze(1) * F.linear(a, proj_weight.to(dt), _cast(proj_bias, dt))
+        h = triton_ops.adaln_layernorm(x, shift_mlp, scale_mlp, eps)
+        h = F.gelu(F.linear(h, fc1_weight.to(dt), _cast(fc1_bias, dt)), approximate="tanh")
+        return x + gate_mlp.to(dt).unsqueeze(1) * F.linear(h, fc2_weight.to(dt), _cast(fc2_bias, dt))
     h = triton_ops.adaln_layernorm(x, shift_msa, scale_msa, eps)
     qkv = triton_ops.linear(h, qkv_weight, qkv_bias, None, None, False)               # (B, N, 3D)
-    a = triton_ops.attention_qkv(qkv, num_heads, float((d // num_heads) ** -0.5))     # (B, N, D)
+    a = triton_ops.attention_qkv(qkv, num_heads, scale)                                # (B, N, D)
     x = triton_ops.linear_gated_residual(a, proj_weight, proj_bias, x, gate_msa)
     h = triton_ops.adaln_layernorm(x, shift_mlp, scale_mlp, eps)
     h = triton_ops.linear_gelu_tanh(h, fc1_weight, fc1_bias)                          # (B, N, H)
@@ -101,7 +134,7 @@ def dit_block(
 
 
 def dit_final_tokens(x: torch.Tensor, mod: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                     eps: float = 1e-6) -> torch.Tensor:
+                     eps: float = 1e-6, matmul: Optional[str] = None) -> torch.Tensor:
     """DiT's ``FinalLayer`` up to unpatchify on the Triton kernels.
 
     Args:
@@ -109,6 +142,7 @@ def dit_final_tokens(x: torch.Tensor, mod: torch.Tensor, weight: torch.Tensor, b
         mod: (B, 2D) ``adaLN_modulation(c)`` of the final layer, chunked ``shift, scale``.
         weight: (P, D) and bias (P,) or None: its ``linear`` (P = patch * patch * out_channels).
         eps: the norm's epsilon (DiT: 1e-6).
+        matmul: "triton" or "cublas" (default: ``duodiff_fast.dispatch.matmul_impl()``).
     Returns:
         (B, N, P) in x's dtype (the caller unpatchifies).
     """
@@ -120,4 +154,6 @@ def dit_final_tokens(x: torch.Tensor, mod: torch.Tensor, weight: torch.Tensor, b
         _check(name, t, shape, x.device)
     shift, scale = mod.chunk(2, dim=1)
     h = triton_ops.adaln_layernorm(x, shift, scale, eps)
+    if _matmul(matmul) == "cublas":
+        return F.linear(h, weight.to(x.dtype), _cast(bias, x.dtype))
     return triton_ops.linear(h, weight, bias, None, None, False)

@@ -66,11 +66,11 @@ def _params(d, hidden, g):
     return p
 
 
-def _call(x, mod, p, heads):
+def _call(x, mod, p, heads, matmul="triton"):
     from duodiff_fast.ops.dit_block import dit_block
 
     return dit_block(x, mod, p["qkv_w"], p["qkv_b"], p["proj_w"], p["proj_b"], p["fc1_w"], p["fc1_b"],
-                     p["fc2_w"], p["fc2_b"], heads)
+                     p["fc2_w"], p["fc2_b"], heads, matmul=matmul)
 
 
 # (B, N, D, heads, hidden): head dims 12 (one masked 16-wide group), 18 (16 + 16, 14 masked) and 32;
@@ -120,6 +120,31 @@ def test_dit_final_tokens_match_the_equations(device, poisoned, dtype):  # noqa:
     assert err <= bound, f"dit_final_tokens: error {err:.3g} > bound {bound:.3g} ({dtype})"
     with pytest.raises(ValueError, match="mod must have shape"):
         dit_final_tokens(x, mod[:, :d], w, bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cublas_matmuls_compute_the_same_block(device, dtype):  # noqa: F811
+    """matmul="cublas" (F.linear with the epilogues in PyTorch) is the same function; it is what
+    ``dispatch.set_matmul("cublas")`` selects by default."""
+    from duodiff_fast import dispatch
+
+    b, n, d, heads, hidden = SHAPES[0]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(b, n, d, generator=g).to(device, dtype)
+    mod = torch.randn(b, 6 * d, generator=g).to(device, dtype)
+    p = {k: v.to(device, dtype) for k, v in _params(d, hidden, g).items()}
+    exact, eager = dit_block_exact(x, mod, p, heads), dit_block_eager(x, mod, p, heads)
+    previous = dispatch.matmul_impl()
+    dispatch.set_matmul("cublas")
+    try:
+        out = _call(x, mod, p, heads, matmul=None)
+    finally:
+        dispatch.set_matmul(previous)
+    slack = 2.0 if dtype == torch.bfloat16 and device.type == "cpu" else 1.0  # interpreter truncation
+    err, bound = rel(out, exact), 2 * slack * rel(eager, exact) + FLOOR[dtype]
+    assert err <= bound, f"dit_block (cublas): error {err:.3g} > bound {bound:.3g} ({dtype})"
+    with pytest.raises(ValueError, match="matmul must be"):
+        _call(x, mod, p, heads, matmul="cutlass")
 
 
 def test_zero_modulation_is_the_identity(device):  # noqa: F811
