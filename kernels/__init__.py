@@ -1,11 +1,13 @@
-"""Fused Triton kernels for the U-ViT inference path (installed as ``duodiff_fast.kernels``).
+"""Fused Triton kernels for the U-ViT and DiT inference paths (installed as ``duodiff_fast.kernels``).
 
 One module per op family; each holds its ``@triton.jit`` kernels and the Python launchers, and its
 docstring names the PyTorch reference the launchers match:
 
-    layernorm     LayerNorm, optionally fused with the residual add before it
-    linear        x @ W^T with fused epilogues (bias, exact GELU, residual add) and the two-input
-                  form ``cat[x, skip] @ W^T`` that never builds the concatenation
+    layernorm     LayerNorm, optionally fused with the residual add before it; DiT's adaLN form
+                  (no affine, then the per-sample ``x * (1 + scale) + shift``)
+    linear        x @ W^T with fused epilogues (bias, exact or tanh GELU, residual add, DiT's
+                  per-sample gated residual) and the two-input form ``cat[x, skip] @ W^T`` that
+                  never builds the concatenation
     attention     multi-head self-attention read straight from the fused qkv projection output
     frontend      patch embedding + time/label tokens + position embedding in one pass
     final_layer   LayerNorm + decoder_pred + drop extra tokens + unpatchify in one pass
@@ -23,7 +25,7 @@ inside a capture an untuned bucket uses the documented default tile and never be
 from .attention import attention_qkv, attention_reference, attention_tiles
 from .final_layer import final_layer, final_layer_reference
 from .frontend import frontend, frontend_reference
-from .layernorm import layernorm, layernorm_reference
+from .layernorm import adaln_layernorm, adaln_layernorm_reference, layernorm, layernorm_reference
 from .linear import linear, linear_reference
 from .linear import tune as tune_linear
 
@@ -31,6 +33,6 @@ __all__ = [
     "attention_qkv", "attention_reference", "attention_tiles",
     "final_layer", "final_layer_reference",
     "frontend", "frontend_reference",
-    "layernorm", "layernorm_reference",
+    "adaln_layernorm", "adaln_layernorm_reference", "layernorm", "layernorm_reference",
     "linear", "linear_reference", "tune_linear",
 ]

@@ -3,7 +3,7 @@
     python -m duodiff_fast.kernels.aot                    # the full matrix (see below), a table
     python -m duodiff_fast.kernels.aot --workloads H/2 --batches 256 --dtypes bf16 --jobs 2
 
-For each workload (U-ViT widths, heads and token counts below), batch (1, 256) and dtype
+For each workload (U-ViT and DiT widths, heads and token counts below), batch (1, 256) and dtype
 (bfloat16, float16) it asks each launcher's planning function (``*_launch`` in this package, the
 same pure functions the launchers call) for the launches it would make, every linear tuning
 candidate included, and compiles each distinct one with ``triton.compile(ASTSource(...),
@@ -18,7 +18,7 @@ Triton's cache holds the kernel); shared memory from the compiled kernel's metad
 allocates). Works with the Triton 3.6 and 3.8 APIs. Run it without ``TRITON_INTERPRET``.
 
 The workloads are the check's input, not model knowledge of the kernels: they name the shapes a
-U-ViT forward passes to the launchers.
+U-ViT or DiT forward passes to the launchers.
 """
 import argparse
 import concurrent.futures as cf
@@ -58,25 +58,79 @@ class Workload:
         return (2 if self.labels else 1) + (self.img // self.patch) ** 2
 
 
-WORKLOADS: Tuple[Workload, ...] = (
+@dataclasses.dataclass(frozen=True)
+class DiTWorkload:
+    """Shapes of one DiT as its forward calls the kernels: patch tokens only, adaLN-Zero blocks
+    (norms without affine, eps 1e-6), qkv bias, tanh-GELU MLP, learned sigma (2C outputs)."""
+    name: str
+    width: int
+    heads: int
+    img: int        # latent side
+    patch: int
+    channels: int
+    mlp_ratio: int = 4
+    eps: float = 1e-6
+
+    @property
+    def tokens(self) -> int:
+        return (self.img // self.patch) ** 2
+
+
+WORKLOADS: Tuple[object, ...] = (
     Workload("S/2", 512, 8, 32, 2, 3, False),      # CIFAR-10 32x32: 256 + 1 tokens
     Workload("M/4", 768, 12, 64, 4, 3, True),      # ImageNet 64x64: 256 + 2
     Workload("L/2", 1024, 16, 32, 2, 4, True),     # ImageNet 256 latent 32x32x4: 256 + 2
     Workload("H/2", 1152, 16, 32, 2, 4, True),     # same, head dim 72
+    DiTWorkload("DiT-XL/2", 1152, 16, 32, 2, 4),   # ImageNet 256 latent 32x32x4: 256 tokens, head dim 72
 )
 BATCHES = (1, 256)
 FAMILIES = ("frontend", "layernorm", "linear", "attention", "final_layer")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def workload_launches(w: Workload, batch: int, dtype: torch.dtype) -> Iterator[Tuple[str, str, object]]:
-    """(kernel family, what it computes, Launch) for every launch of one forward, every tuning
-    candidate of each linear included. GPU plans (``interpret=False``) whatever the environment."""
+def _modules():
+    """The kernel modules (importlib: the package re-exports functions under the same names)."""
     import importlib
 
-    # importlib: the package re-exports functions under the same names as these modules
-    attention, final_layer, frontend, layernorm, linear = (
-        importlib.import_module(f"{__package__}.{m}") for m in ("attention", "final_layer", "frontend", "layernorm", "linear"))
+    return [importlib.import_module(f"{__package__}.{m}")
+            for m in ("attention", "final_layer", "frontend", "layernorm", "linear")]
+
+
+def dit_launches(w: DiTWorkload, batch: int, dtype: torch.dtype) -> Iterator[Tuple[str, str, object]]:
+    """(family, what, Launch) for the kernels of one DiT forward's blocks and final layer (the patch
+    embedding and the B-row condition MLPs run in PyTorch). The modulation vectors are the chunks
+    of the (B, 6D) / (B, 2D) adaLN outputs in the model dtype."""
+    attention, _, _, layernorm, linear = _modules()
+    d, n = w.width, w.tokens
+    m, mlp = batch * n, w.mlp_ratio * d
+    yield "layernorm", "adaLN norm (block)", layernorm.adaln_layernorm_launch(
+        m, d, n, dtype, w.eps, (dtype, dtype), (6 * d, 6 * d))
+    yield "layernorm", "adaLN norm (final)", layernorm.adaln_layernorm_launch(
+        m, d, n, dtype, w.eps, (dtype, dtype), (2 * d, 2 * d))
+    out = w.patch * w.patch * 2 * w.channels
+    layers = (  # (name, n_out, k, gelu_tanh, gated residual)
+        ("qkv", 3 * d, d, False, False),
+        ("proj+gate*res", d, d, False, True),
+        ("fc1+gelu_tanh", mlp, d, True, False),
+        ("fc2+gate*res", d, mlp, False, True),
+        ("final linear", out, d, False, False),
+    )
+    for name, n_out, k, tanh, gated in layers:
+        for cfg in linear.candidate_configs(m, dtype, interpret=False, gelu=tanh, residual=gated):
+            yield "linear", name, linear.linear_launch(
+                m, n_out, k, 0, dtype, bias=True, gelu=False, gelu_tanh=tanh, residual=gated, gate=gated,
+                gate_rows=n, gate_stride=6 * d, config=cfg, interpret=False)
+    yield "attention", f"{w.heads} heads x {d // w.heads}", attention.attention_launch(
+        batch, n, w.heads, d // w.heads, dtype, (d // w.heads) ** -0.5, interpret=False)
+
+
+def workload_launches(w, batch: int, dtype: torch.dtype) -> Iterator[Tuple[str, str, object]]:
+    """(kernel family, what it computes, Launch) for every launch of one forward, every tuning
+    candidate of each linear included. GPU plans (``interpret=False``) whatever the environment."""
+    if isinstance(w, DiTWorkload):
+        yield from dit_launches(w, batch, dtype)
+        return
+    attention, final_layer, frontend, layernorm, linear = _modules()
 
     d, m, n = w.width, batch * w.tokens, w.tokens
     mlp = 4 * d

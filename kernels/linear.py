@@ -2,9 +2,12 @@
 
 Reference: ``F.linear(x, W, b)`` followed by the epilogue, all in one kernel:
 
-    activation="gelu"   F.gelu(F.linear(x, W, b))             (exact erf GELU: U-ViT's fc1)
-    residual=r          r + F.linear(x, W, b)                  (attn.proj and fc2 + residual)
-    x2=skip             F.linear(torch.cat([x, skip], -1), W, b)   (out-blocks' skip_linear)
+    activation="gelu"        F.gelu(F.linear(x, W, b))         (exact erf GELU: U-ViT's fc1)
+    activation="gelu_tanh"   F.gelu(F.linear(x, W, b), approximate="tanh")   (DiT's fc1)
+    residual=r               r + F.linear(x, W, b)             (attn.proj and fc2 + residual)
+    residual=r, gate=g       r + g[:, None, :] * F.linear(x, W, b)   (DiT's adaLN-Zero gated
+                             residual: x (B, N, K), g (B, N_out) one gate row per sample)
+    x2=skip                  F.linear(torch.cat([x, skip], -1), W, b)   (out-blocks' skip_linear)
 
 The two-input form walks the K axis over ``x`` and then over ``skip`` against the matching
 column halves of W, so the (M, 2D) concatenation is never written (no split-K, no extra pass).
@@ -38,11 +41,19 @@ def _gelu_erf(x):
 
 
 @triton.jit
+def _gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): one exp2 and no
+    # tanh (not in every Triton's tl.math); exp2 overflowing to inf gives the exact limit 0.
+    u2 = 1.5957691216057308 * (x + 0.044715 * x * x * x)            # 2u
+    return x / (1.0 + tl.exp2(-1.4426950408889634 * u2))
+
+
+@triton.jit
 def _linear_kernel(
-    a_ptr, a2_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
-    M, N, K1, K2, stride_w,
-    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, HAS_RES: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    a_ptr, a2_ptr, w_ptr, bias_ptr, res_ptr, gate_ptr, out_ptr,
+    M, N, K1, K2, stride_w, GATE_ROWS, stride_gate,
+    HAS_A2: tl.constexpr, HAS_BIAS: tl.constexpr, GELU: tl.constexpr, GELU_TANH: tl.constexpr,
+    HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped program order: GROUP_M row-tiles share each W column-tile while it is in L2.
@@ -95,9 +106,16 @@ def _linear_kernel(
         acc += tl.load(bias_ptr + col0 + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     if GELU:
         acc = _gelu_erf(acc)
+    if GELU_TANH:
+        acc = _gelu_tanh(acc)
     out_offs = rm[:, None] * N + rn[None, :]
     tile0 = row0.to(tl.int64) * N + col0
     mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_GATE:
+        # Row r of the output belongs to sample r // GATE_ROWS: scale by that sample's gate row.
+        sample = (row0 + rm) // GATE_ROWS
+        gate = tl.load(gate_ptr + sample[:, None] * stride_gate + (col0 + rn)[None, :], mask=mask, other=0.0)
+        acc = acc * gate.to(tl.float32)
     if HAS_RES:
         acc += tl.load(res_ptr + tile0 + out_offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + tile0 + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -163,19 +181,29 @@ def candidate_configs(m: int, dtype: torch.dtype, interpret: Optional[bool] = No
 
 def linear_launch(
     m: int, n: int, k1: int, k2: int, dtype: torch.dtype, *, bias: bool, gelu: bool, residual: bool,
-    config: Config, interpret: Optional[bool] = None,
+    config: Config, interpret: Optional[bool] = None, gelu_tanh: bool = False, gate: bool = False,
+    gate_rows: int = 1, gate_stride: int = 1,
 ) -> Launch:
-    """The launch of ``epilogue(cat[x, x2] @ W^T + b)`` for x (m, k1), x2 (m, k2), W (n, k1 + k2)."""
+    """The launch of ``epilogue(cat[x, x2] @ W^T + b)`` for x (m, k1), x2 (m, k2), W (n, k1 + k2).
+
+    ``gate``: the gated residual ``res + g[row // gate_rows] * (...)`` with gate rows ``gate_stride``
+    elements apart (6 * n for a chunk of DiT's (B, 6D) adaLN output); unused values are 1.
+    """
+    if gelu and gelu_tanh:
+        raise ValueError("gelu and gelu_tanh are exclusive")
+    if gate and not residual:
+        raise ValueError("the gate scales the residual branch: gate needs residual")
     bm, bn, bk, warps, stages = config
-    flags = dict(HAS_A2=k2 > 0, HAS_BIAS=bias, GELU=gelu, HAS_RES=residual,
+    flags = dict(HAS_A2=k2 > 0, HAS_BIAS=bias, GELU=gelu, GELU_TANH=gelu_tanh, HAS_RES=residual, HAS_GATE=gate,
                  PRECISION=dot_precision(dtype, interpret), UPCAST=dot_upcast(dtype, interpret),
                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
     grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
-    return launch(_linear_kernel, grid, [dtype] * 6, (m, n, k1, k2, k1 + k2), flags, warps, stages)
+    scalars = (m, n, k1, k2, k1 + k2, int(gate_rows) if gate else 1, int(gate_stride) if gate else 1)
+    return launch(_linear_kernel, grid, [dtype] * 7, scalars, flags, warps, stages)
 
 
 # ---- tuning: once per shape bucket, never during CUDA-graph capture ------------------------------
-TuningKey = Tuple[int, int, int, int, str, bool, bool, bool, bool]
+TuningKey = Tuple[int, int, int, int, str, bool, bool, bool, bool, bool, bool]
 
 # Best tile per key, filled by :func:`tune` (explicitly, or on the first eager call of a bucket).
 _TUNED: Dict[TuningKey, Config] = {}
@@ -187,11 +215,12 @@ def m_bucket(m: int) -> int:
 
 
 def tuning_key(m: int, n: int, k1: int, k2: int, dtype: torch.dtype, *, bias: bool, gelu: bool,
-               residual: bool) -> TuningKey:
-    """(M bucket, N, K1, K2, dtype, bias, gelu, residual, two-input): what a tuned tile is kept for.
-    The epilogue flags are part of the key: they change the registers a tile needs and its speed."""
+               residual: bool, gelu_tanh: bool = False, gate: bool = False) -> TuningKey:
+    """(M bucket, N, K1, K2, dtype, bias, gelu, gelu_tanh, residual, gate, two-input): what a tuned
+    tile is kept for. The epilogue flags are part of the key: they change the registers a tile
+    needs and its speed."""
     return (m_bucket(m), int(n), int(k1), int(k2), str(dtype).replace("torch.", ""),
-            bool(bias), bool(gelu), bool(residual), k2 > 0)
+            bool(bias), bool(gelu), bool(gelu_tanh), bool(residual), bool(gate), k2 > 0)
 
 
 def stream_capturing() -> bool:
@@ -229,13 +258,31 @@ def _bench_ms(fn: Callable[[], None]) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=20))
 
 
-def _prepare(x, weight, bias, activation, residual, x2):
-    """Validated, contiguous operands and the output: (tensors for the launch, m, n, k1, k2, lead)."""
+ACTIVATIONS = (None, "gelu", "gelu_tanh")
+
+
+def _flags(bias, activation, residual, gate) -> Dict[str, bool]:
+    """The epilogue keywords of :func:`linear_launch` / :func:`tuning_key` for a call."""
+    return dict(bias=bias is not None, gelu=activation == "gelu", gelu_tanh=activation == "gelu_tanh",
+                residual=residual is not None, gate=gate is not None)
+
+
+def _prepare(x, weight, bias, activation, residual, x2, gate=None):
+    """Validated, contiguous operands and the output: (tensors for the launch, m, n, k1, k2, lead).
+    The gate (B, n) stays a strided row view when its columns are contiguous."""
     check_dtype("x", x)
-    if activation not in (None, "gelu"):
-        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'gelu' or 'gelu_tanh', got {activation!r}")
     if activation is not None and residual is not None:
         raise ValueError("one epilogue at a time: activation or residual")
+    if gate is not None:
+        if residual is None:
+            raise ValueError("gate scales the residual branch (residual + gate * linear): pass residual too")
+        if x.dim() != 3:
+            raise ValueError(f"a gated linear takes x as (B, N, K), got shape {tuple(x.shape)}")
+        if gate.dim() != 2 or gate.shape != (x.shape[0], weight.shape[0]):
+            raise ValueError(f"gate must be (B, N_out) = ({x.shape[0]}, {weight.shape[0]}), got {tuple(gate.shape)}")
+        check_dtype("gate", gate)
     lead = x.shape[:-1]
     k1 = x.shape[-1]
     a = x.reshape(-1, k1).contiguous()
@@ -255,26 +302,39 @@ def _prepare(x, weight, bias, activation, residual, x2):
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     res = residual.reshape(m, n).contiguous().to(x.dtype) if residual is not None else out
     b = bias.contiguous().to(x.dtype) if bias is not None else w
-    return (a, a2, w, b, res, out), m, n, k1, k2, lead
+    g = out
+    if gate is not None:
+        g = gate.to(x.dtype)
+        if g.stride(1) != 1:
+            g = g.contiguous()
+    return (a, a2, w, b, res, g, out), m, n, k1, k2, lead
 
 
-def tune(x, weight, bias=None, activation=None, residual=None, x2=None) -> Config:
+def _gate_geometry(x, gate, tensors) -> Dict[str, int]:
+    """gate_rows (tokens per sample) and the row stride of the prepared gate (1, 1 when ungated)."""
+    if gate is None:
+        return dict(gate_rows=1, gate_stride=1)
+    return dict(gate_rows=x.shape[1], gate_stride=tensors[5].stride(0))
+
+
+def tune(x, weight, bias=None, activation=None, residual=None, x2=None, gate=None) -> Config:
     """Benchmark every candidate tile on these operands and remember the fastest for their bucket.
 
     Call it ahead of CUDA-graph capture (a warm-up forward at each batch bucket does the same);
     arguments as :func:`linear`. Returns the chosen (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages).
     Raises when tuning does not apply (float32, the interpreter, or tuning disabled).
     """
-    tensors, m, n, k1, k2, _ = _prepare(x, weight, bias, activation, residual, x2)
+    tensors, m, n, k1, k2, _ = _prepare(x, weight, bias, activation, residual, x2, gate)
     if stream_capturing():
         raise RuntimeError("kernels.linear.tune cannot benchmark while a CUDA graph is being captured")
     if not autotune_enabled(x.dtype):
         raise RuntimeError("tuning applies to float16/bfloat16 on a GPU with DUODIFF_TRITON_AUTOTUNE != 0")
-    flags = dict(bias=bias is not None, gelu=activation == "gelu", residual=residual is not None)
+    flags = _flags(bias, activation, residual, gate)
     key = tuning_key(m, n, k1, k2, x.dtype, **flags)
     timings = {}
-    for cfg in candidate_configs(m, x.dtype, gelu=flags["gelu"], residual=flags["residual"]):
-        lch = linear_launch(m, n, k1, k2, x.dtype, config=cfg, **flags)
+    heavy = dict(gelu=flags["gelu"] or flags["gelu_tanh"], residual=flags["residual"])
+    for cfg in candidate_configs(m, x.dtype, **heavy):
+        lch = linear_launch(m, n, k1, k2, x.dtype, config=cfg, **flags, **_gate_geometry(x, gate, tensors))
         timings[cfg] = _bench_ms(lambda: lch.run(*tensors))
     best = min(timings, key=timings.get)
     _TUNED[key] = best
@@ -289,6 +349,7 @@ def linear(
     residual: Optional[torch.Tensor] = None,
     x2: Optional[torch.Tensor] = None,
     blocks: Optional[Config] = None,
+    gate: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """``epilogue(cat[x, x2] @ weight^T + bias)`` in one kernel.
 
@@ -296,8 +357,10 @@ def linear(
         x: (..., K1) activations (float32, float16 or bfloat16).
         weight: (N, K1 + K2) in x's dtype (nn.Linear layout).
         bias: optional (N,).
-        activation: None or "gelu" (exact, erf-based).
+        activation: None, "gelu" (exact, erf-based) or "gelu_tanh" (the tanh approximation).
         residual: optional (..., N) added last.
+        gate: optional (B, N) per-sample gate for x of shape (B, T, K): ``residual + gate[:, None, :]
+            * (x @ weight^T + bias)`` (needs ``residual``); strided row views are read in place.
         x2: optional (..., K2) second input, as if concatenated after x on the last axis.
         blocks: force (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) (tests, benchmarks);
             default: on a GPU for 16-bit inputs the shape bucket's tuned tile (:func:`tune`,
@@ -305,26 +368,31 @@ def linear(
     Returns:
         (..., N) in x's dtype.
     """
-    tensors, m, n, k1, k2, lead = _prepare(x, weight, bias, activation, residual, x2)
-    flags = dict(bias=bias is not None, gelu=activation == "gelu", residual=residual is not None)
+    tensors, m, n, k1, k2, lead = _prepare(x, weight, bias, activation, residual, x2, gate)
+    flags = _flags(bias, activation, residual, gate)
     if blocks is not None:
         cfg = tuple(blocks)
     elif autotune_enabled(x.dtype):
         key = tuning_key(m, n, k1, k2, x.dtype, **flags)
-        cfg = select_config(key, m, x.dtype, lambda: tune(x, weight, bias, activation, residual, x2))
+        cfg = select_config(key, m, x.dtype, lambda: tune(x, weight, bias, activation, residual, x2, gate))
     else:
         cfg = default_config(m, x.dtype)
-    linear_launch(m, n, k1, k2, x.dtype, config=cfg, **flags).run(*tensors)
+    geometry = _gate_geometry(x, gate, tensors)
+    linear_launch(m, n, k1, k2, x.dtype, config=cfg, **flags, **geometry).run(*tensors)
     return tensors[-1].reshape(*lead, n)
 
 
-def linear_reference(x, weight, bias=None, activation=None, residual=None, x2=None):
+def linear_reference(x, weight, bias=None, activation=None, residual=None, x2=None, gate=None):
     """The eager PyTorch computation :func:`linear` matches."""
     if x2 is not None:
         x = torch.cat([x, x2], dim=-1)
     y = F.linear(x, weight, bias)
     if activation == "gelu":
         y = F.gelu(y)
+    elif activation == "gelu_tanh":
+        y = F.gelu(y, approximate="tanh")
+    if gate is not None:
+        y = gate.unsqueeze(1) * y
     if residual is not None:
         y = residual + y
     return y

@@ -3,6 +3,7 @@
 * :mod:`.availability`  what can run where (Triton kernels, native ops) and why not, per device.
 * :mod:`.native`        loading of the C++/CUDA extension ``duodiff_fast._C`` (``torch.ops.duodiff``).
 * :mod:`.triton_ops`    the Triton custom ops (``torch.ops.duodiff_triton``).
+* :mod:`.dit_block`     one DiT block (and the final layer's tokens) composed from those ops.
 * :mod:`.compaction`    batch compaction and row routing (native ops where they run, else PyTorch).
 """
 from .availability import native_available, native_unavailable_reason, triton_unavailable_reason

@@ -61,6 +61,43 @@ def _(x, weight, bias, residual, x2, gelu):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.custom_op("duodiff_triton::adaln_layernorm", mutates_args=())
+def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """DiT's ``modulate(norm(x), shift, scale)``, norm without affine (Triton).
+    x (B, N, D), shift/scale (B, D) (strided chunk views allowed) -> (B, N, D)."""
+    return _k().adaln_layernorm(x, shift, scale, eps)
+
+
+@adaln_layernorm.register_fake
+def _(x, shift, scale, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("duodiff_triton::linear_gelu_tanh", mutates_args=())
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``gelu_tanh(x @ weight^T + bias)`` (Triton; DiT's fc1): (..., K) -> (..., N)."""
+    return _k().linear(x, weight, bias, activation="gelu_tanh")
+
+
+@linear_gelu_tanh.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("duodiff_triton::linear_gated_residual", mutates_args=())
+def linear_gated_residual(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], residual: torch.Tensor, gate: torch.Tensor
+) -> torch.Tensor:
+    """``residual + gate[:, None, :] * (x @ weight^T + bias)`` (Triton; DiT's gated proj and fc2).
+    x (B, T, K), residual (B, T, N), gate (B, N) (a strided chunk view allowed) -> (B, T, N)."""
+    return _k().linear(x, weight, bias, residual=residual, gate=gate)
+
+
+@linear_gated_residual.register_fake
+def _(x, weight, bias, residual, gate):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 @torch.library.custom_op("duodiff_triton::attention_qkv", mutates_args=())
 def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """Attention from the fused qkv output: (B, N, 3C) -> (B, N, C) (Triton)."""
@@ -117,4 +154,5 @@ def _(tokens, norm_weight, norm_bias, eps, pred_weight, pred_bias, extras, chann
 def registered_ops() -> List[str]:
     """Qualified names of the custom ops this module registers."""
     return [f"duodiff_triton::{n}" for n in
-            ("layernorm", "add_layernorm", "linear", "attention_qkv", "frontend", "final_layer")]
+            ("layernorm", "add_layernorm", "adaln_layernorm", "linear", "linear_gelu_tanh",
+             "linear_gated_residual", "attention_qkv", "frontend", "final_layer")]
