@@ -8,7 +8,8 @@
 
 Exit status: 0 success; 2 a usage error (bad option or value, unknown config, a file that does not
 exist or does not fit; the message names it); 1 a runtime error (the command was valid but could not
-run here, e.g. a backend this machine cannot run, or a benchmark row that failed).
+run here, e.g. a backend this machine cannot run, a Triton kernel that failed to compile or launch,
+or a benchmark row that failed). ``duodiff_fast.errors.is_usage_error`` tells the two apart.
 """
 from __future__ import annotations
 
@@ -223,15 +224,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(e.code, str):  # raise SystemExit("message"): a usage error found while checking input
             return _error(command, e.code, EXIT_USAGE)
         raise
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-        # Bad input already carries a message naming the problem: show it without a traceback.
-        return _error(command, e.args[0] if isinstance(e, KeyError) and e.args else e, EXIT_USAGE)
-    except Exception as e:  # noqa: BLE001 - only the two kinds below; anything else keeps its traceback
-        from .dispatch import BackendUnavailable
+    except Exception as e:  # noqa: BLE001 - classified below; anything else keeps its traceback
+        from .errors import is_usage_error
 
-        if isinstance(e, BackendUnavailable) or type(e).__name__ == "OutOfMemoryError":
+        if is_usage_error(e):
+            # Bad input already carries a message naming the problem: show it without a traceback.
+            return _error(command, e.args[0] if isinstance(e, KeyError) and e.args else e, EXIT_USAGE)
+        if _is_reported_runtime_error(e):
             return _error(command, e, EXIT_RUNTIME)
         raise
+
+
+def _is_reported_runtime_error(e: BaseException) -> bool:
+    """Runtime errors whose message says all (exit 1 without a traceback): a backend or device this
+    machine does not have, out of memory, a Triton kernel that failed to compile or launch."""
+    from .dispatch import BackendUnavailable
+    from .errors import DeviceUnavailable
+
+    if isinstance(e, (BackendUnavailable, DeviceUnavailable)) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    common = sys.modules.get("duodiff_fast.kernels._common")  # loaded whenever a kernel ran
+    return common is not None and isinstance(e, common.KernelLaunchError)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,18 @@ def sample_labels(indices: np.ndarray, seed: int, class_labels: Optional[str], n
 
 
 def device_for(arg: Optional[str], local_rank: int) -> torch.device:
-    """--device, with cuda meaning this process's GPU (LOCAL_RANK) under torchrun."""
+    """--device, with cuda meaning this process's GPU (LOCAL_RANK) under torchrun; a CUDA device is
+    made the current one (:func:`~duodiff_fast.eval.sharding.set_local_device`), so kernels, streams
+    and graphs of every rank run on that rank's GPU."""
+    from ..devices import normalize_device
+    from .sharding import set_local_device
+
     if arg in (None, "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
+        return set_local_device(torch.device("cuda", local_rank))
     if arg is None:
         return torch.device("cpu")
-    return torch.device(arg)
+    device = torch.device(arg)
+    return set_local_device(normalize_device(device)) if device.type == "cuda" else device
 
 
 def _solver_kwargs(args) -> Dict[str, object]:
