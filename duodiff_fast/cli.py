@@ -19,9 +19,9 @@ import sys
 from typing import List, Optional
 
 SOLVERS = ("ddpm", "ddim", "dpm_solver")
-# The same names as duodiff_fast.backends.BACKENDS (kept literal so that --help needs no torch
+# The same names as duodiff_fast.backends.BACKEND_CHOICES (kept literal so that --help needs no torch
 # import; tests/test_cli.py checks they agree).
-BACKEND_NAMES = ("reference", "eager-bf16", "torch.compile", "triton")
+BACKEND_NAMES = ("reference", "eager-bf16", "torch.compile", "triton", "auto")
 EXIT_USAGE, EXIT_RUNTIME = 2, 1
 
 
@@ -70,9 +70,11 @@ def _add_sample_parser(sub) -> None:
                    help="latent models: Stable Diffusion KL-f8 autoencoder weights (.ckpt/.pth/.safetensors, "
                         "original key names) to decode the latents into images; without it the latents are saved")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--backend", default="reference", choices=BACKEND_NAMES,
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                    help="execution backend: reference (float32), eager-bf16, torch.compile, triton (the fused "
-                        "Triton kernels; needs a CUDA GPU) (default reference)")
+                        "Triton kernels; needs a CUDA GPU), or auto: the fastest of them that runs on the device "
+                        "and passes a self-check there (checked once, cached; reference on a CPU). The choice is "
+                        "printed and recorded in the manifest (default auto)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     from .eval.sample_cmd import add_sample_options
