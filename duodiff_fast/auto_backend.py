@@ -15,6 +15,8 @@ forward of a small model of the config (its widths, heads, patch and image size;
 inputs, compared with the float32 reference; the relative RMS error must stay under
 :data:`TOLERANCE` for the backend's dtype. A candidate that fails the check, or cannot compile,
 is skipped with one warning naming the failure and the next is tried (``reference`` needs no check).
+When ``duodiff_fast._C`` cannot serve the device (not built, or built without CUDA kernels) the
+reason says so: the sampler's native ops then run in PyTorch whatever the backend.
 
 The outcome is cached per (device name, compute capability, torch, triton and package version,
 config) in ``backend-choice.json`` of the user cache folder (:func:`cache_dir`), written atomically,
@@ -225,6 +227,7 @@ def choose_backend(config: str, device, candidates: Optional[Sequence[str]] = No
         use_cache: read and write the per-machine cache (:func:`cache_dir`).
     """
     from .devices import normalize_device
+    from .ops.availability import native_unavailable_reason
 
     device = normalize_device(device)
     if candidates is None:
@@ -259,6 +262,9 @@ def choose_backend(config: str, device, candidates: Optional[Sequence[str]] = No
             reason = f"auto: {name} passed self-check on {where} (relative error {err:.2g} on {config})"
         if skipped:
             reason += "; skipped: " + "; ".join(skipped)
+        native_reason = native_unavailable_reason(device)
+        if native_reason:  # every backend runs, but the sampler ops fall back to PyTorch: say so
+            reason += f"; native ops in PyTorch: {native_reason}"
         choice = BackendChoice(name, reason)
         if use_cache:
             _write_cache(path, key, {"backend": name, "reason": reason})

@@ -10,7 +10,7 @@ Backends:
                    program on the Triton executor. bfloat16 on CUDA; float32 on the CPU, where it
                    runs only in Triton's interpreter (tests).
                    Asking for it where it cannot run raises with the reason
-                   (``duodiff_fast.dispatch.triton_unavailable_reason``).
+                   (``duodiff_fast.ops.availability.triton_unavailable_reason``).
 
     auto           not a backend of its own: the fastest of the above that runs on the device and
                    passes a self-check there (:mod:`duodiff_fast.auto_backend`; ``reference`` on a
@@ -93,18 +93,18 @@ def prepare_model(
 
 def _prepare_triton(m: torch.nn.Module) -> torch.nn.Module:
     """``m`` on the Triton kernels (raises BackendUnavailable with the reason if they cannot run)."""
-    from . import dispatch
     from .models.fused import FusedUViT
     from .models.uvit import UViT
+    from .ops import impl
 
     uvits = [mod for mod in m.modules() if isinstance(mod, UViT)]
     if not uvits:
         raise TypeError(f"the 'triton' backend runs U-ViT models; {type(m).__name__} holds no UViT")
 
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
-    reason = dispatch.triton_unavailable_reason(device)
+    reason = impl.triton_unavailable(device)
     if reason is not None:
-        raise dispatch.BackendUnavailable(f"the 'triton' backend cannot run: {reason}")
+        raise impl.BackendUnavailable(f"the 'triton' backend cannot run: {reason}")
     if device.type == "cuda":
         m.to(torch.bfloat16)
         if hasattr(m, "set_attention_upcast"):
@@ -113,9 +113,9 @@ def _prepare_triton(m: torch.nn.Module) -> torch.nn.Module:
         m.float()
     m.requires_grad_(False)
     if isinstance(m, UViT):
-        return FusedUViT(m, backend="triton").eval()
-    for uvit in uvits:  # the methods' programs run on the executor their U-ViT asks for
-        uvit.kernel_backend = "triton"
+        return FusedUViT(m, impl="triton").eval()
+    for uvit in uvits:  # the methods' programs run the op implementation their U-ViT asks for
+        uvit.op_impl = "triton"
     return m
 
 

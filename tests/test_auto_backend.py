@@ -132,3 +132,13 @@ def test_unreadable_cache_is_rebuilt_with_a_warning(cache, small_check):
         choice = ab.choose_backend("tiny", "cpu", candidates=("eager-bf16", "reference"))
     assert choice.backend == "eager-bf16"  # bf16 eager on CPU passes the bf16 tolerance
     assert json.loads(cache.read_text())  # rewritten whole
+
+
+def test_a_cpu_only_native_build_is_named_in_the_choice(cache, small_check, monkeypatch):
+    from duodiff_fast.ops import availability
+
+    monkeypatch.setattr(availability, "native_unavailable_reason",
+                        lambda device=None: "duodiff_fast._C was built without CUDA kernels (CPU-only build)")
+    choice = ab.choose_backend("tiny", "cpu", candidates=("reference",))
+    assert choice.backend == "reference"
+    assert "native ops in PyTorch: duodiff_fast._C was built without CUDA kernels" in choice.reason
