@@ -625,7 +625,7 @@ class Runner:
                 return gs.plain(seeds, y)
 
         def graph():
-            with torch.inference_mode():  # the graph's static buffers are inference tensors
+            with torch.inference_mode():  # as the eager row (the static buffers take either mode)
                 out = gs(seeds, y)
             if not gs.graphs:
                 raise RuntimeError(f"CUDA graph capture failed: {next(iter(gs.failed.values()), '?')}")

@@ -83,6 +83,25 @@ def static_buffer(make: Callable[[], Tensor]) -> Tensor:
         return make()
 
 
+def denoiser_device(denoiser, depth: int = 4) -> Optional[torch.device]:
+    """The device of the first parameter of the model a denoiser wraps (through ``model``,
+    ``full``, ``denoiser`` and ``inner`` attributes: ModelDenoiser, DuoDiff, guidance, routing
+    wrappers), or None when there is none (a plain function)."""
+    if isinstance(denoiser, torch.nn.Module):
+        p = next(denoiser.parameters(), None)
+        if p is not None:
+            return p.device
+    if depth == 0:
+        return None
+    for name in ("model", "full", "denoiser", "inner"):
+        inner = getattr(denoiser, "__dict__", {}).get(name)
+        if inner is not None and inner is not denoiser:
+            found = denoiser_device(inner, depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
 def _chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -241,6 +260,10 @@ class GraphSampler:
         from ..devices import normalize_device
 
         self.device = normalize_device(device)  # "cuda" -> "cuda:<current>" (see duodiff_fast.devices)
+        model_device = denoiser_device(denoiser)
+        if model_device is not None and normalize_device(model_device) != self.device:
+            raise ValueError(f"the denoiser's model is on {model_device} but the sampler on {self.device}: "
+                             "graphs are captured on the model's device; pass device=" + str(model_device))
         self.dtype = dtype
         self.buckets = tuple(buckets) if buckets else None
         self.warmup = max(1, int(warmup))

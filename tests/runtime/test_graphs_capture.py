@@ -145,3 +145,16 @@ def test_graph_sampler_captures_on_the_second_gpu():
     assert s.graphs and not s.failed and out.device == torch.device("cuda", 1)
     torch.testing.assert_close(out, s.plain([1, 2]), rtol=1e-5, atol=1e-5)
     assert torch.cuda.current_device() == 0
+
+
+def test_the_sampler_device_must_be_the_models():
+    """Graphs are captured on the model's device: a sampler on another device is refused up front."""
+    from duodiff_fast.methods import ModelDenoiser
+    from duodiff_fast.models import create_model
+    from duodiff_fast.runtime.graphs import denoiser_device
+
+    den = ModelDenoiser(create_model("tiny", depth=0), linear_ddpm())
+    assert denoiser_device(den) == torch.device("cpu") and denoiser_device(_den) is None
+    GraphSampler(den, linear_ddpm(), (4, 16, 16), device="cpu")
+    with pytest.raises(ValueError, match="model is on cpu but the sampler on cuda:1"):
+        GraphSampler(den, linear_ddpm(), (4, 16, 16), device="cuda:1")
