@@ -25,7 +25,6 @@ so the check runs once per machine and installation.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import warnings
@@ -66,17 +65,11 @@ def cache_dir() -> str:
 
 
 # ------------------------------------------------------------------------------ availability
-def _kernels_import_error() -> Optional[str]:
-    if importlib.util.find_spec("duodiff_fast.kernels") is None:
-        return ("duodiff_fast.kernels is not importable (a bare checkout: install the package, "
-                "`pip install --no-build-isolation -e .`, to ship kernels/ as duodiff_fast.kernels)")
-    return None
-
-
 def backend_unavailable_reasons(backend: str, device) -> List[str]:
     """Every reason ``backend`` cannot run on ``device`` (empty when it can)."""
     from .backends import check_backend
-    from .ops.availability import interpreter_enabled, triton_import_error
+    from .ops import availability
+    from .ops.availability import triton_import_error
 
     check_backend(backend)
     device = torch.device(device)
@@ -98,25 +91,7 @@ def backend_unavailable_reasons(backend: str, device) -> List[str]:
             if major < 7:
                 reasons.append(f"compute capability {major}.x: torch.compile's Triton code needs 7.0 or newer")
         return reasons
-    # triton
-    err = _kernels_import_error()
-    if err:
-        reasons.append(err)
-    err = triton_import_error()
-    if err:
-        reasons.append(err)
-    if device.type == "cuda":
-        if interpreter_enabled():
-            reasons.append("TRITON_INTERPRET=1 is set, so Triton cannot launch kernels on CUDA tensors")
-        if major < 8:
-            reasons.append(f"compute capability {major}.x is below 8.0 (the kernels' bfloat16 tl.dot needs sm_80+)")
-    elif device.type == "cpu":
-        if not interpreter_enabled():
-            reasons.append("no CUDA device (Triton kernels need one; TRITON_INTERPRET=1 runs them in the "
-                           "slow CPU interpreter)")
-    else:
-        reasons.append(f"Triton kernels do not run on {device.type} tensors")
-    return reasons
+    return availability.triton_unavailable_reasons(device)  # triton: every reason, from the one place
 
 
 # ------------------------------------------------------------------------------ cache

@@ -65,18 +65,32 @@ def test_auto_is_not_a_model_backend():
         check_backend("fast", allow_auto=True)
 
 
-def test_every_reason_is_listed(monkeypatch):
-    """A GPU below sm_80 without the kernels package: triton lists both reasons, eager-bf16 its own."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
-    monkeypatch.setattr(ab, "_kernels_import_error", lambda: "duodiff_fast.kernels is not importable (a bare checkout)")
+@pytest.fixture
+def fake_turing_gpu(monkeypatch):
+    """A CUDA device of compute capability 7.5 (the capability cache is cleared before and after)."""
     from duodiff_fast.ops import availability
 
+    availability._capability.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (7, 5))
+    yield
+    availability._capability.cache_clear()
+
+
+def test_every_reason_is_listed(monkeypatch, fake_turing_gpu):
+    """A GPU below sm_80 without the kernels package: triton lists both reasons, eager-bf16 its own."""
+    from duodiff_fast.ops import availability
+
+    monkeypatch.setattr(availability, "kernels_import_error",
+                        lambda: "duodiff_fast.kernels is not importable (a bare checkout)")
     # (not the environment variable: triton reads it when it is imported)
     monkeypatch.setattr(availability, "interpreter_enabled", lambda: False)
     reasons = ab.backend_unavailable_reasons("triton", "cuda:0")
     assert any("not importable" in r for r in reasons)
-    assert any("7.x is below 8.0" in r for r in reasons)
+    assert any("7.5 is below 8.0" in r for r in reasons)
+    # the one answer the triton backend and the op implementation ask gives them all too
+    why = availability.triton_unavailable_reason("cuda:0")
+    assert "not importable" in why and "7.5 is below 8.0" in why
     assert ab.backend_unavailable_reasons("eager-bf16", "cuda:0") == [
         "compute capability 7.x has no native bfloat16 (8.0 or newer needed)"]
     assert ab.backend_unavailable_reasons("reference", "cuda:0") == []
