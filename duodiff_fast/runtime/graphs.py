@@ -310,11 +310,12 @@ class GraphSampler:
         table = ConstantTable()
         # Ordinary tensors throughout (also the output and the recorded constants), whichever mode
         # the caller is in: see static_buffer.
-        with on_device(dev), torch.inference_mode(False), torch.no_grad(), inputs_validated():
+        with on_device(dev), torch.inference_mode(False), torch.no_grad():
             check = getattr(self.denoiser, "check", None)
             if check is not None:  # shape/label checks once, eagerly (the loop runs with values trusted)
                 check(torch.zeros((key.batch, *self.sample_shape), device=dev, dtype=self.dtype),
                       torch.full((key.batch,), self.schedule.t_max, dtype=torch.float64, device=dev), y)
+        with on_device(dev), torch.inference_mode(False), torch.no_grad(), inputs_validated():
             side = capture_stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
