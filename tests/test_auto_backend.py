@@ -156,3 +156,18 @@ def test_a_cpu_only_native_build_is_named_in_the_choice(cache, small_check, monk
     choice = ab.choose_backend("tiny", "cpu", candidates=("reference",))
     assert choice.backend == "reference"
     assert "native ops in PyTorch: duodiff_fast._C was built without CUDA kernels" in choice.reason
+
+
+@pytest.mark.gpu
+def test_auto_on_a_gpu_picks_the_triton_kernels(cache):
+    """On an sm_80+ GPU with the kernels installed, triton passes its self-check and is chosen; the
+    second resolution comes from the cache."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    reasons = ab.backend_unavailable_reasons("triton", "cuda")
+    if reasons:
+        pytest.skip(f"triton cannot run here: {'; '.join(reasons)}")
+    choice = ab.choose_backend("cifar10-s2", "cuda")
+    assert choice.backend == "triton", choice.reason
+    assert "passed self-check" in choice.reason and torch.cuda.get_device_name() in choice.reason
+    assert ab.choose_backend("cifar10-s2", "cuda").cached
