@@ -10,7 +10,15 @@ Backends:
                    program on the Triton executor. bfloat16 on CUDA; float32 on the CPU, where it
                    runs only in Triton's interpreter (tests).
                    Asking for it where it cannot run raises with the reason
-                   (``duodiff_fast.dispatch.triton_unavailable_reason``).
+                   (``duodiff_fast.ops.availability.triton_unavailable_reason``).
+
+    auto           not a backend of its own: the fastest of the above that runs on the device and
+                   passes a self-check there (:mod:`duodiff_fast.auto_backend`; ``reference`` on a
+                   CPU). Resolve it with :func:`resolve_backend` before :func:`prepare_model`.
+
+"Backend" means these execution backends everywhere in the package. Which implementation runs one
+op inside them (native C++, Triton, PyTorch) is the *op implementation*, decided in
+:mod:`duodiff_fast.ops.impl`.
 
 The solver state stays in float32 whatever the backend; :class:`~duodiff_fast.methods.ModelDenoiser`
 casts the network input to the backbone's dtype and the prediction back.
@@ -18,18 +26,36 @@ casts the network input to the backbone's dtype and the prediction back.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 BACKENDS = ("reference", "eager-bf16", "torch.compile", "triton")
+BACKEND_CHOICES = BACKENDS + ("auto",)  # what --backend accepts
 
 
-def check_backend(name: str) -> str:
-    """Return ``name`` if it is a known backend, else raise a ValueError listing the known ones."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+def check_backend(name: str, allow_auto: bool = False) -> str:
+    """Return ``name`` if it is a known backend (or "auto" with ``allow_auto``), else raise a
+    ValueError listing the known ones."""
+    known = BACKEND_CHOICES if allow_auto else BACKENDS
+    if name not in known:
+        if name == "auto":
+            raise ValueError("backend 'auto' must be resolved first (duodiff_fast.backends.resolve_backend)")
+        raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(known)}")
     return name
+
+
+def resolve_backend(name: str, config: str, device) -> Tuple[str, str]:
+    """(backend, why) for a requested backend: "auto" resolves through
+    :func:`duodiff_fast.auto_backend.choose_backend` (self-checked, cached); any other known name is
+    itself ("requested: triton")."""
+    check_backend(name, allow_auto=True)
+    if name != "auto":
+        return name, f"requested: {name}"
+    from .auto_backend import choose_backend
+
+    choice = choose_backend(config, device)
+    return choice.backend, choice.reason
 
 
 def prepare_model(
@@ -67,18 +93,18 @@ def prepare_model(
 
 def _prepare_triton(m: torch.nn.Module) -> torch.nn.Module:
     """``m`` on the Triton kernels (raises BackendUnavailable with the reason if they cannot run)."""
-    from . import dispatch
     from .models.fused import FusedUViT
     from .models.uvit import UViT
+    from .ops import impl
 
     uvits = [mod for mod in m.modules() if isinstance(mod, UViT)]
     if not uvits:
         raise TypeError(f"the 'triton' backend runs U-ViT models; {type(m).__name__} holds no UViT")
 
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
-    reason = dispatch.triton_unavailable_reason(device)
+    reason = impl.triton_unavailable(device)
     if reason is not None:
-        raise dispatch.BackendUnavailable(f"the 'triton' backend cannot run: {reason}")
+        raise impl.BackendUnavailable(f"the 'triton' backend cannot run: {reason}")
     if device.type == "cuda":
         m.to(torch.bfloat16)
         if hasattr(m, "set_attention_upcast"):
@@ -87,9 +113,9 @@ def _prepare_triton(m: torch.nn.Module) -> torch.nn.Module:
         m.float()
     m.requires_grad_(False)
     if isinstance(m, UViT):
-        return FusedUViT(m, backend="triton").eval()
-    for uvit in uvits:  # the methods' programs run on the executor their U-ViT asks for
-        uvit.kernel_backend = "triton"
+        return FusedUViT(m, impl="triton").eval()
+    for uvit in uvits:  # the methods' programs run the op implementation their U-ViT asks for
+        uvit.op_impl = "triton"
     return m
 
 

@@ -10,7 +10,8 @@
 
 Exit status: 0 success; 2 a usage error (bad option or value, unknown config, a file that does not
 exist or does not fit; the message names it); 1 a runtime error (the command was valid but could not
-run here, e.g. a backend this machine cannot run, or a benchmark row that failed).
+run here, e.g. a backend this machine cannot run, a Triton kernel that failed to compile or launch,
+or a benchmark row that failed). ``duodiff_fast.errors.is_usage_error`` tells the two apart.
 """
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ import sys
 from typing import List, Optional
 
 SOLVERS = ("ddpm", "ddim", "dpm_solver")
-# The same names as duodiff_fast.backends.BACKENDS (kept literal so that --help needs no torch
+# The same names as duodiff_fast.backends.BACKEND_CHOICES (kept literal so that --help needs no torch
 # import; tests/test_cli.py checks they agree).
-BACKEND_NAMES = ("reference", "eager-bf16", "torch.compile", "triton")
+BACKEND_NAMES = ("reference", "eager-bf16", "torch.compile", "triton", "auto")
 EXIT_USAGE, EXIT_RUNTIME = 2, 1
 
 
@@ -75,9 +76,11 @@ def _add_sample_parser(sub) -> None:
                    help="latent models: Stable Diffusion KL-f8 autoencoder weights (.ckpt/.pth/.safetensors, "
                         "original key names) to decode the latents into images; without it the latents are saved")
     p.add_argument("--device", default=None, help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--backend", default="reference", choices=BACKEND_NAMES,
+    p.add_argument("--backend", default="auto", choices=BACKEND_NAMES,
                    help="execution backend: reference (float32), eager-bf16, torch.compile, triton (the fused "
-                        "Triton kernels; needs a CUDA GPU) (default reference)")
+                        "Triton kernels; needs a CUDA GPU), or auto: the fastest of them that runs on the device "
+                        "and passes a self-check there (checked once, cached; reference on a CPU). The choice is "
+                        "printed and recorded in the manifest (default auto)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     from .eval.sample_cmd import add_sample_options
@@ -240,15 +243,27 @@ def main(argv: Optional[List[str]] = None) -> int:
         if isinstance(e.code, str):  # raise SystemExit("message"): a usage error found while checking input
             return _error(command, e.code, EXIT_USAGE)
         raise
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as e:
-        # Bad input already carries a message naming the problem: show it without a traceback.
-        return _error(command, e.args[0] if isinstance(e, KeyError) and e.args else e, EXIT_USAGE)
-    except Exception as e:  # noqa: BLE001 - only the two kinds below; anything else keeps its traceback
-        from .dispatch import BackendUnavailable
+    except Exception as e:  # noqa: BLE001 - classified below; anything else keeps its traceback
+        from .errors import is_usage_error
 
-        if isinstance(e, BackendUnavailable) or type(e).__name__ == "OutOfMemoryError":
+        if is_usage_error(e):
+            # Bad input already carries a message naming the problem: show it without a traceback.
+            return _error(command, e.args[0] if isinstance(e, KeyError) and e.args else e, EXIT_USAGE)
+        if _is_reported_runtime_error(e):
             return _error(command, e, EXIT_RUNTIME)
         raise
+
+
+def _is_reported_runtime_error(e: BaseException) -> bool:
+    """Runtime errors whose message says all (exit 1 without a traceback): a backend or device this
+    machine does not have, out of memory, a Triton kernel that failed to compile or launch."""
+    from .dispatch import BackendUnavailable
+    from .errors import DeviceUnavailable
+
+    if isinstance(e, (BackendUnavailable, DeviceUnavailable)) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    common = sys.modules.get("duodiff_fast.kernels._common")  # loaded whenever a kernel ran
+    return common is not None and isinstance(e, common.KernelLaunchError)
 
 
 if __name__ == "__main__":

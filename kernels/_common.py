@@ -1,7 +1,8 @@
 """Small helpers shared by the kernel launchers (no kernels here)."""
+import contextlib
 import dataclasses
 import os
-from typing import Dict, Optional, Tuple
+from typing import ContextManager, Dict, Optional, Tuple
 
 import torch
 import triton
@@ -33,6 +34,30 @@ def dot_upcast(dtype: torch.dtype, interpret: Optional[bool] = None) -> bool:
     ``interpret`` (default: :func:`interpreting`) lets the sm_90 check plan GPU launches anywhere.
     """
     return (interpreting() if interpret is None else interpret) and dtype == torch.bfloat16
+
+
+def device_guard(t: torch.Tensor) -> ContextManager:
+    """Make ``t``'s CUDA device the current one for the duration of a launch; a no-op on the CPU.
+
+    Triton launches on ``torch.cuda.current_device()`` and its current stream, not on the device of
+    the pointers it is given: without this, a tensor on ``cuda:1`` (``--device cuda:1``, every
+    ``torchrun`` rank but 0) would run its kernel on GPU 0 with pointers into another GPU. Every
+    launch (:meth:`Launch.run`), tuning benchmark and ``duodiff_triton`` custom op enters it.
+    """
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+class KernelLaunchError(RuntimeError):
+    """A Triton kernel failed to compile or launch. The message names the kernel, its launch plan
+    and the operands' shapes and dtypes; the original error is the ``__cause__``. It is a runtime
+    error (the command's input was valid), never a usage error."""
+
+
+def describe_tensors(tensors) -> str:
+    """``(2, 64) bfloat16 cuda:1, ...``: the shapes, dtypes and devices of a launch's operands."""
+    return ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} {t.device}" for t in tensors)
 
 
 def check_dtype(name: str, t: torch.Tensor) -> None:
@@ -72,15 +97,41 @@ class Launch:
     num_warps: int
     num_stages: int
 
+    @property
+    def name(self) -> str:
+        """The kernel's function name (``_linear_kernel``)."""
+        return getattr(self.kernel, "__name__", None) or getattr(getattr(self.kernel, "fn", None), "__name__", "kernel")
+
+    def plan(self) -> str:
+        """The whole launch plan in one line: grid, scalars, every constexpr, warps and stages."""
+        consts = " ".join(f"{k}={v}" for k, v in self.constexprs)
+        return (f"grid={self.grid} scalars={self.scalars} {consts} "
+                f"num_warps={self.num_warps} num_stages={self.num_stages}")
+
     def run(self, *tensors: torch.Tensor) -> None:
-        """Launch on ``tensors`` (one per pointer argument, dtypes as declared)."""
+        """Launch on ``tensors`` (one per pointer argument, dtypes as declared), on their device.
+
+        Raises:
+            KernelLaunchError: the operands do not match the plan, or Triton failed to compile or
+                launch the kernel (the message names the kernel, the plan and the shapes).
+        """
         if len(tensors) != len(self.pointers):
-            raise ValueError(f"{len(self.pointers)} pointer arguments expected, got {len(tensors)}")
+            raise KernelLaunchError(f"{self.name}: {len(self.pointers)} pointer arguments planned, got "
+                                    f"{len(tensors)} ({describe_tensors(tensors)})")
         for i, (t, dt) in enumerate(zip(tensors, self.pointers)):
             if t.dtype != dt:  # the sm_90 check compiled the declared dtypes: run only those
-                raise TypeError(f"pointer argument {i} of {self.kernel.__name__} is {t.dtype}, planned {dt}")
-        self.kernel[self.grid](*tensors, *self.scalars, **dict(self.constexprs),
-                               num_warps=self.num_warps, num_stages=self.num_stages)
+                raise KernelLaunchError(f"pointer argument {i} of {self.name} is {t.dtype}, planned {dt} "
+                                        f"(operands: {describe_tensors(tensors)})")
+        try:
+            with device_guard(tensors[0]):
+                self.kernel[self.grid](*tensors, *self.scalars, **dict(self.constexprs),
+                                       num_warps=self.num_warps, num_stages=self.num_stages)
+        except KernelLaunchError:
+            raise
+        except Exception as exc:  # Triton's compile/launch errors have many types: name what ran
+            raise KernelLaunchError(
+                f"Triton kernel {self.name} failed to compile or launch ({type(exc).__name__}: {exc}); "
+                f"launch plan: {self.plan()}; operands: {describe_tensors(tensors)}") from exc
 
     def describe(self) -> str:
         """Short text of the tile choice, e.g. ``BLOCK_M=128 BLOCK_N=128 w8 s3``."""

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import Launch, check_dtype, dot_precision, dot_upcast, interpreting, launch, mma
 
 
@@ -333,9 +334,10 @@ def tune(x, weight, bias=None, activation=None, residual=None, x2=None, gate=Non
     key = tuning_key(m, n, k1, k2, x.dtype, **flags)
     timings = {}
     heavy = dict(gelu=flags["gelu"] or flags["gelu_tanh"], residual=flags["residual"])
-    for cfg in candidate_configs(m, x.dtype, **heavy):
-        lch = linear_launch(m, n, k1, k2, x.dtype, config=cfg, **flags, **_gate_geometry(x, gate, tensors))
-        timings[cfg] = _bench_ms(lambda: lch.run(*tensors))
+    with _common.device_guard(x):  # the benchmark's events and synchronisations belong to x's device
+        for cfg in candidate_configs(m, x.dtype, **heavy):
+            lch = linear_launch(m, n, k1, k2, x.dtype, config=cfg, **flags, **_gate_geometry(x, gate, tensors))
+            timings[cfg] = _bench_ms(lambda: lch.run(*tensors))
     best = min(timings, key=timings.get)
     _TUNED[key] = best
     return best

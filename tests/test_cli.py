@@ -136,15 +136,16 @@ def test_latent_sampling_decodes_with_autoencoder(tmp_path, golden):
 
 
 def test_sample_help_lists_every_backend(capsys):
-    from duodiff_fast.backends import BACKENDS
+    from duodiff_fast.backends import BACKEND_CHOICES
     from duodiff_fast.cli import BACKEND_NAMES
 
-    assert BACKEND_NAMES == BACKENDS
+    assert BACKEND_NAMES == BACKEND_CHOICES
     with pytest.raises(SystemExit) as e:
         main(["sample", "--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    for name in BACKENDS:
+    assert "(default auto)" in out
+    for name in BACKEND_CHOICES:
         assert name in out
 
 
@@ -184,3 +185,16 @@ def test_train_no_progress_still_prints_the_resume_line(tmp_path, capsys):
 def test_bench_usage_error_exits_2(capsys):
     assert main(["bench", "--backends", "nope", "--device", "cpu", "--no-progress"]) == 2
     assert "duodiff-fast bench: error: unknown backend 'nope'" in capsys.readouterr().err
+
+
+def test_sample_without_backend_prints_and_records_auto_choice(tmp_path, capsys):
+    """No --backend: auto. On the CPU it is the reference; the command prints the choice and the
+    manifest records it (issue 20)."""
+    out = tmp_path / "s"
+    assert main(["sample", "--config", "tiny", "--random-weights", "--steps", "2", "--n-samples", "2",
+                 "--batch-size", "2", "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "reference" and manifest["settings"]["backend"] == "reference"
+    assert manifest["backend_choice"].startswith("auto: reference")
+    assert f"backend: reference ({manifest['backend_choice']})" in printed

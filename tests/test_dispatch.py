@@ -5,20 +5,21 @@ import pytest
 import torch
 
 from duodiff_fast import dispatch
+from duodiff_fast.ops import impl
 from duodiff_fast.backends import BACKENDS, prepare_model
 from duodiff_fast.models import create_model
 
 
 @pytest.fixture
 def unavailable(monkeypatch):
-    """Pretend Triton cannot run, with a known reason; forget earlier warnings."""
-    monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda device=None: "no test GPU")
-    monkeypatch.setattr(dispatch, "_WARNED", set())
+    """Pretend Triton cannot run, with a known reason; forget earlier warnings (ops.impl decides)."""
+    monkeypatch.setattr(impl, "triton_unavailable_reason", lambda device=None: "no test GPU")
+    monkeypatch.setattr(impl, "_WARNED", set())
 
 
 @pytest.fixture
 def available(monkeypatch):
-    monkeypatch.setattr(dispatch, "triton_unavailable_reason", lambda device=None: None)
+    monkeypatch.setattr(impl, "triton_unavailable_reason", lambda device=None: None)
 
 
 CPU = torch.device("cpu")
@@ -52,7 +53,7 @@ def test_per_call_override(available):
         with dispatch.use_backend("auto"):
             assert dispatch.resolve_backend("torch", CPU) == "triton"
     assert dispatch.resolve_backend("torch", CPU) == "torch"
-    with pytest.raises(ValueError, match="unknown kernel backend"):
+    with pytest.raises(ValueError, match="unknown op implementation"):
         dispatch.resolve_backend("cuda", CPU)
     with pytest.raises(ValueError, match="matmul"):
         dispatch.set_matmul("cutlass")

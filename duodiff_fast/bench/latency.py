@@ -38,11 +38,11 @@ import argparse
 import os
 import copy
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..backends import BACKENDS, prepare_model
+from ..backends import BACKEND_CHOICES, BACKENDS, prepare_model
 from ..io_utils import atomic_write_json
 from ..methods import DuoDiff, ModelDenoiser
 from ..models import PAPER_CONFIGS, create_model, get_spec, shallow_spec
@@ -93,16 +93,16 @@ DEFAULTS: Dict[str, dict] = {
                 graph_dpm_steps=20, budget=0.0),
     "cuda": dict(configs=",".join(PAPER_CONFIGS), batch_size=128, solvers="ddpm,ddim", ddpm_steps=1000,
                  ddim_steps=50, backends=None, t_s="0,300,400,500", repeats=5, warmup=1, threads=None,
-                 adadiff_thetas="0.05,0.07,0.09", adadiff_backends="reference,eager-bf16", adadiff_solvers=None,
-                 methods="ase,multistage", method_backends="reference,eager-bf16", method_solvers=None,
+                 adadiff_thetas="0.05,0.07,0.09", adadiff_backends="reference,auto", adadiff_solvers=None,
+                 methods="ase,multistage", method_backends="reference,auto", method_solvers=None,
                  ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver", graph_batches=None,
                  graph_t_s="0,300", graph_dpm_steps=20, budget=0.0),
 }
 PRESETS: Dict[str, dict] = {
     # benchmarks/gpu_suite.sh: a few minutes on an H100 (the whole suite must end in < 9 minutes)
     "gpu-suite": dict(configs="cifar10-s2", batch_size=64, solvers="ddim", ddim_steps=50, backends=None,
-                      t_s="0,300,500", repeats=5, warmup=1, adadiff_thetas="0.07", adadiff_backends="eager-bf16",
-                      adadiff_solvers="ddim", methods="ase,multistage", method_backends="eager-bf16",
+                      t_s="0,300,500", repeats=5, warmup=1, adadiff_thetas="0.07", adadiff_backends="auto",
+                      adadiff_solvers="ddim", methods="ase,multistage", method_backends="auto",
                       method_solvers="ddim", ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim",
                       graph_batches="1,64", graph_t_s="0,300", budget=200.0),
 }
@@ -116,8 +116,9 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
       "checkpoint/run folders (default: --checkpoint when it is such a folder, else 'tiny' on CPU, the paper's "
       "four on CUDA)")
     a("--solvers", default=None, help=f"comma-separated solvers among {', '.join(SOLVERS)} (default ddpm,ddim)")
-    a("--backends", default=None, help=f"comma-separated backends among {', '.join(BACKENDS)} (default: reference "
-      "on CPU; on CUDA every backend that can run there, triton included)")
+    a("--backends", default=None, help=f"comma-separated backends among {', '.join(BACKEND_CHOICES)}; auto is the "
+      "backend `duodiff-fast sample` picks by default (self-checked, recorded as backend_choice) (default: reference "
+      "on CPU; on CUDA every backend that can run there, triton included: the comparison)")
     a("--t-s", default=None, help="DuoDiff switch points on the 1000-step axis; 0 is the base model (default 0,300,400,500)")
     a("--batch-size", type=int, default=None, help="batch size (default 2 on CPU, 128 on CUDA)")
     a("--ddpm-steps", type=int, default=None, help="DDPM steps (default 50 on CPU, 1000 on CUDA)")
@@ -139,12 +140,14 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     a("--adadiff-thetas", default=None, help="AdaDiff exit thresholds ('' for none; default 0.07 on CPU, "
       "0.05,0.07,0.09 on CUDA): per theta the measured shrinking batch, the simulated exit, the paper's estimate")
     a("--adadiff-backends", default=None, help="backends of the AdaDiff rows (default reference on CPU, "
-      "reference,eager-bf16 on CUDA; never torch.compile: the shrinking batch changes shapes every layer)")
+      "reference,auto on CUDA; never torch.compile, also when auto picks it: the shrinking batch changes shapes "
+      "every layer)")
     a("--adadiff-solvers", default=None, help="solvers of the AdaDiff rows (default ddim on CPU, every solver on CUDA)")
     a("--methods", default=None, help="extra method rows: 'ase' (D1..D6 block dropping) and/or 'multistage'; '' for none")
     a("--ase-schedules", default=None, help="ASE dropping schedules (the paper's Table 2 names; default D1..D6)")
     a("--method-backends", default=None, help="backends of the ASE/multistage rows (default reference on CPU, "
-      "reference,eager-bf16 on CUDA; never torch.compile: these forwards bypass the compiled forward)")
+      "reference,auto on CUDA; never torch.compile, also when auto picks it: these forwards bypass the compiled "
+      "forward)")
     a("--method-solvers", default=None, help="solvers of the ASE/multistage rows (default ddim on CPU, every solver on CUDA)")
     a("--adadiff-checkpoint", default=None, help="trained AdaDiff weights (this package's AdaDiffUViT state dict, "
       "or the DuoDiff/AdaDiff authors' early-exit files) for the AdaDiff rows instead of programmed exits; "
@@ -206,8 +209,8 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
         args.triton_skipped = why_not
         args.backends = ",".join(b for b in BACKENDS if b != "triton" or not why_not)
     for b in _split(args.backends) + _split(args.adadiff_backends) + _split(args.method_backends):
-        if b not in BACKENDS:
-            raise SystemExit(f"unknown backend {b!r}; choose among {', '.join(BACKENDS)}")
+        if b not in BACKEND_CHOICES:
+            raise SystemExit(f"unknown backend {b!r}; choose among {', '.join(BACKEND_CHOICES)}")
     for s in _split(args.solvers) + _split(args.adadiff_solvers) + _split(args.method_solvers):
         if s not in SOLVERS:
             raise SystemExit(f"unknown solver {s!r}; latency.py times {', '.join(SOLVERS)}")
@@ -241,29 +244,65 @@ def steps_of(args, solver: str) -> int:
     return args.ddpm_steps if solver == "ddpm" else args.ddim_steps
 
 
+def resolve_auto(args, device: torch.device) -> Dict[str, Tuple[str, str]]:
+    """Resolve ``auto`` (in any backend list) per config: {config: (backend, why)}, stored as
+    ``args.auto_choices`` for :func:`plan`; empty when no list asks for auto."""
+    from ..backends import resolve_backend
+
+    lists = _split(args.backends) + _split(args.adadiff_backends) + _split(args.method_backends)
+    args.auto_choices = {}
+    if "auto" in lists:
+        for config in _split(args.configs):
+            args.auto_choices[config] = resolve_backend("auto", config, device)
+    return args.auto_choices
+
+
+def _backends_of(args, text: Optional[str], config: str) -> List[str]:
+    """The backends of one list for ``config``: ``auto`` replaced by its choice, duplicates dropped."""
+    chosen = getattr(args, "auto_choices", {}).get(config)
+    out: List[str] = []
+    for b in _split(text):
+        b = chosen[0] if (b == "auto" and chosen) else b
+        if b not in out:
+            out.append(b)
+    return out
+
+
+def _choice_of(args, backend: str, config: str, text: Optional[str]) -> str:
+    chosen = getattr(args, "auto_choices", {}).get(config)
+    if chosen and chosen[0] == backend and "auto" in _split(text) and backend not in _split(text):
+        return chosen[1]
+    return f"requested: {backend}"
+
+
 def plan(args, device_type: str) -> List[dict]:
-    """The groups this run will time (after :func:`resolve`): one dict per group with its rows'
-    method names. Used to print the plan and by tests to keep presets small."""
+    """The groups this run will time (after :func:`resolve` and :func:`resolve_auto`): one dict per
+    group with its rows' method names. Used to print the plan and by tests to keep presets small."""
     groups = []
     methods = _split(args.methods)
     for config in _split(args.configs):
-        for backend in _split(args.backends):
+        # AdaDiff's shrinking batch changes shapes every layer: never torch.compile, even when auto chose it
+        adadiff_backends = [b for b in _backends_of(args, args.adadiff_backends, config) if b != "torch.compile"]
+        method_backends = _backends_of(args, args.method_backends, config)
+        for backend in _backends_of(args, args.backends, config):
             for solver in _split(args.solvers):
                 rows = ["base" if t == 0 else f"DuoDiff t_s={t}" for t in args.t_s_list]
-                if backend in _split(args.adadiff_backends) and solver in _split(args.adadiff_solvers):
+                if backend in adadiff_backends and solver in _split(args.adadiff_solvers):
                     rows += [f"AdaDiff {th:g} {m}" for th in args.theta_list for m in ("shrink", "sim", "bucket")]
-                if ("multistage" in methods and backend in _split(args.method_backends)
+                if ("multistage" in methods and backend in method_backends
                         and solver in _split(args.method_solvers) and backend != "torch.compile"):
                     rows.append("multistage")
                 groups.append(dict(kind="main", config=config, backend=backend, solver=solver,
-                                   steps=steps_of(args, solver), rows=rows))
+                                   steps=steps_of(args, solver), rows=rows,
+                                   backend_choice=_choice_of(args, backend, config, args.backends)))
         if "ase" in methods:
-            for backend in _split(args.method_backends):
+            for backend in method_backends:
                 for solver in _split(args.method_solvers):
                     if backend == "torch.compile":
                         continue
                     groups.append(dict(kind="ase", config=config, backend=backend, solver=solver,
                                        steps=steps_of(args, solver),
+                                       backend_choice=_choice_of(args, backend, config, args.method_backends),
                                        rows=["base"] + [f"ASE {n}" for n in _split(args.ase_schedules)]))
         if device_type == "cuda":
             for solver in _split(args.graph_solvers):
@@ -271,6 +310,7 @@ def plan(args, device_type: str) -> List[dict]:
                 for t_s in [int(v) for v in _split(args.graph_t_s)]:
                     for b in [int(v) for v in _split(args.graph_batches)]:
                         groups.append(dict(kind="graph", config=config, backend="fastest", solver=solver,
+                                           backend_choice="the backend of the fastest base row timed",
                                            steps=steps, t_s=t_s, batch_size=b, rows=["eager", "graph"]))
     return groups
 
@@ -297,6 +337,7 @@ def _spy(denoiser, record: List[float]):
 def _row(group: dict, method: str, args, timing: Optional[dict], batch_size: int, **extra) -> dict:
     """A result row from one entry's timings (status ok / failed)."""
     row = dict(config=group["config"], solver=group["solver"], steps=group["steps"], backend=group["backend"],
+               backend_choice=group.get("backend_choice", f"requested: {group['backend']}"),
                method=method, kind=group["kind"], batch_size=batch_size, group=group["id"], status="ok", error=None,
                warmup_seconds=None, batch_seconds=None, per_sample=None, speedup=None, unstable=None)
     row.update(extra)
@@ -592,7 +633,7 @@ class Runner:
                 return gs.plain(seeds, y)
 
         def graph():
-            with torch.inference_mode():  # the graph's static buffers are inference tensors
+            with torch.inference_mode():  # as the eager row (the static buffers take either mode)
                 out = gs(seeds, y)
             if not gs.graphs:
                 raise RuntimeError(f"CUDA graph capture failed: {next(iter(gs.failed.values()), '?')}")
@@ -705,6 +746,8 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> dict:
     args = resolve(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    for config, (name, why) in resolve_auto(args, device).items():
+        print(f"backend auto for {config}: {name} ({why})", flush=True)
     if "triton" in _split(args.backends):
         from ..dispatch import triton_unavailable_reason
 
@@ -734,8 +777,10 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> dict:
     unstable = [r for r in rows if r["status"] == "ok" and r["unstable"]]
     print(f"\n{len(rows)} rows in {wall:.0f} s: {len(failed)} failed, {len(unstable)} unstable "
           f"(spread > {args.unstable_iqr:g}% of the median; their speedups are not figures)")
-    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "auto_choices")}
+    backend_choice = {c: {"backend": n, "backend_choice": why} for c, (n, why) in args.auto_choices.items()}
     result = dict(benchmark="latency", environment=env, settings=settings, wall_seconds=wall,
+                  backend_choice=backend_choice,
                   statistics=dict(center="median", spread="interquartile range (q3 - q1), % of the median",
                                   unstable=(f"a compared row: the IQR of its paired per-round speedups > "
                                             f"{args.unstable_iqr:g}% of their median; a base row: its own time "

@@ -24,7 +24,7 @@ from ..methods.factory import METHODS, MethodSpec, MethodWeights, parse_ase_chec
 from .sharding import ShardPlan
 
 __all__ = ["add_method_options", "add_sample_options", "method_spec_from_args", "weights_from_args",
-           "sample_labels", "device_for", "resolve_model_spec", "SampleJob", "run_sample", "cmd_sample"]
+           "sample_labels", "device_for", "resolve_model_spec", "resolve_backend_arg", "SampleJob", "run_sample", "cmd_sample"]
 
 DEFAULT_SHARD_SIZE = 1000
 LABEL_STREAM = 1 << 64  # added to the seed: labels draw from a stream apart from the noise
@@ -106,12 +106,30 @@ def sample_labels(indices: np.ndarray, seed: int, class_labels: Optional[str], n
 
 
 def device_for(arg: Optional[str], local_rank: int) -> torch.device:
-    """--device, with cuda meaning this process's GPU (LOCAL_RANK) under torchrun."""
+    """--device, with cuda meaning this process's GPU (LOCAL_RANK) under torchrun; a CUDA device is
+    made the current one (:func:`~duodiff_fast.eval.sharding.set_local_device`), so kernels, streams
+    and graphs of every rank run on that rank's GPU."""
+    from ..devices import normalize_device
+    from .sharding import set_local_device
+
     if arg in (None, "cuda") and torch.cuda.is_available():
-        return torch.device("cuda", local_rank)
+        return set_local_device(torch.device("cuda", local_rank))
     if arg is None:
         return torch.device("cpu")
-    return torch.device(arg)
+    device = torch.device(arg)
+    return set_local_device(normalize_device(device)) if device.type == "cuda" else device
+
+
+def resolve_backend_arg(args, device: torch.device) -> str:
+    """Resolve ``args.backend`` in place ("auto" becomes the backend it chose on ``device``, see
+    :mod:`duodiff_fast.auto_backend`) and set ``args.backend_choice`` to why; returns the backend."""
+    from ..backends import resolve_backend
+
+    if getattr(args, "backend_choice", None) is None or args.backend == "auto":
+        # --config may be left out when the checkpoint records its config: self-check that one
+        config = args.config if args.config else resolve_model_spec(args)
+        args.backend, args.backend_choice = resolve_backend(args.backend, config, device)
+    return args.backend
 
 
 def _solver_kwargs(args) -> Dict[str, object]:
@@ -155,6 +173,7 @@ class SampleJob:
 
         self.args, self.spec, self.device = args, spec, device
         self.model_spec = resolve_model_spec(args)
+        resolve_backend_arg(args, device)
         self.schedule_name = args.schedule or self.model_spec.schedule
         # The time input the checkpoints declare (e.g. the DuoDiff authors' t/1000), else the config's.
         self.time_input = resolve_time_input(self.model_spec.time_input, [
@@ -250,13 +269,16 @@ def run_sample(args, job: Optional[SampleJob] = None, out: Optional[str] = None)
     from .sharding import dist_info, merge_shards, run_shards
 
     t0 = time.perf_counter()
-    check_backend(args.backend)
+    check_backend(args.backend, allow_auto=True)
     if args.n_samples < 1 or args.batch_size < 1 or args.shard_size < 1:
         raise ValueError("--n-samples, --batch-size and --shard-size must be >= 1")
     out = out or args.out
     dist = dist_info()
     if job is None:
         device = device_for(args.device, dist.local_rank)
+        resolve_backend_arg(args, device)
+        if dist.rank == 0:
+            print(f"backend: {args.backend} ({args.backend_choice})", flush=True)
         if args.backend == "triton":
             from ..dispatch import BackendUnavailable, triton_unavailable_reason
 
@@ -279,6 +301,7 @@ def run_sample(args, job: Optional[SampleJob] = None, out: Optional[str] = None)
         "settings": settings, "fingerprint": fingerprint, "method_label": spec.label,
         "checkpoints": job.checkpoints, "count": plan.n_samples, "num_shards": plan.num_shards,
         "sample_shape": merged["shape"][1:], "dtype": merged["dtype"], "world_size": dist.world_size,
+        "backend": args.backend, "backend_choice": args.backend_choice,
         "device": str(device), "environment": environment(device),
         "shards_drawn_by_rank0_this_run": drawn, "shard_compute_seconds": merged["shard_seconds"],
         "wall_time_s": time.perf_counter() - t0, "files": files,

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..io_utils import atomic_write, atomic_write_json
 
-__all__ = ["ShardPlan", "DistInfo", "dist_info", "shard_path", "read_shard_header", "run_shards",
+__all__ = ["ShardPlan", "DistInfo", "dist_info", "set_local_device", "shard_path", "read_shard_header", "run_shards",
            "wait_for_shards", "merge_shards"]
 
 SHARD_DIR = "shards"
@@ -86,6 +86,28 @@ def dist_info() -> DistInfo:
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"bad torchrun environment: RANK={rank}, WORLD_SIZE={world}")
     return DistInfo(rank, world, local)
+
+
+def set_local_device(device):
+    """Make ``device`` this process's current CUDA device, as training does (``torch.cuda.set_device``).
+
+    Everything that defaults to the current device -- Triton launches, ``torch.cuda.Stream()``,
+    CUDA-graph capture, NCCL -- then runs on this rank's GPU instead of GPU 0. A CPU device is left
+    alone. Returns ``device`` (a ``torch.device``).
+    """
+    import torch
+
+    from ..errors import DeviceUnavailable
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            raise ValueError("set_local_device needs a CUDA device with an index (cuda:N)")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index >= count:
+            raise DeviceUnavailable(f"device {device} was asked for but this machine has {count} CUDA device(s)")
+        torch.cuda.set_device(device)
+    return device
 
 
 def shard_path(out_dir: str, k: int) -> str:

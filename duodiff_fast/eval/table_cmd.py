@@ -80,7 +80,7 @@ def cmd_eval(args) -> int:
     from ..io_utils import atomic_write_json
     from ..methods.factory import parse_method_grid
     from . import fid as fidlib
-    from .sample_cmd import SampleJob, device_for, run_sample
+    from .sample_cmd import SampleJob, device_for, resolve_backend_arg, run_sample
     from .sharding import dist_info
     from .table import add_speedups, write_csv, write_markdown, write_plot
 
@@ -93,6 +93,9 @@ def cmd_eval(args) -> int:
         raise ValueError("--n-samples must be >= 2: FID needs a covariance")
     dist = dist_info()
     device = device_for(args.device, dist.local_rank)
+    resolve_backend_arg(args, device)
+    if dist.rank == 0:
+        print(f"backend: {args.backend} ({args.backend_choice})", flush=True)
     args.no_float = True  # eval needs only the uint8 images
     extractor = None
     if dist.rank == 0:
@@ -145,6 +148,7 @@ def cmd_eval(args) -> int:
     atomic_write_json(os.path.join(args.out, "results.json"), {
         "smoke_check": bool(smoke), "notes": notes, "rows": rows, "inception": extractor.weights_id,
         "reference": {"source": args.reference, "count": reference.count, "meta": reference.meta},
+        "backend": args.backend, "backend_choice": args.backend_choice,
         "environment": environment(device), "wall_time_s": time.perf_counter() - t0, "manifests": manifests,
     })
     from .table import markdown_table

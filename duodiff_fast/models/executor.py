@@ -25,19 +25,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import dispatch
-from ..ops.availability import native_available
-from .functional import final_layer, timestep_embedding
+from ..ops import embedding as ops_embedding
+from ..ops import impl
+from ..ops import triton_ops
+from .functional import final_layer
 
 __all__ = ["TorchExecutor", "TritonExecutor", "executor_for", "needs_grad"]
 
 
 def _sinusoid(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
-    if timesteps.is_cuda and timesteps.dim() == 1 and native_available(timesteps.device):
-        # One kernel instead of five (duodiff_fast._C); the same float32 operations, equal to
-        # within a few float ulps of the arguments. CPU keeps the reference (golden tests).
-        return torch.ops.duodiff.timestep_embedding(timesteps, dim, 10000.0)
-    return timestep_embedding(timesteps, dim)
+    """(B,) -> (B, D) float32 time embedding (the op and its implementation choice live in ops/)."""
+    return ops_embedding.timestep_embedding(timesteps, dim)
 
 
 def _batch_timesteps(timesteps: torch.Tensor, batch: int) -> torch.Tensor:
@@ -91,14 +89,14 @@ def _linear_cublas(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> tor
 
 
 class TritonExecutor(TorchExecutor):
-    """The fused Triton custom ops (no autograd). Matmuls: ``dispatch.matmul_impl()`` ("triton"
+    """The fused Triton custom ops (no autograd). Matmuls: ``ops.impl.matmul_impl()`` ("triton"
     fused epilogues, or "cublas" bare matmuls with the residual folded into the LayerNorm kernel)."""
 
     name = "triton"
 
     def __init__(self):
         super().__init__(checkpoint=False)
-        self.matmul = dispatch.matmul_impl()
+        self.matmul = impl.matmul_impl()
 
     def embed(self, model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         """``model.embed`` in one kernel: (B, C, H, W) -> (B, E + L, D)."""
@@ -108,7 +106,7 @@ class TritonExecutor(TorchExecutor):
         if not isinstance(model.time_embed, nn.Identity):
             emb = model.time_embed(emb.to(model.pos_embed.dtype))
         label = model.label_emb.weight if (y is not None and model.is_conditional) else None
-        return dispatch.frontend(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.pos_embed,
+        return triton_ops.frontend(x, model.patch_embed.proj.weight, model.patch_embed.proj.bias, model.pos_embed,
                                  emb.float(), label, y if label is not None else None)
 
     def block(self, blk: nn.Module, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -124,27 +122,27 @@ class TritonExecutor(TorchExecutor):
             # cat[x, skip] @ W^T = x @ W[:, :W]^T + skip @ W[:, W:]^T: two matmuls, no concatenation.
             out = F.linear(x, lin.weight[:, :d], lin.bias).flatten(0, -2)
             return torch.addmm(out, skip.flatten(0, -2), lin.weight[:, d:].t()).view(*x.shape[:-1], -1)
-        return dispatch.linear(x, lin.weight, lin.bias, None, skip, False)
+        return triton_ops.linear(x, lin.weight, lin.bias, None, skip, False)
 
     def transform(self, blk: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Attention and MLP residual branches through the fused ops; (B, N, D) -> (B, N, D)."""
         attn = blk.attn
-        h = dispatch.layernorm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
+        h = triton_ops.layernorm(x, blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
         if self.matmul == "cublas":
-            a = dispatch.attention_qkv(_linear_cublas(h, attn.qkv), attn.num_heads, float(attn.scale))
-            h, x = dispatch.add_layernorm(_linear_cublas(a, attn.proj), x, blk.norm2.weight, blk.norm2.bias,
+            a = triton_ops.attention_qkv(_linear_cublas(h, attn.qkv), attn.num_heads, float(attn.scale))
+            h, x = triton_ops.add_layernorm(_linear_cublas(a, attn.proj), x, blk.norm2.weight, blk.norm2.bias,
                                           blk.norm2.eps)
             return x + _linear_cublas(_linear_cublas(h, blk.mlp.fc1, gelu=True), blk.mlp.fc2)
-        qkv = dispatch.linear(h, attn.qkv.weight, attn.qkv.bias, None, None, False)       # (B, N, 3D)
-        a = dispatch.attention_qkv(qkv, attn.num_heads, float(attn.scale))               # (B, N, D)
-        x = dispatch.linear(a, attn.proj.weight, attn.proj.bias, x, None, False)          # x + proj(a)
-        h = dispatch.layernorm(x, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
-        h = dispatch.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias, None, None, True)    # gelu(fc1(h))
-        return dispatch.linear(h, blk.mlp.fc2.weight, blk.mlp.fc2.bias, x, None, False)   # x + fc2(h)
+        qkv = triton_ops.linear(h, attn.qkv.weight, attn.qkv.bias, None, None, False)       # (B, N, 3D)
+        a = triton_ops.attention_qkv(qkv, attn.num_heads, float(attn.scale))               # (B, N, D)
+        x = triton_ops.linear(a, attn.proj.weight, attn.proj.bias, x, None, False)          # x + proj(a)
+        h = triton_ops.layernorm(x, blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+        h = triton_ops.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias, None, None, True)    # gelu(fc1(h))
+        return triton_ops.linear(h, blk.mlp.fc2.weight, blk.mlp.fc2.bias, x, None, False)   # x + fc2(h)
 
     def final(self, head: nn.Module, extras: int, channels: int, tokens: torch.Tensor) -> torch.Tensor:
         """One final-layer kernel (+ cuDNN 3x3 conv): (B, E + L, D) -> (B, C, H, W)."""
-        img = dispatch.final_layer(tokens, head.norm.weight, head.norm.bias, head.norm.eps,
+        img = triton_ops.final_layer(tokens, head.norm.weight, head.norm.bias, head.norm.eps,
                                    head.decoder_pred.weight, head.decoder_pred.bias, extras, channels)
         return head.final_layer(img)
 
@@ -157,17 +155,17 @@ def needs_grad(module: nn.Module, x: torch.Tensor) -> bool:
 
 
 def executor_for(requested: str, device: torch.device, grad: bool = False, checkpoint: bool = False):
-    """The executor that runs one model call: the only place that picks eager, Triton or native.
+    """The executor that runs one model call, as :func:`duodiff_fast.ops.impl.layer_impl` decides.
 
     Args:
-        requested: the model's backend choice ("auto", "torch", "triton"); a
-            :func:`duodiff_fast.dispatch.use_backend` block overrides it.
+        requested: the model's op implementation ("auto", "torch", "triton"); a
+            :func:`duodiff_fast.ops.impl.use_impl` block overrides it.
         device: the device of the call's tensors (native and Triton availability are per device).
         grad: the call records gradients (always eager).
         checkpoint: gradient checkpointing of blocks (eager only).
     Raises:
         BackendUnavailable: "triton" was asked for by name and cannot run on ``device``.
     """
-    if dispatch.resolve_backend(requested, device, grad) == "triton":
+    if impl.layer_impl(requested, device, grad) == "triton":
         return TritonExecutor()
     return TorchExecutor(checkpoint=checkpoint)

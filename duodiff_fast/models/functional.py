@@ -12,26 +12,12 @@ import math
 import torch
 import torch.nn as nn
 
+from ..ops.embedding import timestep_embedding_reference
 
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal timestep embedding, [cos | sin] halves, as U-ViT (and ADM) compute it (the
-    PyTorch reference; the executor uses the native kernel on CUDA where it is built).
 
-    Args:
-        timesteps: (B,) float or int tensor, the value the network is fed (e.g. t * 999).
-        dim: embedding width D.
-    Returns:
-        (B, D) float32 tensor; an odd D gets one trailing zero column.
-    """
-    half = dim // 2
-    freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    )
-    args = timesteps[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
+# The sinusoidal time embedding is an op: it lives in duodiff_fast.ops.embedding (the native kernel
+# or this reference, chosen there); the reference stays importable from here.
+timestep_embedding = timestep_embedding_reference
 
 
 def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:

@@ -7,7 +7,7 @@ attention, proj + residual, LayerNorm, fc1 + GELU, fc2 + residual, and for out-b
 two-input skip_linear; one final-layer kernel, then cuDNN's 3x3 conv when the model has one).
 
 :class:`FusedUViT` wraps a :class:`~duodiff_fast.models.uvit.UViT` (it owns no parameters of its
-own) and asks for its backend per call (:func:`duodiff_fast.models.executor.executor_for`): calls
+own) and asks for its op implementation per call (:func:`duodiff_fast.models.executor.executor_for`): calls
 that need gradients, and backend "torch", run the reference. Everything else the methods read
 (``in_chans``, ``img_size``, ``num_classes``, ``patch_size``, ``is_conditional``, ``null_class``,
 ``embed``/``run_blocks``/``decode``, ``parameters()``) is the wrapped model's; the methods run
@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .. import dispatch
+from ..ops import impl as _impl_module
 from .executor import TritonExecutor, needs_grad
 from .program import LayerProgram, run_model
 from .uvit import UViT
@@ -46,16 +46,28 @@ class FusedUViT(nn.Module):
 
     Args:
         model: the UViT (its modules and parameters are used as they are, not copied).
-        backend: "auto" (Triton where it runs, else the reference with one warning), "triton"
-            (an error where it cannot run) or "torch".
+        impl: the op implementation of its calls (:mod:`duodiff_fast.ops.impl`): "auto" (Triton
+            where it runs, else the reference with one warning), "triton" (an error where it cannot
+            run) or "torch". ``backend=`` is its former name and still accepted.
     """
 
-    def __init__(self, model: UViT, backend: str = "auto"):
+    def __init__(self, model: UViT, impl: Optional[str] = None, *, backend: Optional[str] = None):
         super().__init__()
         if not isinstance(model, UViT):
             raise TypeError(f"FusedUViT wraps a UViT, got {type(model).__name__}")
+        if impl is not None and backend is not None and impl != backend:
+            raise TypeError(f"FusedUViT got impl={impl!r} and its former name backend={backend!r}: pass one")
         self.uvit = model
-        self.backend = dispatch.check_backend_choice(backend)
+        self.impl = _impl_module.check_impl(impl or backend or "auto")
+
+    @property
+    def backend(self) -> str:
+        """Former name of :attr:`impl`."""
+        return self.impl
+
+    @backend.setter
+    def backend(self, name: str) -> None:
+        self.impl = _impl_module.check_impl(name)
 
     def __getattr__(self, name: str):
         try:
@@ -67,9 +79,11 @@ class FusedUViT(nn.Module):
                 raise
             return getattr(inner, name)
 
-    def active_backend(self, x: torch.Tensor) -> str:
-        """The backend ("torch" or "triton") a call with input ``x`` runs on now."""
-        return dispatch.resolve_backend(self.backend, x.device, needs_grad(self.uvit, x))
+    def active_impl(self, x: torch.Tensor) -> str:
+        """The op implementation ("torch" or "triton") a call with input ``x`` runs now."""
+        return _impl_module.layer_impl(self.impl, x.device, needs_grad(self.uvit, x))
+
+    active_backend = active_impl  # former name
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         capturing = x.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -203,14 +203,14 @@ class LayerProgram:
         return False
 
 
-def _encoder_and_backend(model: nn.Module):
-    """The U-ViT a model's program runs on, and the backend asked for (FusedUViT wraps a UViT)."""
+def _encoder_and_impl(model: nn.Module):
+    """The U-ViT a model's program runs on, and the op implementation it asks for (FusedUViT wraps a UViT)."""
     inner = model.__dict__.get("_modules", {}).get("uvit")
     if inner is not None:
-        return inner, model.backend
-    if not hasattr(model, "kernel_backend"):
+        return inner, model.impl
+    if not hasattr(model, "op_impl"):
         raise TypeError(f"the layer program runs a UViT, got {type(model).__name__}")
-    return model, model.kernel_backend
+    return model, model.op_impl
 
 
 def program_for(model: nn.Module, x: torch.Tensor, owner: Optional[nn.Module] = None) -> LayerProgram:
@@ -219,11 +219,11 @@ def program_for(model: nn.Module, x: torch.Tensor, owner: Optional[nn.Module] = 
     ``owner`` is the module whose parameters decide whether the call records gradients (a method
     wrapping the U-ViT with heads or decoders of its own); default ``model``.
     """
-    uvit, backend = _encoder_and_backend(model)
+    uvit, requested = _encoder_and_impl(model)
     grad_enabled = torch.is_grad_enabled()
     grad = needs_grad(owner if owner is not None else model, x) if grad_enabled else False
     checkpoint = uvit.use_checkpoint and uvit.training and grad_enabled
-    return LayerProgram(uvit, executor_for(backend, x.device, grad, checkpoint))
+    return LayerProgram(uvit, executor_for(requested, x.device, grad, checkpoint))
 
 
 def run_model(model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor] = None,

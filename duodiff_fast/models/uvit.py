@@ -14,8 +14,9 @@ out-blocks (d + 1 transformer layers; DuoDiff's "three-layer" shallow backbone i
 The forward runs through the layer program (:mod:`duodiff_fast.models.program`) on the executor
 picked per call (:mod:`duodiff_fast.models.executor`); the acceleration methods (early exit, block
 dropping, multistage decoders) plug into that same program and use the same modules and
-parameters. ``kernel_backend`` ("torch" by default; ``backends.prepare_model(m, "triton")`` sets
-"triton") is the backend this model's calls ask for; it is not part of the state dict.
+parameters. ``op_impl`` ("torch" by default; ``backends.prepare_model(m, "triton")`` sets "triton")
+is the op implementation this model's calls ask :mod:`duodiff_fast.ops.impl` for; it is not part of
+the state dict (``kernel_backend`` is its former name, kept as an alias).
 """
 from __future__ import annotations
 
@@ -175,7 +176,7 @@ class UViT(nn.Module):
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.use_checkpoint = use_checkpoint
-        self.kernel_backend = "torch"  # "auto" / "torch" / "triton": see duodiff_fast.dispatch
+        self.op_impl = "torch"  # "auto" / "torch" / "triton": see duodiff_fast.ops.impl
         self.config = dict(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
             depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
@@ -216,6 +217,15 @@ class UViT(nn.Module):
         init_linear_and_norm(self)
 
     # ------------------------------------------------------------ properties
+    @property
+    def kernel_backend(self) -> str:
+        """Former name of :attr:`op_impl`."""
+        return self.op_impl
+
+    @kernel_backend.setter
+    def kernel_backend(self, name: str) -> None:
+        self.op_impl = name
+
     @property
     def depth(self) -> int:
         return 2 * len(self.in_blocks)

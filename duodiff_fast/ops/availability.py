@@ -1,7 +1,8 @@
 """What can run where, and why not: the one module that answers for the Triton kernels and the
 native ops of ``duodiff_fast._C``, per device.
 
-    triton_unavailable_reason(device)   None when the Triton kernels can launch on ``device``
+    triton_unavailable_reason(device)   None when the Triton kernels can launch on ``device``, else
+                                        every reason (triton_unavailable_reasons: the list)
     native_unavailable_reason(device)   None when ``torch.ops.duodiff`` has kernels for ``device``
     native_available(device)            the same as a bool (warns once when _C is missing)
     report()                            one line per backend and device, for logs and the CLI
@@ -23,7 +24,8 @@ import torch
 
 from . import native
 
-__all__ = ["interpreter_enabled", "triton_import_error", "triton_unavailable_reason", "triton_available",
+__all__ = ["interpreter_enabled", "kernels_import_error", "triton_import_error", "triton_unavailable_reason",
+           "triton_unavailable_reasons", "triton_available",
            "native_unavailable_reason", "native_available", "report"]
 
 
@@ -51,24 +53,53 @@ def _device(device) -> torch.device:
     return torch.device(device)
 
 
-def triton_unavailable_reason(device=None) -> Optional[str]:
-    """None when the Triton kernels can run on ``device`` (default: CUDA if present), else why not."""
-    err = triton_import_error()
-    if err:
-        return err
+@functools.lru_cache(maxsize=None)
+def kernels_import_error() -> Optional[str]:
+    """Why ``duodiff_fast.kernels`` cannot be imported (None when it can); computed once. A bare
+    checkout has no such subpackage: setup.py ships the top-level kernels/ folder under that name."""
+    if importlib.util.find_spec("duodiff_fast.kernels") is None:
+        return ("duodiff_fast.kernels is not importable (a bare checkout: install the package, "
+                "`pip install --no-build-isolation -e .`, to ship kernels/ as duodiff_fast.kernels)")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    return torch.cuda.get_device_capability(index)
+
+
+def triton_unavailable_reasons(device=None) -> List[str]:
+    """Every reason the Triton kernels cannot run on ``device`` (default: CUDA if present); empty when
+    they can."""
+    reasons = []
+    for err in (kernels_import_error(), triton_import_error()):
+        if err:
+            reasons.append(err)
     device = _device(device)
     if device.type == "cuda":
         if interpreter_enabled():
-            return "TRITON_INTERPRET=1 is set, so Triton cannot launch kernels on CUDA tensors"
+            reasons.append("TRITON_INTERPRET=1 is set, so Triton cannot launch kernels on CUDA tensors")
         if not torch.cuda.is_available():
-            return "no CUDA device is available"
-        return None
-    if device.type == "cpu":
-        if interpreter_enabled():
-            return None
-        return ("no CUDA device is available (Triton kernels need one; set TRITON_INTERPRET=1 "
-                "before importing triton to run them in the slow CPU interpreter)")
-    return f"Triton kernels do not run on {device.type} tensors"
+            reasons.append("no CUDA device is available")
+        else:
+            major, minor = _capability(device.index if device.index is not None else torch.cuda.current_device())
+            if major < 8:
+                reasons.append(f"compute capability {major}.{minor} is below 8.0 (the kernels' bfloat16 "
+                               "tl.dot needs sm_80 or newer)")
+    elif device.type == "cpu":
+        if not interpreter_enabled():
+            reasons.append("no CUDA device is available (Triton kernels need one; set TRITON_INTERPRET=1 "
+                           "before importing triton to run them in the slow CPU interpreter)")
+    else:
+        reasons.append(f"Triton kernels do not run on {device.type} tensors")
+    return reasons
+
+
+def triton_unavailable_reason(device=None) -> Optional[str]:
+    """None when the Triton kernels can run on ``device`` (default: CUDA if present), else every
+    reason why not, joined by "; "."""
+    reasons = triton_unavailable_reasons(device)
+    return "; ".join(reasons) if reasons else None
 
 
 def triton_available(device=None) -> bool:

@@ -13,8 +13,8 @@ every layer runs one of a few static shapes; :func:`partition_order` moves the r
 the front without a host read.
 
 The native ops of ``duodiff_fast._C`` (``torch.ops.duodiff.active_indices / gather_rows /
-scatter_rows_``) run where :func:`~duodiff_fast.ops.availability.native_available` says they can
-for the tensors' device; these PyTorch implementations otherwise. The results are the same.
+scatter_rows_``) run where :func:`duodiff_fast.ops.impl.native` says they can for the tensors'
+device; these PyTorch implementations otherwise. The results are the same.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 
-from .availability import native_available
+from . import impl
 
 __all__ = ["active_indices", "gather_rows", "scatter_rows", "split_rows", "take_rows", "bucket_ladder",
            "partition_order"]
@@ -32,7 +32,7 @@ def active_indices(keep: torch.Tensor) -> torch.Tensor:
     """Positions of the True entries of a (B,) bool mask, ascending, as (K,) int64."""
     if keep.dim() != 1 or keep.dtype != torch.bool:
         raise ValueError(f"keep must be a 1-D bool mask, got shape {tuple(keep.shape)} dtype {keep.dtype}")
-    if native_available(keep.device):
+    if impl.native(keep.device):
         return torch.ops.duodiff.active_indices(keep)
     return keep.nonzero().squeeze(1)
 
@@ -64,7 +64,7 @@ def gather_rows(tensors: Sequence[torch.Tensor], index: torch.Tensor, check: boo
         _check_index(index, rows)
     device = tensors[0].device
     same_device = all(t.device == device for t in tensors) and (index.device == device or index.device.type == "cpu")
-    if same_device and native_available(device):
+    if same_device and impl.native(device):
         return list(torch.ops.duodiff.gather_rows(tensors, index))
     return [t.index_select(0, index.to(t.device)) for t in tensors]
 
@@ -75,7 +75,7 @@ def scatter_rows(dst: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> t
         raise ValueError(
             f"src of shape {tuple(src.shape)} does not fit rows {tuple(index.shape)} of dst {tuple(dst.shape)}"
         )
-    if native_available(dst.device) and src.device == dst.device:
+    if impl.native(dst.device) and src.device == dst.device:
         return torch.ops.duodiff.scatter_rows_(dst, index, src)
     dst.index_copy_(0, index, src.to(dst.dtype))
     return dst

@@ -19,10 +19,19 @@ def _k():
     return kernels
 
 
+def _on_device_of(t: torch.Tensor):
+    """Enter ``t``'s CUDA device for the whole launcher (allocation, tuning, launch): Triton launches
+    on the current device, not the tensors' (``kernels._common.device_guard``; no-op on the CPU)."""
+    from duodiff_fast.kernels import _common
+
+    return _common.device_guard(t)
+
+
 @torch.library.custom_op("duodiff_triton::layernorm", mutates_args=())
 def layernorm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last axis (Triton). (..., D) -> (..., D)."""
-    return _k().layernorm(x, weight, bias, eps)
+    with _on_device_of(x):
+        return _k().layernorm(x, weight, bias, eps)
 
 
 @layernorm.register_fake
@@ -35,7 +44,8 @@ def add_layernorm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(LayerNorm(x + residual), x + residual) in one pass (Triton)."""
-    return _k().layernorm(x, weight, bias, eps, residual=residual)
+    with _on_device_of(x):
+        return _k().layernorm(x, weight, bias, eps, residual=residual)
 
 
 @add_layernorm.register_fake
@@ -53,7 +63,8 @@ def linear(
     gelu: bool,
 ) -> torch.Tensor:
     """``epilogue(cat[x, x2] @ weight^T + bias)`` (Triton); see ``kernels.linear``."""
-    return _k().linear(x, weight, bias, activation="gelu" if gelu else None, residual=residual, x2=x2)
+    with _on_device_of(x):
+        return _k().linear(x, weight, bias, activation="gelu" if gelu else None, residual=residual, x2=x2)
 
 
 @linear.register_fake
@@ -101,7 +112,8 @@ def _(x, weight, bias, residual, gate):
 @torch.library.custom_op("duodiff_triton::attention_qkv", mutates_args=())
 def attention_qkv(qkv: torch.Tensor, num_heads: int, scale: float) -> torch.Tensor:
     """Attention from the fused qkv output: (B, N, 3C) -> (B, N, C) (Triton)."""
-    return _k().attention_qkv(qkv, num_heads, scale)
+    with _on_device_of(qkv):
+        return _k().attention_qkv(qkv, num_heads, scale)
 
 
 @attention_qkv.register_fake
@@ -120,7 +132,8 @@ def frontend(
     y: Optional[torch.Tensor],
 ) -> torch.Tensor:
     """U-ViT token front end: (B, C, H, W) -> (B, E + L, D) (Triton)."""
-    return _k().frontend(images, patch_weight, patch_bias, pos_embed, time_token, label_table, y)
+    with _on_device_of(images):
+        return _k().frontend(images, patch_weight, patch_bias, pos_embed, time_token, label_table, y)
 
 
 @frontend.register_fake
@@ -140,7 +153,8 @@ def final_layer(
     channels: int,
 ) -> torch.Tensor:
     """LayerNorm + decoder_pred + drop extras + unpatchify: (B, E + L, D) -> (B, C, H, W) (Triton)."""
-    return _k().final_layer(tokens, norm_weight, norm_bias, eps, pred_weight, pred_bias, extras, channels)
+    with _on_device_of(tokens):
+        return _k().final_layer(tokens, norm_weight, norm_bias, eps, pred_weight, pred_bias, extras, channels)
 
 
 @final_layer.register_fake

@@ -10,8 +10,13 @@ replays it: no recapture. Noise is Philox (:class:`~duodiff_fast.samplers.philox
 a pure function of (seed, step, element), so the replay draws each sample's own noise and padding a
 batch up to a bucket does not change the real rows. All graphs of a device share one memory pool.
 
-A capture error logs one warning per key and that key runs the plain loop instead -- which is also
-what runs on a CPU. Both give the same images as
+A capture failure (an op that cannot be recorded: a host read, an unrecorded constant) logs one
+warning per key that names the op, and that key runs the plain loop instead -- which is also what
+runs on a CPU. Any other error (a kernel that fails to compile or launch, bad shapes) propagates:
+it would fail the plain loop too. Capture runs on the sampler's device (its CUDA device is made
+current and the graph is recorded on a side stream of that device), so ``cuda:1`` captures on GPU 1.
+The static buffers are ordinary tensors whether the first call ran under ``torch.inference_mode``
+or not, so later calls work in either mode. Both give the same images as
 ``sample(..., noise="philox", fused=True)`` with the same seeds.
 
 :class:`GraphDenoiser` is the per-step variant: it captures ``denoiser(x, t, y)`` (one graph per
@@ -19,9 +24,12 @@ backbone route) for solvers whose loop stays in Python.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import linecache
+import os
 import warnings
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -30,9 +38,111 @@ from ..profiling import nvtx_range
 from ..validation import inputs_validated
 from ..samplers.constants import ConstantTable, GraphUnsafe, bind_host_time, host_time, static_constants
 
-__all__ = ["GraphKey", "GraphSampler", "GraphDenoiser", "choose_bucket", "graph_pool", "HostRoutedDenoiser"]
+__all__ = ["GraphKey", "GraphSampler", "GraphDenoiser", "choose_bucket", "graph_pool", "HostRoutedDenoiser",
+           "capture_failure", "on_device", "static_buffer"]
 
 _POOLS: Dict[str, object] = {}
+_CAPTURE_STREAMS: Dict[str, object] = {}
+
+# Text of the errors CUDA and PyTorch raise for work that cannot be recorded in a graph (a
+# synchronising call, a host-to-device copy, a blocked allocator or RNG call during capture).
+_CAPTURE_MARKERS = ("captur", "cudaerrorstreamcapture", "not permitted when stream is")
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(_HERE)
+
+
+@contextlib.contextmanager
+def on_device(device) -> Iterator[None]:
+    """Make ``device`` current (CUDA) for the block: streams, graphs, pools and Triton launches made
+    inside belong to it, not to GPU 0. A no-op for a CPU device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        yield
+        return
+    with torch.cuda.device(device):
+        yield
+
+
+def capture_stream(device) -> "torch.cuda.Stream":
+    """The side stream graphs of ``device`` are recorded on (one per device, kept: ``torch.cuda.graph``'s
+    own default capture stream is created once, on whichever device was current at its first use)."""
+    key = str(torch.device(device))
+    if key not in _CAPTURE_STREAMS:
+        _CAPTURE_STREAMS[key] = torch.cuda.Stream(torch.device(device))
+    return _CAPTURE_STREAMS[key]
+
+
+def static_buffer(make: Callable[[], Tensor]) -> Tensor:
+    """A graph's static input/output buffer, made outside ``inference_mode``.
+
+    A tensor made under ``torch.inference_mode`` is an inference tensor, which cannot be written in
+    place outside that mode: a buffer made while the first call ran under inference_mode would make
+    every later plain call fail on ``copy_``. Ordinary tensors may be written in either mode.
+    """
+    with torch.inference_mode(False):
+        return make()
+
+
+def denoiser_device(denoiser, depth: int = 4) -> Optional[torch.device]:
+    """The device of the first parameter of the model a denoiser wraps (through ``model``,
+    ``full``, ``denoiser`` and ``inner`` attributes: ModelDenoiser, DuoDiff, guidance, routing
+    wrappers), or None when there is none (a plain function)."""
+    if isinstance(denoiser, torch.nn.Module):
+        p = next(denoiser.parameters(), None)
+        if p is not None:
+            return p.device
+    if depth == 0:
+        return None
+    for name in ("model", "full", "denoiser", "inner"):
+        inner = getattr(denoiser, "__dict__", {}).get(name)
+        if inner is not None and inner is not denoiser:
+            found = denoiser_device(inner, depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _where(exc: BaseException) -> str:
+    """The innermost line of this package (outside the graph runtime) the error went through:
+    ``methods/ase.py:120 in route: int(keep.min())``; the op that broke the capture."""
+    found = None
+    for e in _chain(exc):
+        tb = e.__traceback__
+        while tb is not None:
+            path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+            if path.startswith(_PACKAGE) and not path.startswith(_HERE):
+                found = (path, tb.tb_lineno, tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        if found is not None:
+            break
+    if found is None:
+        return "an op outside the package"
+    path, line, fn = found
+    code = linecache.getline(path, line).strip()
+    return f"{os.path.relpath(path, os.path.dirname(_PACKAGE))}:{line} in {fn}: {code}"
+
+
+def capture_failure(exc: BaseException) -> Optional[str]:
+    """Why ``exc`` is a CUDA-graph capture failure (the op that cannot be recorded, and the error),
+    or None when it is a real error that must propagate.
+
+    A capture failure is :class:`~duodiff_fast.samplers.constants.GraphUnsafe` (a step constant the
+    warm-up did not record) or an error whose text (or its cause's) says the stream was capturing:
+    a host read or a blocked call during capture. Anything else -- a Triton kernel that does not
+    compile or launch, a shape error -- would fail outside a graph too, and is not one.
+    """
+    for e in _chain(exc):
+        if isinstance(e, GraphUnsafe) or any(m in str(e).lower() for m in _CAPTURE_MARKERS):
+            return f"{_where(exc)} ({type(exc).__name__}: {exc})"
+    return None
 
 
 def graph_pool(device) -> object:
@@ -150,6 +260,10 @@ class GraphSampler:
         from ..devices import normalize_device
 
         self.device = normalize_device(device)  # "cuda" -> "cuda:<current>" (see duodiff_fast.devices)
+        model_device = denoiser_device(denoiser)
+        if model_device is not None and normalize_device(model_device) != self.device:
+            raise ValueError(f"the denoiser's model is on {model_device} but the sampler on {self.device}: "
+                             "graphs are captured on the model's device; pass device=" + str(model_device))
         self.dtype = dtype
         self.buckets = tuple(buckets) if buckets else None
         self.warmup = max(1, int(warmup))
@@ -189,26 +303,30 @@ class GraphSampler:
         return run(x_T, y, noise, None)
 
     def capture(self, key: GraphKey) -> _Captured:
-        """Warm up and capture the loop for ``key`` (raises on a capture error)."""
+        """Warm up and capture the loop for ``key`` on the sampler's device (raises on any error)."""
         dev = self.device
-        seeds = torch.zeros(key.batch, dtype=torch.int64, device=dev)
-        y = torch.zeros(key.batch, dtype=torch.long, device=dev) if key.conditional else None
+        seeds = static_buffer(lambda: torch.zeros(key.batch, dtype=torch.int64, device=dev))
+        y = static_buffer(lambda: torch.zeros(key.batch, dtype=torch.long, device=dev)) if key.conditional else None
         table = ConstantTable()
-        check = getattr(self.denoiser, "check", None)
-        if check is not None:  # shape/label checks once, eagerly (the loop runs with values trusted)
-            check(torch.zeros((key.batch, *self.sample_shape), device=dev, dtype=self.dtype),
-                  torch.full((key.batch,), self.schedule.t_max, dtype=torch.float64, device=dev), y)
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.no_grad(), inputs_validated(), torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                with static_constants(table, recording=True):
-                    self._body(seeds, y)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), inputs_validated(), static_constants(table, recording=False):
-            with torch.cuda.graph(graph, pool=graph_pool(dev)):
-                out = self._body(seeds, y)
+        # Ordinary tensors throughout (also the output and the recorded constants), whichever mode
+        # the caller is in: see static_buffer.
+        with on_device(dev), torch.inference_mode(False), torch.no_grad():
+            check = getattr(self.denoiser, "check", None)
+            if check is not None:  # shape/label checks once, eagerly (the loop runs with values trusted)
+                check(torch.zeros((key.batch, *self.sample_shape), device=dev, dtype=self.dtype),
+                      torch.full((key.batch,), self.schedule.t_max, dtype=torch.float64, device=dev), y)
+        with on_device(dev), torch.inference_mode(False), torch.no_grad(), inputs_validated():
+            side = capture_stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    with static_constants(table, recording=True):
+                        self._body(seeds, y)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with static_constants(table, recording=False):
+                with torch.cuda.graph(graph, pool=graph_pool(dev), stream=side):
+                    out = self._body(seeds, y)
         return _Captured(graph, seeds, y, out, table)
 
     # ---- sampling --------------------------------------------------------------------------------
@@ -229,20 +347,33 @@ class GraphSampler:
         if entry is None and key not in self.failed:
             try:
                 entry = self.graphs[key] = self.capture(key)
-            except Exception as exc:  # noqa: BLE001 - any capture failure falls back, loudly once
-                self.failed[key] = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"CUDA graph capture failed for {key}; running the plain loop ({self.failed[key]})",
+            except Exception as exc:
+                why = capture_failure(exc)
+                if why is None:  # a real error (a kernel, a shape): the plain loop would fail too
+                    raise
+                self.failed[key] = why
+                warnings.warn(f"CUDA graph capture failed for {key} at {why}; running the plain loop",
                               RuntimeWarning, stacklevel=2)
         if entry is None:
             return self.plain(seeds, y)
-        with nvtx_range(f"graph replay {self.solver} B={bucket}"):
-            entry.seeds.zero_()
-            entry.seeds[:B].copy_(seed_t, non_blocking=True)
-            if entry.y is not None:
-                entry.y.zero_()
-                entry.y[:B].copy_(y.reshape(-1).to(torch.long), non_blocking=True)
+        with nvtx_range(f"graph replay {self.solver} B={bucket}"), on_device(self.device):
+            fill_static_inputs(entry, seed_t, y)
             entry.graph.replay()
             return entry.out[:B].clone()
+
+
+def fill_static_inputs(entry: _Captured, seed_t: Tensor, y: Optional[Tensor]) -> None:
+    """Write a call's (B,) seeds and labels into a graph's static buffers (rows past B: zero padding).
+
+    The buffers are ordinary tensors (:func:`static_buffer`), so this works under
+    ``torch.inference_mode`` and outside it alike.
+    """
+    B = int(seed_t.shape[0])
+    entry.seeds.zero_()
+    entry.seeds[:B].copy_(seed_t, non_blocking=True)
+    if entry.y is not None:
+        entry.y.zero_()
+        entry.y[:B].copy_(y.reshape(-1).to(torch.long), non_blocking=True)
 
 
 class GraphDenoiser:
@@ -268,21 +399,24 @@ class GraphDenoiser:
         return self.inner.route(t)
 
     def _capture(self, key, x: Tensor, t: Tensor, y: Optional[Tensor], route: str):
-        xs, ts = x.clone(), t.clone()
-        ys = None if y is None else y.clone()
+        dev = x.device
+        # Static buffers are ordinary tensors whichever mode this first call runs in (static_buffer).
+        xs, ts = static_buffer(x.clone), static_buffer(t.clone)
+        ys = None if y is None else static_buffer(y.clone)
         host = host_time(t)
         if host is not None:  # the static time buffer stands for the same step: same route
             bind_host_time(ts, host)
         call = self.inner
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        with torch.no_grad(), inputs_validated(), torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                call(xs, ts, ys)
-        torch.cuda.current_stream(x.device).wait_stream(side)
-        g = torch.cuda.CUDAGraph()
-        with torch.no_grad(), inputs_validated(), torch.cuda.graph(g, pool=graph_pool(x.device)):
-            out = call(xs, ts, ys)
+        with on_device(dev), torch.inference_mode(False), torch.no_grad(), inputs_validated():
+            side = capture_stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    call(xs, ts, ys)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=graph_pool(dev), stream=side):
+                out = call(xs, ts, ys)
         return g, xs, ts, ys, out
 
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
@@ -295,16 +429,20 @@ class GraphDenoiser:
         if key not in self.graphs and key not in self.failed:
             try:
                 self.graphs[key] = self._capture(key, x, t, y, route)
-            except Exception as exc:  # noqa: BLE001
-                self.failed[key] = f"{type(exc).__name__}: {exc}"
-                warnings.warn(f"CUDA graph capture of the denoiser failed ({self.failed[key]}); calling it directly",
+            except Exception as exc:
+                why = capture_failure(exc)
+                if why is None:  # a real error: calling the denoiser directly would fail too
+                    raise
+                self.failed[key] = why
+                warnings.warn(f"CUDA graph capture of the denoiser failed at {why}; calling it directly",
                               RuntimeWarning, stacklevel=2)
         if key in self.failed:
             return self.inner(x, t, y)
         g, xs, ts, ys, out = self.graphs[key]
-        xs.copy_(x)
-        ts.copy_(t)
-        if ys is not None:
-            ys.copy_(y)
-        g.replay()
-        return out.clone()
+        with on_device(x.device):
+            xs.copy_(x)
+            ts.copy_(t)
+            if ys is not None:
+                ys.copy_(y)
+            g.replay()
+            return out.clone()

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from ..ops.availability import native_available
+from ..ops import impl, solver_ops
 from ..devices import normalize_device
 from .noise import NoiseSource, _as_seed_list
 
@@ -95,8 +95,8 @@ def philox_normal_reference(seeds: Tensor, steps: Union[int, Tensor], sample_sha
 
 def philox_normal(seeds: Tensor, step: int, sample_shape, dtype=torch.float32) -> Tensor:
     """:func:`philox_normal_reference` through the native op when ``_C`` is built (same values)."""
-    if native_available(seeds.device):
-        return torch.ops.duodiff.philox_normal(seeds, int(step), [int(s) for s in sample_shape], dtype)
+    if impl.native(seeds.device):
+        return solver_ops.philox_normal(seeds, int(step), sample_shape, dtype)
     return philox_normal_reference(seeds, int(step), sample_shape, dtype)
 
 
@@ -208,7 +208,7 @@ def fused_update(x: Tensor, eps: Tensor, a: float, b: float, c: float, noise_sou
     if draws and noise_source is None:
         z = torch.randn_like(x)
         return a * x + b * eps + c * z
-    native_ok = native_available(x.device) and (not draws or isinstance(noise_source, PhiloxNoise))
+    native_ok = impl.native(x.device) and (not draws or isinstance(noise_source, PhiloxNoise))
     if native_ok and draws:
         steps = noise_source.next_steps()
         native_ok = bool(steps) and all(s == steps[0] for s in steps)
@@ -217,8 +217,8 @@ def fused_update(x: Tensor, eps: Tensor, a: float, b: float, c: float, noise_sou
         if draws:
             step = noise_source.next_steps()[0]
             noise_source.advance()
-            return torch.ops.duodiff.solver_update(x, eps.to(x.dtype), coefs, noise_source.seed_tensor, step)
-        return torch.ops.duodiff.solver_update(x, eps.to(x.dtype), coefs, None, 0)
+            return solver_ops.solver_update(x, eps.to(x.dtype), coefs, noise_source.seed_tensor, step)
+        return solver_ops.solver_update(x, eps.to(x.dtype), coefs, None, 0)
     out = a * x + b * eps.to(x.dtype)
     if draws:
         out = out + c * noise_source.step_noise(x.shape).to(device=x.device, dtype=x.dtype)

@@ -157,3 +157,34 @@ def test_configs_take_json_files_and_checkpoint_folders(tmp_path):
     resolved = latency.resolve(latency.parse_args(["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]),
                                torch.device("cpu"))
     assert resolved.configs == str(tmp_path / "ckpt")
+
+
+def test_auto_backend_is_resolved_and_recorded(tmp_path):
+    """--backends auto: resolved once per config (reference on a CPU), recorded per row and at the top."""
+    args = _tiny(tmp_path)
+    args[args.index("--backends") + 1] = "auto"
+    res = latency.main(args)
+    choice = res["backend_choice"]["tiny"]
+    assert choice["backend"] == "reference" and choice["backend_choice"].startswith("auto: reference")
+    assert {r["backend"] for r in res["rows"]} == {"reference"}
+    assert {r["backend_choice"] for r in res["rows"]} == {choice["backend_choice"]}
+
+
+def test_plan_replaces_auto_by_its_choice_without_duplicates():
+    args = latency.resolve(latency.parse_args(["--preset", "gpu-suite", "--backends", "reference,eager-bf16,auto",
+                                               "--method-backends", "auto", "--adadiff-backends", "auto"]),
+                           torch.device("cuda:0"))
+    args.auto_choices = {"cifar10-s2": ("eager-bf16", "auto: eager-bf16 passed self-check on X")}
+    groups = latency.plan(args, "cuda")
+    main = [g for g in groups if g["kind"] == "main"]
+    assert [g["backend"] for g in main] == ["reference", "eager-bf16"]
+    assert [g["backend_choice"] for g in main] == ["requested: reference", "requested: eager-bf16"]
+    ase = [g for g in groups if g["kind"] == "ase"]
+    assert [g["backend"] for g in ase] == ["eager-bf16"]
+    assert ase[0]["backend_choice"] == "auto: eager-bf16 passed self-check on X"
+    assert any(r.startswith("AdaDiff") for r in main[1]["rows"]) and not any(r.startswith("AdaDiff")
+                                                                             for r in main[0]["rows"])
+    # auto never hands torch.compile to the AdaDiff rows
+    args.auto_choices = {"cifar10-s2": ("torch.compile", "auto: torch.compile passed")}
+    groups = latency.plan(args, "cuda")
+    assert not any(r.startswith("AdaDiff") for g in groups for r in g["rows"])

@@ -154,3 +154,45 @@ def test_one_and_many_processes_and_kill_resume_give_the_same_set(tmp_path):
     np.testing.assert_array_equal(y1, yk)
     assert os.path.getmtime(shard_path(str(killed), 0)) == mtime0  # the finished shard was not redrawn
     assert not [n for n in os.listdir(killed / "shards") if n.endswith(".tmp")]
+
+
+def test_device_for_makes_the_local_gpu_current(monkeypatch):
+    """Under torchrun each rank samples on cuda:LOCAL_RANK *and makes it current* (as training does),
+    so Triton launches, streams and graphs do not default to GPU 0 (issue 20)."""
+    from duodiff_fast.eval import sample_cmd
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(torch.device(d)))
+    assert sample_cmd.device_for(None, 1) == torch.device("cuda", 1)
+    assert sample_cmd.device_for("cuda", 1) == torch.device("cuda", 1)
+    assert sample_cmd.device_for("cuda:0", 1) == torch.device("cuda", 0)
+    assert calls == [torch.device("cuda", 1), torch.device("cuda", 1), torch.device("cuda", 0)]
+    assert sample_cmd.device_for("cpu", 1) == torch.device("cpu") and len(calls) == 3
+
+
+def test_set_local_device_refuses_a_gpu_the_machine_lacks(monkeypatch):
+    from duodiff_fast.errors import DeviceUnavailable
+    from duodiff_fast.eval.sharding import set_local_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DeviceUnavailable, match="cuda:1 .* 1 CUDA device"):
+        set_local_device("cuda:1")
+    assert set_local_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.multi_gpu
+def test_sample_on_the_second_gpu(tmp_path):
+    """`duodiff-fast sample --device cuda:1` (triton backend, graphs off) gives the images cuda:0 gives."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        pytest.skip(f"needs two CUDA devices, found {torch.cuda.device_count() if torch.cuda.is_available() else 0}")
+    base = ["sample", "--config", "tiny", "--random-weights", "--steps", "3", "--n-samples", "2",
+            "--batch-size", "2", "--no-progress", "--no-float", "--backend", "triton"]
+    for dev in ("cuda:0", "cuda:1"):
+        torch.cuda.set_device(0)
+        assert main(base + ["--device", dev, "--out", str(tmp_path / dev.replace(":", ""))]) == 0
+    a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("cuda0", "cuda1"))
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
