@@ -76,7 +76,8 @@ def _(x, weight, bias, residual, x2, gelu):
 def adaln_layernorm(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """DiT's ``modulate(norm(x), shift, scale)``, norm without affine (Triton).
     x (B, N, D), shift/scale (B, D) (strided chunk views allowed) -> (B, N, D)."""
-    return _k().adaln_layernorm(x, shift, scale, eps)
+    with _on_device_of(x):
+        return _k().adaln_layernorm(x, shift, scale, eps)
 
 
 @adaln_layernorm.register_fake
@@ -87,7 +88,8 @@ def _(x, shift, scale, eps):
 @torch.library.custom_op("duodiff_triton::linear_gelu_tanh", mutates_args=())
 def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """``gelu_tanh(x @ weight^T + bias)`` (Triton; DiT's fc1): (..., K) -> (..., N)."""
-    return _k().linear(x, weight, bias, activation="gelu_tanh")
+    with _on_device_of(x):
+        return _k().linear(x, weight, bias, activation="gelu_tanh")
 
 
 @linear_gelu_tanh.register_fake
@@ -101,7 +103,8 @@ def linear_gated_residual(
 ) -> torch.Tensor:
     """``residual + gate[:, None, :] * (x @ weight^T + bias)`` (Triton; DiT's gated proj and fc2).
     x (B, T, K), residual (B, T, N), gate (B, N) (a strided chunk view allowed) -> (B, T, N)."""
-    return _k().linear(x, weight, bias, residual=residual, gate=gate)
+    with _on_device_of(x):
+        return _k().linear(x, weight, bias, residual=residual, gate=gate)
 
 
 @linear_gated_residual.register_fake

@@ -61,6 +61,8 @@ def _every_launcher(device):
     yield "linear", lambda: kernels.linear(r(b, n, d), r(24, d), r(24), activation="gelu")
     yield "linear2", lambda: kernels.linear(r(b, n, d), r(24, 2 * d), None, x2=r(b, n, d))
     yield "attention", lambda: kernels.attention_qkv(r(b, n, 3 * d), heads, d ** -0.5)
+    yield "adaln_layernorm", lambda: kernels.adaln_layernorm(r(b, n, d), r(b, d), r(b, d), 1e-6)
+    yield "linear_gated", lambda: kernels.linear(r(b, n, d), r(24, d), r(24), residual=r(b, n, 24), gate=r(b, 24))
     tokens = r(b, 1 + 4, d)
     yield "final_layer", lambda: kernels.final_layer(tokens, r(d), r(d), 1e-6, r(2 * 2 * 3, d), r(12), 1, 3)
     yield "frontend", lambda: kernels.frontend(r(b, 3, 4, 4), r(d, 3, 2, 2), r(d), r(1, 5, d), r(b, d))
@@ -92,6 +94,9 @@ def test_every_custom_op_enters_the_device_guard(device, guard_log):
         "attention_qkv": lambda: ops.attention_qkv(r(b, n, 3 * d), 2, d ** -0.5),
         "frontend": lambda: ops.frontend(r(b, 3, 4, 4), r(d, 3, 2, 2), r(d), r(1, 5, d), r(b, d), None, None),
         "final_layer": lambda: ops.final_layer(r(b, 5, d), r(d), r(d), 1e-6, r(12, d), r(12), 1, 3),
+        "adaln_layernorm": lambda: ops.adaln_layernorm(r(b, n, d), r(b, d), r(b, d), 1e-6),
+        "linear_gelu_tanh": lambda: ops.linear_gelu_tanh(r(b, n, d), r(24, d), r(24)),
+        "linear_gated_residual": lambda: ops.linear_gated_residual(r(b, n, d), r(24, d), r(24), r(b, n, 24), r(b, 24)),
     }
     assert sorted(f"duodiff_triton::{k}" for k in calls) == sorted(ops.registered_ops())
     for name, call in calls.items():
