@@ -50,6 +50,7 @@ class _Precond(torch.nn.Module):
         self.img_channels = int(img_channels)
         self.label_dim = int(label_dim)
         self.compute_dtype = torch.float32  # dtype the inner network runs in (a backend may lower it)
+        self.channels_last = False  # feed the network NHWC-strided inputs (cuDNN's fast layout on GPUs)
 
     def coefficients(self, sigma: Tensor):
         """(c_skip, c_out, c_in, c_noise) for float32 sigma of shape (B, 1, 1, 1)."""
@@ -65,7 +66,10 @@ class _Precond(torch.nn.Module):
         sigma = _sigma_column(sigma, x)
         labels = _labels(self.label_dim, class_labels, x)
         c_skip, c_out, c_in, c_noise = self.coefficients(sigma)
-        f_x = self.model((c_in * x).to(self.compute_dtype), c_noise.flatten(), class_labels=labels, **model_kwargs)
+        x_in = (c_in * x).to(self.compute_dtype)
+        if self.channels_last:
+            x_in = x_in.contiguous(memory_format=torch.channels_last)
+        f_x = self.model(x_in, c_noise.flatten(), class_labels=labels, **model_kwargs)
         return c_skip * x + c_out * f_x.to(torch.float32)
 
 

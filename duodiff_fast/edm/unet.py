@@ -205,17 +205,18 @@ class _MappingAndEncoder(nn.Module):
     def embed(self, noise_labels: Tensor, class_labels: Optional[Tensor], augment_labels: Optional[Tensor],
               batch: int) -> Tensor:
         """emb (B or 1, E) from c_noise (B,) or (1,)."""
-        emb = self.map_noise(noise_labels)
-        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape)  # [sin, cos] as DDPM++ has it
+        dtype = self.map_layer0.weight.dtype  # the embedding is computed in float32, the MLP in the weights' dtype
+        emb = self.map_noise(noise_labels.float())
+        emb = emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(emb.shape).to(dtype)  # [sin, cos] as DDPM++
         if self.map_label is not None:
             if class_labels is None:
                 raise ValueError(f"this U-Net is class-conditional (label_dim {self.label_dim}): pass class_labels")
             tmp = class_labels
             if self.training and self.label_dropout:
                 tmp = tmp * (torch.rand(batch, 1, device=tmp.device) >= self.label_dropout).to(tmp.dtype)
-            emb = emb + self.map_label(tmp * math.sqrt(self.label_dim))
+            emb = emb + self.map_label((tmp * math.sqrt(self.label_dim)).to(dtype))
         if self.map_augment is not None and augment_labels is not None:
-            emb = emb + self.map_augment(augment_labels)
+            emb = emb + self.map_augment(augment_labels.to(dtype))
         return F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
 
     def encode(self, x: Tensor, emb: Tensor) -> List[Tensor]:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..methods.factory import METHODS, MethodSpec, MethodWeights, parse_ase_checkpoints
+from .edm_sample import is_edm_run
 from .sharding import ShardPlan
 
 __all__ = ["add_method_options", "add_sample_options", "method_spec_from_args", "weights_from_args",
@@ -232,6 +233,10 @@ def run_sample(args, job: Optional[SampleJob] = None, out: Optional[str] = None)
         raise ValueError("--n-samples, --batch-size and --shard-size must be >= 1")
     out = out or args.out
     dist = dist_info()
+    if job is None and is_edm_run(args):  # --solver heun: EDM's U-Nets (their own job, no triton)
+        from .edm_sample import EDMSampleJob
+
+        job = EDMSampleJob(args, device_for(args.device, dist.local_rank))
     if job is None:
         device = device_for(args.device, dist.local_rank)
         if args.backend == "triton":
