@@ -42,17 +42,25 @@ class EDMLoss:
         self.P_mean, self.P_std, self.sigma_data = float(P_mean), float(P_std), float(sigma_data)
 
     def _lognormal(self, n: int, generator: Optional[torch.Generator]) -> Tensor:
-        return (torch.randn(n, generator=generator, dtype=torch.float32) * self.P_std + self.P_mean).exp()
+        """(n,) float32 log-normal draws on the CPU (drawn on the generator's device)."""
+        dev = generator.device if generator is not None else "cpu"
+        z = torch.randn(n, generator=generator, dtype=torch.float32, device=dev).cpu()
+        return (z * self.P_std + self.P_mean).exp()
 
     def sample_sigma(self, batch: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """(batch,) float32 noise levels on the CPU."""
         return self._lognormal(batch, generator)
 
     def __call__(self, net, images: Tensor, labels: Optional[Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
-        """net: D(x, sigma, labels); images (B, C, H, W) in [-1, 1] -> loss (B, C, H, W)."""
-        sigma = self.sample_sigma(images.shape[0], generator).to(images.device).reshape(-1, 1, 1, 1)
-        noise = torch.randn(images.shape, generator=generator, dtype=images.dtype).to(images.device)
+                 generator: Optional[torch.Generator] = None, sigma: Optional[Tensor] = None) -> Tensor:
+        """net: D(x, sigma, labels); images (B, C, H, W) in [-1, 1] -> loss (B, C, H, W).
+        ``sigma`` (B,): the batch's noise levels when the caller drew them (else drawn here)."""
+        if sigma is None:
+            sigma = self.sample_sigma(images.shape[0], generator)
+        sigma = sigma.to(images.device, torch.float32).reshape(-1, 1, 1, 1)
+        dev = generator.device if generator is not None else images.device
+        noise = torch.randn(images.shape, generator=generator, dtype=torch.float32, device=dev).to(images.device)
+        images = images.float()
         denoised = net(images + noise * sigma, sigma.flatten(), labels)
         return edm_weight(sigma, self.sigma_data) * (denoised - images) ** 2
 

@@ -52,6 +52,11 @@ class _Precond(torch.nn.Module):
         self.compute_dtype = torch.float32  # dtype the inner network runs in (a backend may lower it)
         self.channels_last = False  # feed the network NHWC-strided inputs (cuDNN's fast layout on GPUs)
 
+    # The names the package's trainer, data checks and sample runner read.
+    img_size = property(lambda self: self.img_resolution)
+    in_chans = property(lambda self: self.img_channels)
+    num_classes = property(lambda self: self.label_dim)
+
     def coefficients(self, sigma: Tensor):
         """(c_skip, c_out, c_in, c_noise) for float32 sigma of shape (B, 1, 1, 1)."""
         raise NotImplementedError
