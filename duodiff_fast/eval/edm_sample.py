@@ -73,10 +73,12 @@ class EDMSampleJob:
         from ..edm.checkpoint import load_edm_net
         from .manifest import checkpoint_hashes
 
-        unsupported = [flag for flag, on in (("--t-s", args.t_s), ("--shallow-checkpoint", args.shallow_checkpoint),
+        # (eval's parser has no --t-s/--method: getattr)
+        unsupported = [flag for flag, on in (("--t-s", getattr(args, "t_s", 0)),
+                                             ("--shallow-checkpoint", args.shallow_checkpoint),
                                              ("--cfg-scale", args.cfg_scale), ("--autoencoder", args.autoencoder),
                                              ("--schedule", args.schedule), ("--use-ema", args.use_ema),
-                                             ("--method", args.method not in (None, "base"))) if on]
+                                             ("--method", getattr(args, "method", None) not in (None, "base"))) if on]
         if unsupported:
             raise ValueError(f"{', '.join(unsupported)} do not apply to EDM models (--solver heun)")
         self.args, self.device = args, device
