@@ -103,9 +103,7 @@ class EDMSampleJob:
         self.as_uint8 = True
         self.nfe = heun_nfe(self.heun.num_steps)
         self.checkpoints = checkpoint_hashes(files)
-        from .sample_cmd import sample_labels
-
-        sample_labels(np.arange(1), args.seed, args.class_labels, self.label_dim + 1 if self.label_dim else 0)
+        self._labels(np.arange(1))  # bad --class-labels fail before any sampling
 
     def settings(self) -> Dict[str, object]:
         a = self.args
@@ -124,7 +122,10 @@ class EDMSampleJob:
         if not self.label_dim:
             return sample_labels(idx, self.args.seed, self.args.class_labels, 0)
         # sample_labels keeps its last id as a null class; EDM's conditional nets have none.
-        return sample_labels(idx, self.args.seed, self.args.class_labels, self.label_dim + 1)
+        labels = sample_labels(idx, self.args.seed, self.args.class_labels, self.label_dim + 1)
+        if labels.size and int(labels.max()) >= self.label_dim:
+            raise ValueError(f"class ids must lie in [0, {self.label_dim - 1}], got {int(labels.max())}")
+        return labels
 
     def produce(self, start: int, count: int):
         from ..edm import heun_sample

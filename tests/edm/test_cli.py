@@ -75,3 +75,22 @@ def test_convert_refuses_mismatch_and_non_edm(tmp_path, capsys):
     assert main(["convert", str(raw), str(tmp_path / "o.pt")]) == 2
     assert "not an EDM U-Net" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o.pt")
+
+
+def test_conditional_edm_labels(tmp_path, capsys, one_thread):
+    """A class-conditional EDM U-Net samples with --class-labels (one-hot inside EDMPrecond); ids past
+    label_dim are refused before sampling."""
+    cfg = get_edm_config("edm-tiny-ddpmpp")
+    cfg["label_dim"] = 3
+    torch.manual_seed(0)
+    net = build_edm_net(cfg)
+    from duodiff_fast.edm.checkpoint import save_edm_file
+
+    path = tmp_path / "cond.pt"
+    save_edm_file(net, cfg, str(path))
+    base = ["sample", "--solver", "heun", "--config", "auto", "--checkpoint", str(path), "--steps", "2",
+            "--n-samples", "2", "--no-progress"]
+    assert main(base + ["--class-labels", "0,2", "--out", str(tmp_path / "a")]) == 0
+    assert list(np.load(tmp_path / "a" / "samples.npz")["arr_1"]) == [0, 2]
+    assert main(base + ["--class-labels", "3", "--out", str(tmp_path / "b")]) == 2
+    assert "class ids" in capsys.readouterr().err
