@@ -253,9 +253,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             return cmd_bench(argv[1:])
         args = build_parser().parse_args(argv)  # usage errors exit 2 here (argparse), --help exits 0
         if args.command == "configs":
+            from .edm import EDM_CONFIGS
             from .models import describe
 
             print(describe())
+            print("\nEDM U-Nets (sample/eval --solver heun):")
+            for name, cfg in EDM_CONFIGS.items():
+                print(f"  {name}: {cfg['model_type']} {cfg['img_resolution']}x{cfg['img_resolution']}")
             return 0
         return {"sample": cmd_sample, "train": cmd_train, "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
     except SystemExit as e:

@@ -94,3 +94,16 @@ def test_conditional_edm_labels(tmp_path, capsys, one_thread):
     assert list(np.load(tmp_path / "a" / "samples.npz")["arr_1"]) == [0, 2]
     assert main(base + ["--class-labels", "3", "--out", str(tmp_path / "b")]) == 2
     assert "class ids" in capsys.readouterr().err
+
+
+def test_configs_lists_edm_models(capsys):
+    assert main(["configs"]) == 0
+    out = capsys.readouterr().out
+    assert "edm-cifar10-ddpmpp: SongUNet 32x32" in out and "multistage-cifar10-ddpmpp: MultistageUNet" in out
+
+
+def test_convert_has_help():
+    from duodiff_fast.cli import build_parser
+
+    sub = build_parser()._subparsers._group_actions[0].choices["convert"]
+    assert all(a.help for a in sub._actions if a.dest != "help")
