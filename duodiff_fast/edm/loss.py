@@ -10,7 +10,6 @@ therefore chosen with probability equal to its log-normal mass.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import torch

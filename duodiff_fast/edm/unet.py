@@ -15,7 +15,7 @@ noise_labels (B,) or (1,) = c_noise, class_labels (B, label_dim) float or None, 
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip("torch_fidelity", reason="torch-fidelity not installed (pip install 'duodiff-fast[eval]')")
 pytest.importorskip("matplotlib", reason="matplotlib not installed (pip install 'duodiff-fast[eval]')")

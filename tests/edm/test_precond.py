@@ -1,5 +1,4 @@
 """EDM/VP/VE preconditioning closed forms against a probe network that records its inputs."""
-import math
 
 import pytest
 import torch
