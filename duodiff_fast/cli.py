@@ -1,4 +1,4 @@
-"""The ``duodiff-fast`` command: sample, train, bench, configs.
+"""The ``duodiff-fast`` command: sample, train, bench, eval, configs, convert.
 
     duodiff-fast sample --config cifar10-s2 --checkpoint full.pth \\
         --shallow-checkpoint shallow.pth --t-s 300 --solver ddim --steps 50 --n-samples 64 --out samples/
@@ -7,6 +7,8 @@
     duodiff-fast configs                    # the named model configurations
     duodiff-fast configs --show tiny-cond   # one of them as a JSON model config (edit, pass to --config)
     duodiff-fast sample --checkpoint runs/my_run --n-samples 16   # a run folder knows its config
+    duodiff-fast sample --solver heun --config multistage-cifar10-ddpmpp --checkpoint ms.pt --steps 18 ...
+    duodiff-fast convert edm_state_dict.pt edm.pt   # an exported EDM / multistage U-Net state dict
 
 Exit status: 0 success; 2 a usage error (bad option or value, unknown config, a file that does not
 exist or does not fit; the message names it); 1 a runtime error (the command was valid but could not
@@ -54,9 +56,11 @@ def _add_sample_parser(sub) -> None:
                    help="use randomly initialised weights, seeded by --seed (smoke tests and timing only: the images are noise)")
     p.add_argument("--schedule", default=None,
                    help="noise schedule (linear, vp-linear, scaled-linear); default: the config's own")
-    p.add_argument("--solver", default="ddim", choices=SOLVERS, help="sampling solver (default ddim)")
+    p.add_argument("--solver", default="ddim", choices=SOLVERS + ("heun",),
+                   help="sampling solver (default ddim); heun: EDM's sampler for the EDM U-Nets (--config "
+                        "edm-*/multistage-*-ddpmpp or auto)")
     p.add_argument("--steps", type=int, default=None,
-                   help="solver steps (default: ddpm 1000, ddim 50, dpm_solver 20)")
+                   help="solver steps (default: ddpm 1000, ddim 50, dpm_solver 20, heun 18 = 35 evaluations)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
     p.add_argument("--variance", default="beta", choices=("beta", "beta_tilde"),
                    help="DDPM ancestral variance (default beta)")
@@ -83,9 +87,11 @@ def _add_sample_parser(sub) -> None:
                         "printed and recorded in the manifest (default auto)")
     p.add_argument("--out", default="samples", help="output folder (default ./samples)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    from .eval.edm_sample import add_heun_options
     from .eval.sample_cmd import add_sample_options
 
     add_sample_options(p)  # --method (adadiff/ase/multistage), sharding and resume
+    add_heun_options(p)  # EDM's Heun grid and churn (--solver heun)
 
 
 def _add_train_parser(sub) -> None:
@@ -152,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"duodiff-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{sample,train,bench,eval,configs}")
+    sub = parser.add_subparsers(dest="command", metavar="{sample,train,bench,eval,configs,convert}")
     sub.required = True
     _add_sample_parser(sub)
     _add_train_parser(sub)
@@ -163,7 +169,40 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("configs", help="list the named model configurations, or print one as JSON")
     cp.add_argument("--show", default=None, metavar="NAME",
                     help="print config NAME as a JSON model config (a starting point for --config my.json)")
+    _add_convert_parser(sub)
     return parser
+
+
+def _add_convert_parser(sub) -> None:
+    p = sub.add_parser(
+        "convert", help="check an exported EDM / multistage U-Net state dict and write the package's model file",
+        description="Reads a state dict exported from EDM's (or the multistage authors') pickle with "
+                    "torch.save(net.state_dict(), PATH) -- the package never unpickles their files -- checks it "
+                    "against a config (named, or inferred from the tensor shapes) and writes "
+                    "{format, config, state_dict} for `sample --solver heun --config auto`.")
+    p.add_argument("src", help="the exported state dict (.pt, read with weights_only=True)")
+    p.add_argument("dst", help="output file (written atomically)")
+    p.add_argument("--config", default="auto",
+                   help="EDM config name (edm-cifar10-ddpmpp, multistage-cifar10-ddpmpp, ...) or auto (default: "
+                        "inferred from the shapes)")
+    p.add_argument("--stage-interval", default=None,
+                   help="multistage: per-stage (lo, hi] intervals on sigma as JSON, e.g. "
+                        "'[[[0, 2.5103]], [[2.5103, 7.6577]], [[7.6577, Infinity]]]' (default: the authors' CIFAR-10 ones)")
+
+
+def cmd_convert(args) -> int:
+    import json
+
+    from .edm.checkpoint import convert_edm_state_dict
+
+    try:
+        intervals = None if args.stage_interval is None else json.loads(args.stage_interval)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"--stage-interval is not JSON: {e}")
+    cfg = convert_edm_state_dict(args.src, args.dst, args.config, intervals)
+    print(f"wrote {args.dst} ({cfg['model_type']}, {cfg['img_resolution']}x{cfg['img_resolution']}); "
+          f"sample it with: duodiff-fast sample --solver heun --config auto --checkpoint {args.dst}")
+    return 0
 
 
 # ----------------------------------------------------------------------------------- sample
@@ -236,9 +275,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "configs":
             from .models import describe, spec_json
 
-            print(spec_json(args.show) if args.show else describe())
+            if args.show:
+                print(spec_json(args.show))
+                return 0
+            from .edm import EDM_CONFIGS
+
+            print(describe())
+            print("\nEDM U-Nets (sample/eval --solver heun):")
+            for name, cfg in EDM_CONFIGS.items():
+                print(f"  {name}: {cfg['model_type']} {cfg['img_resolution']}x{cfg['img_resolution']}")
             return 0
-        return {"sample": cmd_sample, "train": cmd_train, "eval": cmd_eval}[args.command](args)
+        return {"sample": cmd_sample, "train": cmd_train, "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
     except SystemExit as e:
         if isinstance(e.code, str):  # raise SystemExit("message"): a usage error found while checking input
             return _error(command, e.code, EXIT_USAGE)

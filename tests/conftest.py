@@ -41,6 +41,30 @@ def golden():
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def multistage_golden_path() -> pathlib.Path:
+    """Path of the multistage authors' and EDM's golden outputs (env DUODIFF_MULTISTAGE_GOLDEN,
+    default ../shared/golden/multistage_reference.pt)."""
+    env = os.environ.get("DUODIFF_MULTISTAGE_GOLDEN")
+    if env:
+        p = pathlib.Path(env)
+        return p if p.is_absolute() else (REPO_ROOT / p)
+    return REPO_ROOT / ".." / "shared" / "golden" / "multistage_reference.pt"
+
+
+@pytest.fixture(scope="session")
+def multistage_golden():
+    """The multistage golden dict (schema in ../shared/golden/README.md), or skip with the reason when
+    the file is absent; DUODIFF_REQUIRE_GOLDEN=1 turns the skip into a failure."""
+    path = multistage_golden_path()
+    if not path.is_file():
+        msg = (f"golden file not found at {path}: the multistage authors' and EDM's outputs these tests "
+               "compare against (set DUODIFF_MULTISTAGE_GOLDEN to its path)")
+        if _required("DUODIFF_REQUIRE_GOLDEN"):
+            pytest.fail(msg + "; DUODIFF_REQUIRE_GOLDEN=1 forbids skipping", pytrace=False)
+        pytest.skip(msg)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test, restored after it. Tiny models gain nothing from intra-op

@@ -41,6 +41,20 @@ def test_missing_golden_skips_with_reason_and_fails_when_required(tmp_path):
     assert r.returncode == 1 and "1 error" in r.stdout and "DUODIFF_REQUIRE_GOLDEN" in r.stdout, r.stdout
 
 
+MULTISTAGE_GOLDEN_TEST = """
+def test_needs_multistage_golden(multistage_golden):
+    assert multistage_golden
+"""
+
+
+def test_missing_multistage_golden_skips_and_fails_when_required(tmp_path):
+    missing = str(tmp_path / "nope.pt")
+    r = _run_pytest(tmp_path, MULTISTAGE_GOLDEN_TEST, DUODIFF_MULTISTAGE_GOLDEN=missing)
+    assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout
+    r = _run_pytest(tmp_path, MULTISTAGE_GOLDEN_TEST, DUODIFF_MULTISTAGE_GOLDEN=missing, DUODIFF_REQUIRE_GOLDEN="1")
+    assert r.returncode == 1 and "1 error" in r.stdout and "DUODIFF_MULTISTAGE_GOLDEN" in r.stdout, r.stdout
+
+
 def test_skipped_gpu_test_fails_when_gpu_required(tmp_path):
     cfg = tmp_path / "pytest.ini"
     cfg.write_text("[pytest]\nmarkers =\n    gpu: needs a GPU\n")

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..methods.factory import METHODS, MethodSpec, MethodWeights, parse_ase_checkpoints
+from .edm_sample import is_edm_run
 from .sharding import ShardPlan
 
 __all__ = ["add_method_options", "add_sample_options", "method_spec_from_args", "weights_from_args",
@@ -125,6 +126,14 @@ def resolve_backend_arg(args, device: torch.device) -> str:
     :mod:`duodiff_fast.auto_backend`) and set ``args.backend_choice`` to why; returns the backend."""
     from ..backends import resolve_backend
 
+    if is_edm_run(args):  # EDM U-Nets: no self-check model for them yet (see the README's EDM section)
+        if args.backend == "auto":
+            args.backend, args.backend_choice = "reference", (
+                "auto: reference (the self-check covers the transformer backends; EDM U-Nets take "
+                "--backend eager-bf16 or torch.compile explicitly)")
+        elif getattr(args, "backend_choice", None) is None:
+            args.backend_choice = f"requested: {args.backend}"
+        return args.backend
     if getattr(args, "backend_choice", None) is None or args.backend == "auto":
         # --config may be left out when the checkpoint records its config: self-check that one
         config = args.config if args.config else resolve_model_spec(args)
@@ -274,6 +283,13 @@ def run_sample(args, job: Optional[SampleJob] = None, out: Optional[str] = None)
         raise ValueError("--n-samples, --batch-size and --shard-size must be >= 1")
     out = out or args.out
     dist = dist_info()
+    if job is None and is_edm_run(args):  # --solver heun: EDM's U-Nets (their own job, no triton)
+        from .edm_sample import EDMSampleJob
+
+        resolve_backend_arg(args, None)
+        if dist.rank == 0:
+            print(f"backend: {args.backend} ({args.backend_choice})", flush=True)
+        job = EDMSampleJob(args, device_for(args.device, dist.local_rank))
     if job is None:
         device = device_for(args.device, dist.local_rank)
         resolve_backend_arg(args, device)

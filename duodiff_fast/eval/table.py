@@ -13,9 +13,16 @@ from typing import Dict, List, Optional, Sequence
 
 from ..io_utils import atomic_write, atomic_write_text
 
-__all__ = ["COLUMNS", "add_speedups", "write_csv", "markdown_table", "write_markdown", "write_plot"]
+__all__ = ["COLUMNS", "EDM_COLUMNS", "EDM_MD_COLUMNS", "add_speedups", "write_csv", "markdown_table", "write_markdown", "write_plot"]
 
 COLUMNS = ("method", "fid", "time_per_sample_s", "speedup", "n_samples", "solver", "steps", "settings", "smoke_check")
+# The multistage paper's Tables 1/2 rows for EDM models: NFE and GFLOPs per evaluation (weighted by the
+# evaluations in each stage) beside FID and time.
+EDM_COLUMNS = ("method", "nfe", "gflops_per_eval", "fid", "time_per_sample_s", "evals_per_stage",
+               "gflops_per_stage", "n_samples", "solver", "steps", "settings", "smoke_check")
+EDM_MD_COLUMNS = ("method", "nfe", "gflops_per_eval", "fid", "time_per_sample_s")
+_HEADS = {"method": "Method", "fid": "FID", "time_per_sample_s": "Time per sample (s)", "speedup": "Speedup",
+          "nfe": "NFE", "gflops_per_eval": "GFLOPs"}
 
 
 def add_speedups(rows: List[Dict[str, object]], base_label: str = "base") -> List[Dict[str, object]]:
@@ -36,6 +43,8 @@ def _fmt(key: str, value) -> str:
         return f"{value:.4g}"
     if key == "speedup":
         return f"{value:.2f}x"
+    if key == "gflops_per_eval":
+        return f"{value:.2f}"
     return str(value)
 
 
@@ -49,10 +58,12 @@ def write_csv(path: str, rows: Sequence[Dict[str, object]], columns: Sequence[st
     atomic_write_text(path, buf.getvalue())
 
 
-def markdown_table(rows: Sequence[Dict[str, object]], notes: Sequence[str] = (), title: str = "") -> str:
-    """The table as Markdown (FID 2 decimals, time 4 significant digits, speedup as 1.23x)."""
-    cols = ("method", "fid", "time_per_sample_s", "speedup")
-    head = {"method": "Method", "fid": "FID", "time_per_sample_s": "Time per sample (s)", "speedup": "Speedup"}
+def markdown_table(rows: Sequence[Dict[str, object]], notes: Sequence[str] = (), title: str = "",
+                   columns: Optional[Sequence[str]] = None) -> str:
+    """The table as Markdown (FID 2 decimals, time 4 significant digits, speedup as 1.23x);
+    ``columns`` default: method, FID, time, speedup (EDM_MD_COLUMNS for the EDM rows)."""
+    cols = tuple(columns) if columns else ("method", "fid", "time_per_sample_s", "speedup")
+    head = _HEADS
     lines = [f"# {title}", ""] if title else []
     lines += [f"> {n}" for n in notes] + ([""] if notes else [])
     lines.append("| " + " | ".join(head[c] for c in cols) + " |")
@@ -62,8 +73,9 @@ def markdown_table(rows: Sequence[Dict[str, object]], notes: Sequence[str] = (),
     return "\n".join(lines) + "\n"
 
 
-def write_markdown(path: str, rows, notes: Sequence[str] = (), title: str = "") -> None:
-    atomic_write_text(path, markdown_table(rows, notes, title))
+def write_markdown(path: str, rows, notes: Sequence[str] = (), title: str = "",
+                   columns: Optional[Sequence[str]] = None) -> None:
+    atomic_write_text(path, markdown_table(rows, notes, title, columns))
 
 
 def write_plot(path: str, rows: Sequence[Dict[str, object]], title: str = "", note: Optional[str] = None) -> None:

@@ -75,6 +75,30 @@ def _time_per_sample(job, batch: int, repeats: int, warmup: int) -> Dict[str, fl
             "batch_time_max_s": max(times), "timing_batch": batch, "timing_repeats": len(times)}
 
 
+def _edm_row(args, device, dist, extractor, reference, fidlib, smoke, manifests) -> Dict[str, object]:
+    """The EDM model's row in the multistage paper's Table 1/2 layout: method, NFE, GFLOPs per
+    evaluation (weighted by the evaluations in each stage), FID, time per sample."""
+    from ..edm.flops import weighted_gflops
+    from .edm_sample import EDMSampleJob
+    from .sample_cmd import run_sample
+
+    job = EDMSampleJob(args, device)
+    out = os.path.join(args.out, "samples", "edm")
+    manifest = run_sample(args, job=job, out=out)
+    if dist.rank != 0:
+        return {}
+    feats = extractor.features_of(os.path.join(out, "samples.npz"), progress=not args.no_progress)
+    stats = fidlib.compute_stats(feats, meta={"method": job.spec.label, "inception": extractor.weights_id})
+    cost = weighted_gflops(job.net, job.heun)
+    timing = _time_per_sample(job, args.timing_batch_size or args.batch_size, args.timing_repeats, args.timing_warmup)
+    manifests[job.spec.label] = manifest
+    return {"method": job.spec.label, "nfe": cost["nfe"], "gflops_per_eval": cost["gflops_per_eval"],
+            "evals_per_stage": cost["evals_per_stage"], "gflops_per_stage": cost["gflops_per_stage"],
+            "fid": fidlib.fid_from_stats(stats, reference), **timing,
+            "n_samples": args.n_samples, "solver": "heun", "steps": job.heun.num_steps, "smoke_check": bool(smoke),
+            "settings": f"config={args.config}"}
+
+
 def cmd_eval(args) -> int:
     """Run the grid; write results.{csv,md,json} and fid_vs_time.png in --out (rank 0)."""
     from ..io_utils import atomic_write_json
@@ -82,10 +106,16 @@ def cmd_eval(args) -> int:
     from . import fid as fidlib
     from .sample_cmd import SampleJob, device_for, resolve_backend_arg, run_sample
     from .sharding import dist_info
-    from .table import add_speedups, write_csv, write_markdown, write_plot
+    from .table import COLUMNS, EDM_COLUMNS, EDM_MD_COLUMNS, add_speedups, write_csv, write_markdown, write_plot
 
     t0 = time.perf_counter()
-    specs = parse_method_grid(args.methods, adadiff_mode=args.adadiff_mode)
+    from .edm_sample import is_edm_run
+
+    edm = is_edm_run(args)
+    if edm and args.methods != "edm":
+        raise ValueError("an EDM model (--solver heun) is evaluated with --methods edm: one row per model "
+                         "(run eval once per checkpoint, e.g. EDM and multistage EDM)")
+    specs = [None] if edm else parse_method_grid(args.methods, adadiff_mode=args.adadiff_mode)
     for name in ("timing_repeats", "inception_batch_size", "n_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -97,7 +127,7 @@ def cmd_eval(args) -> int:
     if dist.rank == 0:
         print(f"backend: {args.backend} ({args.backend_choice})", flush=True)
     args.no_float = True  # eval needs only the uint8 images
-    extractor = None
+    extractor = reference = None
     if dist.rank == 0:
         # Load Inception and the reference first: a missing file fails before hours of sampling.
         fidlib.require_torch_fidelity()
@@ -110,7 +140,13 @@ def cmd_eval(args) -> int:
                                    (args.random_weights, "random model weights")) if flag]
     rows: List[Dict[str, object]] = []
     manifests = {}
+    config_name = args.config
     for spec in specs:
+        if edm:
+            row = _edm_row(args, device, dist, extractor, reference, fidlib, smoke, manifests)
+            if row:
+                rows.append(row)
+            continue
         job = SampleJob(args, spec, device)
         config_name = job.model_spec.name
         if job.model_spec.latent and job.decoder is None:
@@ -140,8 +176,8 @@ def cmd_eval(args) -> int:
     notes.append(f"{config_name}, {args.solver} {args.steps or 'default'} steps, {args.n_samples} samples per "
                  f"method, reference {args.reference}, device {device}, backend {args.backend}.")
     title = f"FID vs time per sample: {config_name}"
-    write_csv(os.path.join(args.out, "results.csv"), rows)
-    write_markdown(os.path.join(args.out, "results.md"), rows, notes, title)
+    write_csv(os.path.join(args.out, "results.csv"), rows, EDM_COLUMNS if edm else COLUMNS)
+    write_markdown(os.path.join(args.out, "results.md"), rows, notes, title, EDM_MD_COLUMNS if edm else None)
     write_plot(os.path.join(args.out, "fid_vs_time.png"), rows, title, notes[0] if smoke else None)
     from .manifest import environment
 
@@ -153,6 +189,6 @@ def cmd_eval(args) -> int:
     })
     from .table import markdown_table
 
-    print(markdown_table(rows, notes))
+    print(markdown_table(rows, notes, columns=EDM_MD_COLUMNS if edm else None))
     print(f"wrote results.csv, results.md, results.json and fid_vs_time.png to {args.out}/")
     return 0

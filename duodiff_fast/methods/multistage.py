@@ -3,16 +3,30 @@ Tailored Multi-Decoder Architectures"): one shared encoder, one decoder per stag
 
 On U-ViT the shared part is the token front end (patch/time/label embeddings, ``pos_embed``), the
 in-blocks and the mid-block; each stage owns its out-blocks (with their long-skip ``skip_linear``),
-final LayerNorm, ``decoder_pred`` and final conv. A stage may be wider or narrower than the shared
-width D: with stage width W != D a ``proj_in`` Linear(D, W) maps the mid-block output into the
-stage, and each out-block's ``skip_linear`` is Linear(W + D, W), merging the D-wide encoder skip
-directly. With W == D a stage's decoder is exactly a U-ViT decoder (``from_uvit`` copies one in).
+final LayerNorm and ``decoder_pred``. A stage may be wider or narrower than the shared width D.
+Two layouts place the width change:
+
+``layout="authors"`` (default)
+    The multistage authors' released ``UViT_multimodel``: a stage of width W maps the width inside
+    its first out-block, whose ``skip_linear`` is Linear(2 D, W) on cat[mid-block output, skip];
+    later out-blocks have Linear(W + D, W). Every stage keeps the shared ``num_heads`` heads
+    (head width W / num_heads), and one 3x3 final conv is shared by all stages (their
+    ``[conv] * stage_num``: ``stages.{i}.final_layer`` are one module). Their checkpoints load with
+    :func:`from_authors_state_dict` (keys ``de_modules.{s}.{j}.*``, ``norm.{s}``,
+    ``decoder_pred.{s}``, ``final_layer.{s}``).
+``layout="projected"``
+    This package's earlier variant: a ``proj_in`` Linear(D, W) maps the mid-block output into the
+    stage first, every out-block's ``skip_linear`` is Linear(W + D, W), the head count follows the
+    shared head width where it divides W, and each stage has its own final conv. Files saved before
+    layouts existed are of this layout and load as such.
+
+With W == D (both layouts) a stage's decoder is exactly a U-ViT decoder (``from_uvit`` copies one in).
 
 Stages split continuous time t in [0, 1] (t = 0 data, t = 1 noise) at boundaries
-0 < t_1 < ... < t_{n-1} < 1: stage i serves [t_i, t_{i+1}) (the last closed at 1), so stage 0 is
-nearest the data. CIFAR-10 default (the paper's optimal-denoiser clustering): t_1 = 0.442,
-t_2 = 0.631, three stages. The paper gives the data-side stage the widest decoder (192/128/16
-channels over a 128-channel encoder for its U-Nets).
+0 < t_1 < ... < t_{n-1} < 1: stage i serves (t_i, t_{i+1}] (the first also holds t = 0), the
+authors' rule (they route a batch by row 0's t x 1000 in (lo, hi]); stage 0 is nearest the data.
+CIFAR-10 default (the authors' ``cifar10_UViT_mul`` config, from the optimal-denoiser clustering):
+t_1 = 0.4420, t_2 = 0.6308, three stages, decoders 768/512/128 wide over a 512-wide encoder.
 
 API: :class:`MultistageUViT`, :class:`MultistageDenoiser` (routes each solver step to its stage),
 :class:`MultistageObjective` (each batch from one stage), :func:`save_multistage`,
@@ -34,7 +48,8 @@ from ..samplers.constants import host_time
 from ..training.objective import DiffusionObjective
 from .denoiser import ModelDenoiser
 
-CIFAR10_BOUNDARIES = (0.442, 0.631)
+CIFAR10_BOUNDARIES = (0.442, 0.6308)
+LAYOUTS = ("authors", "projected")
 
 StageSpec = Union[int, torch.Tensor]
 
@@ -55,13 +70,14 @@ def check_boundaries(boundaries: Sequence[float]) -> tuple:
 
 
 def stage_of(t: torch.Tensor, boundaries: Sequence[float]) -> torch.Tensor:
-    """(B,) long stage index of continuous times t (B,); a t on a boundary goes to the later stage."""
+    """(B,) long stage index of continuous times t (B,); stage i holds (t_i, t_{i+1}], so a t on a
+    boundary goes to the earlier stage, as in the authors' code."""
     t = torch.as_tensor(t).detach().reshape(-1)
     if not t.is_floating_point():
         t = t.to(torch.float64)
     # Edges in t's own dtype, so a float32 t equal to float32(edge) counts as on the edge.
     edges = torch.tensor(tuple(boundaries), dtype=t.dtype, device=t.device)
-    return torch.searchsorted(edges, t.contiguous(), right=True)
+    return torch.searchsorted(edges, t.contiguous(), right=False)
 
 
 def _stage_heads(width: int, shared_width: int, shared_heads: int) -> int:
@@ -77,19 +93,29 @@ class StageDecoder(nn.Module):
     Args:
         width: stage token width W. shared_width: encoder width D. num_blocks: out-blocks (= the
         encoder's in-blocks). num_heads: attention heads (W divisible by it). patch_size, in_chans,
-        conv, mlp_ratio, qkv_bias, qk_scale, skip: as in UViT.
+        conv, mlp_ratio, qkv_bias, qk_scale, skip: as in UViT. layout: "authors" (the first
+        out-block maps 2 D -> W) or "projected" (``proj_in`` D -> W first); see the module docstring.
     """
 
     def __init__(self, width: int, shared_width: int, num_blocks: int, num_heads: int, patch_size: int,
-                 in_chans: int, mlp_ratio: float, qkv_bias: bool, qk_scale, conv: bool, skip: bool):
+                 in_chans: int, mlp_ratio: float, qkv_bias: bool, qk_scale, conv: bool, skip: bool,
+                 layout: str = "authors"):
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        if layout == "authors" and width != shared_width and not skip:
+            raise ValueError("the authors' layout changes the width in the first out-block's skip_linear: "
+                             "it needs skip=True when a stage width differs from embed_dim")
         self.width = width
-        self.proj_in = nn.Linear(shared_width, width) if width != shared_width else nn.Identity()
+        projected = layout == "projected" and width != shared_width
+        self.proj_in = nn.Linear(shared_width, width) if projected else nn.Identity()
         blocks = []
-        for _ in range(num_blocks):
+        for j in range(num_blocks):
             blk = Block(width, num_heads, mlp_ratio, qkv_bias, qk_scale, skip=skip)
             if skip and width != shared_width:
-                blk.skip_linear = nn.Linear(width + shared_width, width)  # cat[x (W), skip (D)] -> W
+                # cat[x, skip (D)] -> W; x is the D-wide mid-block output in the authors' first block.
+                x_width = shared_width if (layout == "authors" and j == 0) else width
+                blk.skip_linear = nn.Linear(x_width + shared_width, width)
             blocks.append(blk)
         self.out_blocks = nn.ModuleList(blocks)
         self.norm = nn.LayerNorm(width)
@@ -103,8 +129,10 @@ class MultistageUViT(nn.Module):
     Args:
         boundaries: interior stage boundaries on t in [0, 1] (n - 1 values for n stages).
         stage_widths: token width per stage (default: the shared ``embed_dim`` for every stage).
-        stage_num_heads: attention heads per stage (default: the shared head width where it divides
-            the stage width, else the largest divisor of the width not above ``num_heads``).
+        stage_num_heads: attention heads per stage (default: ``num_heads`` in every stage for the
+            authors' layout; for "projected" the shared head width where it divides the stage
+            width, else the largest divisor of the width not above ``num_heads``).
+        layout: "authors" (default) or "projected", see the module docstring.
         **uvit_kwargs: the UViT constructor keywords of the shared encoder (``depth`` counts in- plus
             out-blocks as in UViT; each stage gets ``depth // 2`` out-blocks).
 
@@ -115,8 +143,12 @@ class MultistageUViT(nn.Module):
 
     def __init__(self, boundaries: Sequence[float] = CIFAR10_BOUNDARIES,
                  stage_widths: Optional[Sequence[int]] = None,
-                 stage_num_heads: Optional[Sequence[int]] = None, **uvit_kwargs: Any):
+                 stage_num_heads: Optional[Sequence[int]] = None, layout: str = "authors",
+                 **uvit_kwargs: Any):
         super().__init__()
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {list(LAYOUTS)}, got {layout!r}")
+        self.layout = layout
         self.boundaries = check_boundaries(boundaries)
         n = len(self.boundaries) + 1
         shared = UViT(**uvit_kwargs)
@@ -130,7 +162,7 @@ class MultistageUViT(nn.Module):
             if isinstance(w, bool) or not isinstance(w, int) or w <= 0:
                 raise ValueError(f"stage widths must be positive ints, got {widths}")
         if stage_num_heads is None:
-            stage_num_heads = [_stage_heads(w, d, heads) for w in widths]
+            stage_num_heads = ([heads] * n if layout == "authors" else [_stage_heads(w, d, heads) for w in widths])
         stage_num_heads = list(stage_num_heads)
         if len(stage_num_heads) != n:
             raise ValueError(f"{n} stages need {n} head counts, got {len(stage_num_heads)}")
@@ -144,19 +176,23 @@ class MultistageUViT(nn.Module):
         cfg = shared.config
         self.stages = nn.ModuleList([
             StageDecoder(w, d, num_out, h, shared.patch_size, shared.in_chans, cfg["mlp_ratio"],
-                         cfg["qkv_bias"], cfg["qk_scale"], cfg["conv"], cfg["skip"])
+                         cfg["qkv_bias"], cfg["qk_scale"], cfg["conv"], cfg["skip"], layout)
             for w, h in zip(widths, stage_num_heads)
         ])
         for stage in self.stages:
             init_linear_and_norm(stage)
+        if layout == "authors":
+            for stage in self.stages[1:]:  # one final conv for every stage, as their [conv] * stage_num
+                stage.final_layer = self.stages[0].final_layer
         self.config = dict(cfg, boundaries=list(self.boundaries), stage_widths=widths,
-                           stage_num_heads=stage_num_heads)
+                           stage_num_heads=stage_num_heads, layout=layout)
 
     @classmethod
-    def from_uvit(cls, model: UViT, boundaries: Sequence[float] = CIFAR10_BOUNDARIES) -> "MultistageUViT":
+    def from_uvit(cls, model: UViT, boundaries: Sequence[float] = CIFAR10_BOUNDARIES,
+                  layout: str = "authors") -> "MultistageUViT":
         """Initialise every stage (full width) from a trained U-ViT: shared part and decoders copied."""
         kwargs = {k: v for k, v in model.config.items()}
-        ms = cls(boundaries, **kwargs)
+        ms = cls(boundaries, layout=layout, **kwargs)
         src = model.state_dict()
         shared_keys = set(ms.shared.state_dict())
         ms.shared.load_state_dict({k: v for k, v in src.items() if k in shared_keys})
@@ -250,10 +286,105 @@ def load_multistage(path: str, map_location="cpu") -> MultistageUViT:
     if not isinstance(blob, dict) or "config" not in blob or "state_dict" not in blob:
         raise ValueError(f"{path!r} is not a multistage checkpoint (save_multistage writes one)")
     cfg = dict(blob["config"])
-    model = MultistageUViT(cfg.pop("boundaries"), cfg.pop("stage_widths"), cfg.pop("stage_num_heads"), **cfg)
+    # Files written before layouts existed hold the "projected" layout.
+    model = MultistageUViT(cfg.pop("boundaries"), cfg.pop("stage_widths"), cfg.pop("stage_num_heads"),
+                           layout=cfg.pop("layout", "projected"), **cfg)
     missing, unexpected = model.load_state_dict(blob["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{path!r} does not fit its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+# ------------------------------------------------------------------------- the authors' files
+_SHARED_ROOTS = ("pos_embed", "patch_embed", "time_embed", "label_emb", "in_blocks", "mid_block")
+_AUTHORS_STAGE_ROOTS = {"de_modules": "out_blocks", "norm": "norm", "decoder_pred": "decoder_pred",
+                        "final_layer": "final_layer"}
+
+
+def boundaries_from_intervals(stage_interval) -> tuple:
+    """Interior boundaries of the authors' ``stage_interval`` (per stage one (lo, hi] interval on t,
+    contiguous from 0 to 1), e.g. [[[0, 0.442]], [[0.442, 0.6308]], [[0.6308, 1]]] -> (0.442, 0.6308)."""
+    spans = []
+    for s, intervals in enumerate(stage_interval):
+        if len(intervals) != 1:
+            raise ValueError(f"stage {s} has {len(intervals)} intervals; this package routes one interval per stage")
+        spans.append((float(intervals[0][0]), float(intervals[0][1])))
+    if not spans or spans[0][0] != 0.0 or spans[-1][1] != 1.0:
+        raise ValueError(f"stage intervals must run from 0 to 1, got {spans}")
+    for (a, b), (c, d) in zip(spans, spans[1:]):
+        if b != c:
+            raise ValueError(f"stage intervals must be contiguous, got {spans}")
+    return check_boundaries([b for _, b in spans[:-1]])
+
+
+def from_authors_state_dict(sd) -> dict:
+    """The authors' ``UViT_multimodel`` keys -> this package's (``shared.*``, ``stages.{s}.*``).
+
+    ``de_modules.{s}.{j}.*`` -> ``stages.{s}.out_blocks.{j}.*``; ``norm.{s}``, ``decoder_pred.{s}``,
+    ``final_layer.{s}`` -> ``stages.{s}.{norm, decoder_pred, final_layer}``; the encoder keys go
+    under ``shared.``. Their three ``final_layer`` entries are one shared conv: they must be equal."""
+    out = {}
+    for key, val in sd.items():
+        root, _, rest = key.partition(".")
+        if root in _SHARED_ROOTS:
+            out["shared." + key] = val
+        elif root in _AUTHORS_STAGE_ROOTS:
+            stage, _, tail = rest.partition(".")
+            if not stage.isdigit() or not tail:
+                raise ValueError(f"unexpected key {key!r} in an authors' multistage U-ViT state dict")
+            out[f"stages.{stage}.{_AUTHORS_STAGE_ROOTS[root]}.{tail}"] = val
+        else:
+            raise ValueError(f"unexpected key {key!r} in an authors' multistage U-ViT state dict")
+    finals = {}
+    for key, val in out.items():
+        if ".final_layer." in key:
+            finals.setdefault(key.split(".final_layer.")[1], []).append((key, val))
+    for name, entries in finals.items():
+        if any(not torch.equal(entries[0][1], v) for _, v in entries[1:]):
+            raise ValueError(f"final_layer.*.{name} differ between stages; the authors' layout shares one conv")
+    return out
+
+
+def to_authors_state_dict(model: "MultistageUViT") -> dict:
+    """This package's authors-layout model as the authors' key names (the inverse of
+    :func:`from_authors_state_dict`)."""
+    if model.layout != "authors":
+        raise ValueError(f"only the 'authors' layout has the authors' key names, this model is {model.layout!r}")
+    inverse = {v: k for k, v in _AUTHORS_STAGE_ROOTS.items()}
+    out = {}
+    for key, val in model.state_dict().items():
+        if key.startswith("shared."):
+            out[key[len("shared."):]] = val
+        else:
+            _, stage, root, tail = key.split(".", 3)
+            out[f"{inverse[root]}.{stage}.{tail}"] = val
+    return out
+
+
+def authors_multistage(config: dict, stage_interval, state_dict=None) -> "MultistageUViT":
+    """A :class:`MultistageUViT` (authors' layout) from the authors' model config.
+
+    ``config``: their ``config.model`` entries -- image_size, patch_size, in_chans, embed_dim, depth,
+    num_heads, mlp_ratio, de_nfs, and optionally num_classes (-1), qkv_bias (False), mlp_time_embed
+    (False), conv (True), qk_scale (None). ``stage_interval``: their per-stage (lo, hi] on t.
+    ``state_dict``: their weights (loaded strictly) or None. The network is fed t x 1000."""
+    c = dict(config)
+    try:
+        kwargs = dict(img_size=int(c.pop("image_size")), patch_size=int(c.pop("patch_size")),
+                      in_chans=int(c.pop("in_chans")), embed_dim=int(c.pop("embed_dim")), depth=int(c.pop("depth")),
+                      num_heads=int(c.pop("num_heads")), mlp_ratio=float(c.pop("mlp_ratio")))
+        widths = [int(w) for w in c.pop("de_nfs")]
+    except KeyError as e:
+        raise ValueError(f"the authors' config lacks {e.args[0]!r}") from None
+    for key, default in (("num_classes", -1), ("qkv_bias", False), ("mlp_time_embed", False), ("conv", True),
+                         ("qk_scale", None)):
+        kwargs[key] = c.pop(key, default)
+    c.pop("stage_num", None)
+    if c:
+        raise ValueError(f"unsupported entries in the authors' config: {sorted(c)}")
+    model = MultistageUViT(boundaries_from_intervals(stage_interval), stage_widths=widths, layout="authors", **kwargs)
+    if state_dict is not None:
+        model.load_state_dict(from_authors_state_dict(state_dict), strict=True)
     return model
 
 
@@ -295,8 +426,9 @@ class MultistageDenoiser(ModelDenoiser):
 class MultistageObjective(DiffusionObjective):
     """L_simple with each batch drawn from one stage.
 
-    Per batch: a stage i uniformly from the n stages, then t uniformly inside [t_i, t_{i+1})
-    (discrete schedules: uniformly over the grid times in it; continuous: U[max(t_i, t_min), t_{i+1})),
+    Per batch: a stage i uniformly from the n stages, then t uniformly inside (t_i, t_{i+1}] (the
+    routing's intervals; discrete schedules: uniformly over the grid times in it; continuous:
+    U(max(t_i, t_min), t_{i+1}]),
     so the update touches the shared part and stage i's decoder only. ``metrics["stage"]`` records i.
 
     The stage is a function of (seed, step) only (:meth:`stage_for_step`), not of the per-rank
@@ -322,7 +454,7 @@ class MultistageObjective(DiffusionObjective):
         if grid is not None:
             for i, (a, b) in enumerate(self.intervals):
                 if not self._grid_mask(grid, i).any():
-                    raise ValueError(f"stage {i} [{a}, {b}) holds no time of the {grid.numel()}-step schedule")
+                    raise ValueError(f"stage {i} ({a}, {b}] holds no time of the {grid.numel()}-step schedule")
 
     def on_step(self, step: int, seed: Optional[int] = None) -> None:
         """The next batch belongs to global optimizer step ``step`` of a run seeded with ``seed``."""
@@ -343,8 +475,7 @@ class MultistageObjective(DiffusionObjective):
 
     def _grid_mask(self, grid: torch.Tensor, i: int) -> torch.Tensor:
         a, b = self.intervals[i]
-        last = i == len(self.intervals) - 1
-        return (grid >= a) & ((grid <= b) if last else (grid < b))
+        return ((grid >= a) if i == 0 else (grid > a)) & (grid <= b)
 
     def sample_stage_t(self, batch: int, device, generator, stage: Optional[int] = None) -> tuple:
         """(stage i, t (batch,) float32 inside stage i); ``stage`` defaults to the current step's."""
@@ -361,7 +492,7 @@ class MultistageObjective(DiffusionObjective):
             a, b = self.intervals[i]
             a = max(a, float(getattr(self.schedule, "t_min", 0.0)))
             u = torch.rand(batch, generator=generator, device=gdev, dtype=torch.float64).cpu()
-            t = a + (b - a) * u
+            t = b - (b - a) * u  # u in [0, 1): t in (a, b]
         return i, t.to(device=device, dtype=torch.float32)
 
     def __call__(self, model, x0, y, generator=None):
@@ -377,5 +508,6 @@ class MultistageObjective(DiffusionObjective):
 
 __all__ = [
     "CIFAR10_BOUNDARIES", "check_boundaries", "stage_of", "StageDecoder", "MultistageUViT",
-    "MultistageDenoiser", "MultistageObjective", "save_multistage", "load_multistage",
+    "MultistageDenoiser", "MultistageObjective", "save_multistage", "load_multistage", "LAYOUTS",
+    "boundaries_from_intervals", "from_authors_state_dict", "to_authors_state_dict", "authors_multistage",
 ]

@@ -256,7 +256,33 @@ def cluster_stages(data, num_stages: int, num_samples: int = 50_000, eta: float 
                             dict(eta=eta, t_eps=t_eps, num_samples=num_samples, bins=bins, seed=seed))
 
 
+def sigma_of_t(t, schedule=None) -> torch.Tensor:
+    """EDM's noise level of VP time t: sigma = s_t / a_t (x_t / a_t = x_0 + sigma eps), float64.
+
+    The clustering needs no separate run on the sigma axis: x_t / a_t is EDM's x at sigma(t), and the
+    optimal noise prediction eps*(x_t; t) = (x_t / a_t - E[x_0 | x]) / sigma(t) is the same function
+    of the same draw, so the similarity D and hence the stages are the same; sigma(t) is increasing,
+    so t-boundaries map to sigma-boundaries one to one."""
+    schedule = _default_schedule(schedule)
+    t = torch.as_tensor(t, dtype=torch.float64)
+    return schedule.sigma(t) / schedule.alpha(t)
+
+
+def sigma_stage_interval(boundaries: Sequence[float], schedule=None) -> list:
+    """t-boundaries (from :func:`cluster_three_stages` / :func:`cluster_stages`) as the per-stage
+    (lo, hi] sigma intervals of an EDM multistage U-Net: [[[0, s_1]], [[s_1, s_2]], ..., [[s_n, inf]]].
+
+    For CIFAR-10 the paper's t_1 = 0.442 gives sigma 2.5103, the authors' first EDM boundary; their
+    second (7.6577) corresponds to t = 0.636 on the VP schedule, not to their U-ViT's 0.6308 (7.405)."""
+    b = [float(v) for v in boundaries]
+    if any(not 0.0 < v < 1.0 for v in b) or any(not x < y for x, y in zip(b, b[1:])):
+        raise ValueError(f"boundaries must increase strictly inside (0, 1), got {b}")
+    sig = [float(v) for v in sigma_of_t(torch.tensor(b, dtype=torch.float64), schedule)] if b else []
+    edges = [0.0] + sig + [math.inf]
+    return [[[lo, hi]] for lo, hi in zip(edges[:-1], edges[1:])]
+
+
 __all__ = [
     "optimal_denoiser", "functional_similarity", "threshold_boundaries", "partition_boundaries",
-    "ClusteringResult", "cluster_three_stages", "cluster_stages",
+    "ClusteringResult", "cluster_three_stages", "cluster_stages", "sigma_of_t", "sigma_stage_interval",
 ]

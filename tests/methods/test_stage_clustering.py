@@ -154,3 +154,42 @@ def test_cluster_stages_n_way():
     assert len(res.boundaries) == 2 and 0 < res.boundaries[0] < res.boundaries[1] < 1
     assert res.boundaries == partition_boundaries(res.t[0], res.t[1], res.similarity, 3, 10)
     assert math.isclose(res.boundaries[0] * 10, round(res.boundaries[0] * 10))
+
+
+def test_sigma_axis_is_the_same_clustering():
+    """eps*(x_t; t) on the VP axis equals EDM's (x - D*(x; sigma)) / sigma at x = x_t / a_t, sigma = s_t / a_t,
+    with D*(x; sigma) the optimal EDM denoiser over the same data: the stages carry over to sigma."""
+    from duodiff_fast.methods.stage_clustering import sigma_of_t
+
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(7, 3, 2, 2, generator=g, dtype=torch.float64)
+    sched = vp_linear()
+    t = torch.tensor([0.05, 0.3, 0.442, 0.7, 0.95], dtype=torch.float64)
+    y = data[torch.tensor([0, 3, 5, 1, 6])]
+    eps = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    a, s = sched.alpha(t).view(-1, 1, 1, 1), sched.sigma(t).view(-1, 1, 1, 1)
+    xt = a * y + s * eps
+    vp = optimal_denoiser(xt, t, data, sched, chunk_size=3)
+    sig = sigma_of_t(t, sched).view(-1, 1, 1, 1)
+    x = xt / a
+    d2 = ((x.reshape(5, 1, -1) - data.reshape(1, 7, -1)) ** 2).sum(-1)  # (5, 7)
+    w = torch.softmax(-d2 / (2 * sig.reshape(5, 1) ** 2), dim=1)
+    denoised = (w @ data.reshape(7, -1)).reshape(x.shape)
+    assert torch.allclose(vp, (x - denoised) / sig, rtol=1e-9, atol=1e-9)
+
+
+def test_sigma_stage_interval_and_routing():
+    from duodiff_fast.edm import stage_from_sigma
+    from duodiff_fast.methods.multistage import stage_of
+    from duodiff_fast.methods.stage_clustering import sigma_of_t, sigma_stage_interval
+
+    iv = sigma_stage_interval((0.442, 0.6308))
+    assert iv[0][0][0] == 0.0 and iv[-1][0][1] == math.inf and len(iv) == 3
+    assert iv[0][0][1] == pytest.approx(2.5103, abs=5e-4)  # the authors' first EDM boundary
+    t = torch.linspace(0.001, 1.0, 997, dtype=torch.float64)
+    sig = sigma_of_t(t)
+    assert bool((sig[1:] > sig[:-1]).all())
+    routed = [stage_from_sigma(float(v), iv) for v in sig]
+    assert routed == stage_of(t, (0.442, 0.6308)).tolist()
+    with pytest.raises(ValueError):
+        sigma_stage_interval((0.7, 0.3))
