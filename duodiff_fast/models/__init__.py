@@ -1,10 +1,11 @@
-"""U-ViT models, the named config registry and checkpoint loading."""
+"""U-ViT and DiT models, the named config registry and checkpoint loading."""
 from .checkpoint import (
     CheckpointError,
     CheckpointInfo,
     checkpoint_info,
     extract_state_dict,
     infer_config,
+    infer_dit_config,
     load_model,
     load_weights,
     read_checkpoint_file,
@@ -25,10 +26,11 @@ from .configs import (
     matching_configs,
     shallow_name,
 )
+from .dit import DiT
 from .uvit import UViT, patchify, timestep_embedding, unpatchify
 
 __all__ = [
-    "UViT", "timestep_embedding", "patchify", "unpatchify",
+    "UViT", "DiT", "infer_dit_config", "timestep_embedding", "patchify", "unpatchify",
     "ModelSpec", "REGISTRY", "PAPER_CONFIGS", "create_model", "get_config", "get_spec",
     "list_configs", "matching_configs", "shallow_name", "describe",
     "CheckpointError", "read_checkpoint_file", "extract_state_dict", "infer_config",

@@ -1,4 +1,4 @@
-"""Safe checkpoint loading for U-ViT models.
+"""Safe checkpoint loading for U-ViT and DiT models.
 
 Accepted files:
   * plain state dicts with the official key names (the published U-ViT ``nnet*.pth`` files);
@@ -9,6 +9,8 @@ Accepted files:
     ``model_state_dict``, optimizer / GradScaler / LR-scheduler / data-sampler states, ``train_state``
     and ``args``, their ``argparse.Namespace`` of command-line settings;
   * files written by :func:`save_weights` that record the model's time input (below);
+  * the official DiT files (``DiT-XL-2-256x256.pt``: a plain state dict) and DiT ``train.py``
+    checkpoints (``model``, ``ema``, ``opt``, ``args``; ``use_ema`` picks ``ema``);
   * U-ViT / AdaDiff training-state folders (``<step>.ckpt/`` holding ``nnet.pth`` and
     ``nnet_ema.pth``; ``use_ema`` picks the latter).
 Other projects' key layouts (the DuoDiff authors' and AdaDiff's early-exit models) are recognised
@@ -148,8 +150,8 @@ class CheckpointInfo:
     Attributes:
         layout: the weights' key layout (one of ``layouts.LAYOUTS``), or None when unrecognised.
         time_input: the declared time input ("index" / "normalized"), None when the file does not say.
-        source: "duodiff-authors" (their trainer's file, with ``args``), "duodiff-fast-train",
-            "duodiff-fast-weights", "safetensors" or "state-dict".
+        source: "duodiff-authors" (their trainer's file, with ``args``), "dit-train" (DiT's
+            ``train.py``), "duodiff-fast-train", "duodiff-fast-weights", "safetensors" or "state-dict".
         args: the DuoDiff authors' ``args`` as a dict ({} otherwise).
         layout_error: why ``layout`` is None.
     """
@@ -242,7 +244,9 @@ def checkpoint_info(checkpoint: Union[str, os.PathLike, Mapping[str, object]], u
     else:
         is_path = isinstance(checkpoint, (str, os.PathLike))
         obj = read_checkpoint_file(checkpoint, mmap=True) if is_path else _plain_namespaces(checkpoint)
-        if isinstance(obj.get("args"), Mapping):
+        if isinstance(obj.get("args"), Mapping) and _dit_heads_from_args(obj["args"]) is not None:
+            source = "dit-train"
+        elif isinstance(obj.get("args"), Mapping):
             source = "duodiff-authors"
         elif str(obj.get("format", "")).startswith("duodiff_fast.train"):
             source = "duodiff-fast-train"
@@ -311,9 +315,57 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: Optional[int
     )
     from .configs import REGISTRY
 
-    widths = {s.kwargs["embed_dim"]: s.kwargs["num_heads"] for s in REGISTRY.values()}
+    widths = {s.kwargs["embed_dim"]: s.kwargs["num_heads"] for s in REGISTRY.values() if s.arch == "uvit"}
     config["num_heads"] = int(num_heads) if num_heads else widths.get(embed_dim, max(1, embed_dim // 64))
     return config
+
+
+def _dit_heads_from_args(args: Mapping[str, object]) -> Optional[int]:
+    """num_heads of a DiT ``train.py`` checkpoint from its ``args.model`` ("DiT-XL/2" -> 16)."""
+    name = args.get("model") if isinstance(args, Mapping) else None
+    if not isinstance(name, str) or not name.startswith("DiT-") or "/" not in name:
+        return None
+    from .configs import DIT_SIZES
+
+    size = DIT_SIZES.get(name[4:].split("/")[0].lower())
+    return size[2] if size else None
+
+
+def infer_dit_config(state_dict: Mapping[str, torch.Tensor], num_heads: Optional[int] = None) -> Dict[str, object]:
+    """Recover the DiT constructor keywords from a state dict with the official key names.
+
+    Read from shapes: ``input_size`` (pos_embed tokens and the patch), ``patch_size``,
+    ``in_channels``, ``hidden_size``, ``depth``, ``mlp_ratio``, ``learn_sigma`` (output channels =
+    2 x in_channels) and the label table. Not in the weights: ``num_heads`` (pass it, else the
+    registered DiT config of that width, else hidden_size // 64) and whether the table's last row is
+    a null class; it is taken to be (``class_dropout_prob=0.1``, ``num_classes`` = rows - 1), as in
+    every DiT trained with classifier-free guidance; pass an explicit config otherwise.
+    """
+    try:
+        pe = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
+        pos = state_dict["pos_embed"]  # (1, L, D)
+        table = state_dict["y_embedder.embedding_table.weight"]  # (classes [+ 1], D)
+        out = state_dict["final_layer.linear.weight"]  # (p*p*C_out, D)
+    except KeyError as e:
+        raise CheckpointError(f"not a DiT state dict: missing key {e.args[0]!r}") from None
+    hidden, in_channels, patch = int(pe.shape[0]), int(pe.shape[1]), int(pe.shape[2])
+    grid = int(round(int(pos.shape[1]) ** 0.5))
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    out_channels = int(out.shape[0]) // (patch * patch)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise CheckpointError(f"DiT final layer predicts {out_channels} channels for {in_channels} input channels "
+                              "(expected in_channels, or 2 x in_channels with learn_sigma)")
+    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    hidden_mlp = int(fc1.shape[0]) if fc1 is not None else 4 * hidden
+    from .configs import REGISTRY
+
+    heads = {s.kwargs["hidden_size"]: s.kwargs["num_heads"] for s in REGISTRY.values() if s.arch == "dit"}
+    return dict(
+        input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+        num_heads=int(num_heads) if num_heads else heads.get(hidden, max(1, hidden // 64)),
+        mlp_ratio=float(hidden_mlp) / hidden, class_dropout_prob=0.1, num_classes=int(table.shape[0]) - 1,
+        learn_sigma=out_channels == 2 * in_channels,
+    )
 
 
 def key_mismatch_lines(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str = "checkpoint") -> List[str]:
@@ -359,6 +411,8 @@ def _layout_line(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
                 "duodiff_fast.methods.adadiff_checkpoints.load_adadiff(path)")
     if layout == layouts.ADADIFF:
         return "  the checkpoint is an AdaDiffUViT's (backbone.*, heads.*, uems.*)"
+    if layout == layouts.DIT:
+        return "  the checkpoint is a DiT's (x_embedder.*, t_embedder.*, y_embedder.*, blocks.*, final_layer.*)"
     return None
 
 
@@ -369,16 +423,18 @@ def _mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> 
     hint = _layout_line(sd)
     if hint:
         lines.append(hint)
+    is_dit = "x_embedder.proj.weight" in sd
     try:
-        cfg = infer_config(sd)
+        cfg = infer_dit_config(sd) if is_dit else infer_config(sd)
         fits = matching_configs(cfg)
         if fits:
             lines.append(f"  the checkpoint fits config(s): {', '.join(fits)}")
         else:
             shown = {k: v for k, v in cfg.items() if k not in ("qk_scale",)}
-            lines.append(f"  the checkpoint looks like UViT({shown}), which is not a registered config")
+            lines.append(f"  the checkpoint looks like {'DiT' if is_dit else 'UViT'}({shown}), which is not a "
+                         "registered config")
     except CheckpointError:
-        lines.append("  the checkpoint does not look like a U-ViT state dict")
+        lines.append("  the checkpoint does not look like a U-ViT or DiT state dict")
     return "\n".join(lines)
 
 
@@ -411,22 +467,29 @@ def load_model(
     config: Optional[Union[str, Dict[str, object]]] = None,
     use_ema: bool = False,
 ):
-    """Build a UViT and load ``checkpoint`` into it.
+    """Build a UViT or DiT and load ``checkpoint`` into it.
 
-    ``config`` is a registry name, a dict of constructor keywords, or None to infer the
-    architecture from the weights (see :func:`infer_config`).
+    ``config`` is a registry name, a dict of constructor keywords (DiT's when it has
+    ``hidden_size``), or None to infer the architecture from the weights (:func:`infer_config`,
+    :func:`infer_dit_config` for the official DiT key names). DiT ``train.py`` checkpoints hold
+    ``model`` and ``ema``: ``use_ema=True`` loads the EMA weights (what DiT's own sampler uses).
     """
     from .configs import create_model
+    from .dit import DiT
     from .uvit import UViT
 
     obj, use_ema, _ = load_checkpoint_object(checkpoint, use_ema)
     if config is None:
         args = obj.get("args") if isinstance(obj.get("args"), Mapping) else {}
-        model = UViT(**infer_config(extract_state_dict(obj, use_ema=use_ema), num_heads=args.get("num_heads")))
+        sd = extract_state_dict(obj, use_ema=use_ema)
+        if "x_embedder.proj.weight" in sd:
+            model = DiT(**infer_dit_config(sd, num_heads=_dit_heads_from_args(args)))
+        else:
+            model = UViT(**infer_config(sd, num_heads=args.get("num_heads")))
     elif isinstance(config, str):
         model = create_model(config)
     else:
-        model = UViT(**config)
+        model = DiT(**config) if "hidden_size" in config else UViT(**config)
     try:
         return load_weights(model, obj, use_ema=use_ema)
     except CheckpointError as e:
