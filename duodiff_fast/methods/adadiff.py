@@ -631,7 +631,8 @@ class AdaDiff(ModelDenoiser):
         self.recorder = recorder
         self.last_exits: Optional[torch.Tensor] = None
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network output at times t (the solvers call the denoiser itself: its first C channels)."""
         self.check(x, t, y)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)

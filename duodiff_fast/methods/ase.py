@@ -250,7 +250,8 @@ class ASEDenoiser(ModelDenoiser):
             return None
         return int(self.kept_blocks(torch.tensor([host], dtype=torch.float64).to(t.dtype))[0])
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network output at times t (eps; with DiT's learned variance 2C channels)."""
         self.check(x, t, y)
         keep_spec: Optional[KeepSpec] = self.host_route(t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
