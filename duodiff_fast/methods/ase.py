@@ -1,4 +1,5 @@
-"""ASE (Adaptive Score Estimation, Moon et al. 2023): time-dependent dropping of U-ViT decoder blocks.
+"""ASE (Adaptive Score Estimation, Moon et al. 2023): time-dependent dropping of U-ViT decoder blocks
+and of DiT blocks.
 
 A *dropping schedule* maps continuous time t in [0, 1] (t = 0 data, t = 1 pure noise) to the number
 k(t) of out- (decoder) blocks that run in full. On U-ViT, as the paper prescribes:
@@ -22,6 +23,12 @@ Work saved is real: within one solver step every row shares the timestep, so the
 attention and MLP are not computed for the whole batch. Rows at different timesteps (possible with a
 custom solver, and always the case in training) are grouped per block: block j transforms only the
 rows whose k(t) exceeds j.
+
+On DiT (the paper's main system, DiT-XL/2 with 28 blocks) k(t) counts all blocks: blocks
+``0 .. k-1`` run and the later ones are skipped whole (DiT has no long skips), i.e. blocks are
+dropped from the final one backward. The DiT schedules of the paper's Table 2 are in
+:data:`PAPER_DIT_SCHEDULES` (D1, D3, D4 on fifths; D6 on [0, 0.2) then tenths); other depths get
+them rescaled from 28 blocks.
 
 API: :class:`DroppingSchedule`, :func:`get_dropping_schedule`, :func:`ase_forward` (the truncated
 forward), :class:`ASEUViT` (a U-ViT whose forward takes per-row kept counts, for training),
@@ -51,6 +58,17 @@ PAPER_SCHEDULES: Dict[str, Tuple[int, ...]] = {
     "D5": (5, 4, 2, 1, 1),
     "D6": (5, 3, 2, 1, 1),
 }
+# Kept DiT blocks (of DiT-XL/2's 28), the paper's Table 2: (kept per interval, interior boundaries).
+# D2 and D5 are defined for U-ViT only.
+PAPER_DIT_BLOCKS = 28
+_FIFTHS = (0.2, 0.4, 0.6, 0.8)
+PAPER_DIT_SCHEDULES: Dict[str, Tuple[Tuple[int, ...], Tuple[float, ...]]] = {
+    "D1": ((28, 26, 24, 22, 20), _FIFTHS),
+    "D3": ((28, 25, 22, 19, 16), _FIFTHS),
+    "D4": ((28, 24, 20, 16, 12), _FIFTHS),
+    "D6": ((28, 24, 22, 20, 18, 12, 10, 8, 6), (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
+}
+PAPER_DIT_SPEEDUP_PCT: Dict[str, float] = {"D1": 16.63, "D3": 23.43, "D4": 30.46, "D6": 38.32}
 # The paper's measured sampling acceleration (Table 2 / Table 4, U-ViT on CelebA 64, EM-1000), percent.
 PAPER_SPEEDUP_PCT: Dict[str, float] = {
     "D1": 16.26, "D2": 22.27, "D3": 24.77, "D4": 28.03, "D5": 30.71, "D6": 32.09,
@@ -101,12 +119,13 @@ class DroppingSchedule:
     def max_kept(self) -> int:
         return max(self.kept)
 
-    def validate(self, num_out_blocks: int) -> None:
-        """Raise ValueError when the schedule asks for more out-blocks than the model has."""
+    def validate(self, num_out_blocks: int, what: str = "out-blocks") -> None:
+        """Raise ValueError when the schedule asks for more droppable blocks (U-ViT out-blocks, DiT
+        blocks: ``what``) than the model has."""
         if self.max_kept > num_out_blocks:
             raise ValueError(
-                f"dropping schedule {self.name} keeps up to {self.max_kept} out-blocks but the model has "
-                f"only {num_out_blocks} (depth {2 * num_out_blocks}); use a deeper model or a schedule "
+                f"dropping schedule {self.name} keeps up to {self.max_kept} {what} but the model has "
+                f"only {num_out_blocks}; use a deeper model or a schedule "
                 f"with at most {num_out_blocks} kept blocks (see DroppingSchedule.rescaled)")
 
     def interval(self, t: torch.Tensor) -> torch.Tensor:
@@ -141,11 +160,19 @@ class DroppingSchedule:
         return DroppingSchedule(kept, self.boundaries, name=f"{self.name}@{num_out_blocks}")
 
 
-def get_dropping_schedule(spec) -> DroppingSchedule:
-    """A schedule from a paper name ("D1".."D6", also "D3-U-ViT"), a list of kept counts per equal
-    interval, or a :class:`DroppingSchedule` (returned as is)."""
+def get_dropping_schedule(spec, arch: str = "uvit") -> DroppingSchedule:
+    """A schedule from a paper name ("D1".."D6", also "D3-U-ViT"; for ``arch="dit"`` the DiT table:
+    "D1", "D3", "D4", "D6", also "D3-DiT"), a list of kept counts per equal interval, or a
+    :class:`DroppingSchedule` (returned as is)."""
     if isinstance(spec, DroppingSchedule):
         return spec
+    if isinstance(spec, str) and (arch == "dit" or spec.upper().endswith("-DIT")):
+        key = spec.upper().replace("-DIT", "").replace("_DIT", "")
+        if key not in PAPER_DIT_SCHEDULES:
+            raise ValueError(f"unknown DiT dropping schedule {spec!r}; the paper defines {sorted(PAPER_DIT_SCHEDULES)} "
+                             "for DiT (D2 and D5 only for U-ViT)")
+        kept, edges = PAPER_DIT_SCHEDULES[key]
+        return DroppingSchedule(kept, edges, name=f"{key}-DiT")
     if isinstance(spec, str):
         key = spec.upper().replace("-U-VIT", "").replace("_U_VIT", "")
         if key not in PAPER_SCHEDULES:
@@ -168,8 +195,17 @@ def run_blocks_dropped(model: UViT, tokens: torch.Tensor, keep: KeepSpec) -> tor
     return program_for(model, tokens).run_layers(tokens, keep)
 
 
+def droppable_blocks(model: nn.Module) -> int:
+    """Blocks ASE may drop: a U-ViT's out-blocks, a DiT's blocks."""
+    if hasattr(model, "out_blocks"):
+        return len(model.out_blocks)
+    if hasattr(model, "blocks") and hasattr(model, "t_embedder"):
+        return len(model.blocks)
+    raise TypeError(f"ASE needs a U-ViT or a DiT; got {type(model).__name__}")
+
+
 def _check_keep(model: UViT, keep: KeepSpec, batch: int) -> None:
-    n_out = len(model.out_blocks)
+    n_out = droppable_blocks(model)
     if isinstance(keep, torch.Tensor) and keep.dim() > 0:
         if keep.shape != (batch,):
             raise ValueError(f"keep must be an int or a ({batch},) tensor, got shape {tuple(keep.shape)}")
@@ -177,7 +213,7 @@ def _check_keep(model: UViT, keep: KeepSpec, batch: int) -> None:
     else:
         lo = hi = int(keep)
     if lo < 0 or hi > n_out:
-        raise ValueError(f"kept out-blocks must lie in [0, {n_out}] for this model, got values in [{lo}, {hi}]")
+        raise ValueError(f"kept blocks must lie in [0, {n_out}] for this model, got values in [{lo}, {hi}]")
 
 
 def ase_forward(model: UViT, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor],
@@ -186,7 +222,8 @@ def ase_forward(model: UViT, x: torch.Tensor, timesteps: torch.Tensor, y: Option
 
     Args:
         model: the U-ViT. x: images. timesteps: (B,) the network's timestep input. y: labels or None.
-        keep: kept out-blocks (int for the batch or (B,) long); ``len(model.out_blocks)`` is the
+        keep: kept out-blocks of a U-ViT, kept blocks of a DiT (int for the batch or (B,) long);
+            all of them (``droppable_blocks(model)``) is the
             plain forward (bit-identical).
         check: validate inputs and ``keep`` (off inside the sampling loop: the denoiser checked).
     """
@@ -232,11 +269,10 @@ class ASEDenoiser(ModelDenoiser):
 
     def __init__(self, model: UViT, schedule, dropping):
         super().__init__(model, schedule)
-        for attr in ("out_blocks", "embed", "decode"):
-            if not hasattr(model, attr):
-                raise TypeError(f"ASE needs a U-ViT (with {attr}); got {type(model).__name__}")
-        self.dropping = get_dropping_schedule(dropping)
-        self.dropping.validate(len(model.out_blocks))
+        n = droppable_blocks(model)
+        is_dit = not hasattr(model, "out_blocks")
+        self.dropping = get_dropping_schedule(dropping, arch="dit" if is_dit else "uvit")
+        self.dropping.validate(n, "blocks" if is_dit else "out-blocks")
 
     def kept_blocks(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) long: kept out-blocks at times t."""
@@ -340,6 +376,6 @@ def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, sche
 
 __all__ = [
     "PAPER_SCHEDULES", "PAPER_SPEEDUP_PCT", "DroppingSchedule", "get_dropping_schedule",
-    "run_blocks_dropped", "ase_forward", "ASEUViT", "ASEDenoiser", "ASEObjective",
+    "run_blocks_dropped", "droppable_blocks", "ase_forward", "ASEUViT", "ASEDenoiser", "ASEObjective",
     "ase_finetune_config", "finetune_ase",
 ]

@@ -19,6 +19,10 @@ Package conventions (shared with :class:`~duodiff_fast.models.uvit.UViT` so that
 methods and CLI treat both alike): ``in_chans``, ``img_size``, ``embed_dim``; ``num_classes``
 counts the rows of the label table *including* the null class (official ``num_classes + 1`` when
 ``class_dropout_prob > 0``), ``null_class`` is the last row; ``config`` keeps the official keywords.
+
+The forward runs through the layer program (:mod:`duodiff_fast.models.program`, the DiT backbone:
+c carried per row, adaLN blocks, adaLN final layer) on the executor picked per call, so ASE's
+block dropping and the other methods use the same path.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch.nn as nn
 
 from ..validation import check_image_batch, check_labels, check_timesteps
 from .functional import timestep_embedding, unpatchify
+from .program import run_layers, run_model
 from .uvit import Attention, Mlp, PatchEmbed
 
 FREQUENCY_EMBEDDING_SIZE = 256  # width of the sinusoid fed to the timestep MLP
@@ -184,6 +189,9 @@ class DiT(nn.Module):
         self.patch_size = patch_size
         self.num_heads = num_heads
         self.use_checkpoint = False
+        # Official behaviour: labels drop to the null class inside the forward in training. The
+        # package's trainer turns this off and drops them in its objective (reproducible draws).
+        self.label_dropout_in_forward = True
         self.kernel_backend = "torch"  # "auto" / "torch" / "triton": see duodiff_fast.dispatch
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
@@ -274,31 +282,22 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x) + self.pos_embed  # (B, L, D)
         if t.dim() == 0 or t.shape[0] == 1:
             t = t.reshape(1).expand(x.shape[0])
-        c = self.t_embedder(t, sinusoid) + self.y_embedder(y, self.training)  # (B, D)
+        c = self.t_embedder(t, sinusoid) + self.y_embedder(y, self.training and self.label_dropout_in_forward)
         return tokens, c.to(tokens.dtype)
 
     def decode(self, tokens: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Final layer and unpatchify: (B, L, D), (B, D) -> (B, out_channels, H, W)."""
         return unpatchify(self.final_layer(tokens, c), self.out_channels)
 
-    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, depth: Optional[int] = None) -> torch.Tensor:
-        """The first ``depth`` (default all) blocks: (B, L, D) -> (B, L, D); gradient checkpointing
-        in training with ``use_checkpoint``."""
-        checkpoint = self.use_checkpoint and self.training and torch.is_grad_enabled()
-        for blk in self.blocks[: self.depth if depth is None else depth]:
-            if checkpoint:
-                from torch.utils.checkpoint import checkpoint as run
-
-                tokens = run(blk, tokens, c, use_reentrant=False)
-            else:
-                tokens = blk(tokens, c)
-        return tokens
+    def run_blocks(self, tokens: torch.Tensor, c: torch.Tensor, keep: Optional[int] = None) -> torch.Tensor:
+        """The first ``keep`` (default all) blocks through the layer program, eager (autograd,
+        gradient checkpointing with ``use_checkpoint``): (B, L, D), (B, D) -> (B, L, D)."""
+        return run_layers(self, tokens, c, keep)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.compiler.is_compiling() and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
             self.check_inputs(x, t, y)  # value checks would synchronise under capture
-        tokens, c = self.embed(x, t, y)
-        return self.decode(self.run_blocks(tokens, c), c)
+        return run_model(self, x, t, y)
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
         """Classifier-free guidance exactly as the official code: the batch is [cond rows, null rows];

@@ -25,7 +25,8 @@ from torch import Tensor
 
 from ..schedules import DiscreteSchedule
 
-__all__ = ["space_timesteps", "ImprovedDiffusion", "denoiser_model_fn", "DEFAULT_RESPACING"]
+__all__ = ["space_timesteps", "ImprovedDiffusion", "denoiser_model_fn", "DEFAULT_RESPACING", "normal_kl",
+           "discretized_gaussian_log_likelihood", "vb_terms_bpd"]
 
 DEFAULT_RESPACING = "250"  # DiT's sample.py default (num_sampling_steps)
 
@@ -219,6 +220,43 @@ class ImprovedDiffusion:
             return mean
 
         return self._loop(x_T, step, callback)
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.tanh((2.0 / torch.pi) ** 0.5 * (x + 0.044715 * torch.pow(x, 3))))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Tensor) -> Tensor:
+    """Log-likelihood (nats, elementwise) of data x in [-1, 1] quantised to 256 bins under a Gaussian
+    (the decoder term of the variational bound); the end bins take the whole tails."""
+    centered = x - means
+    inv_stdv = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_stdv * (centered + 1.0 / 255.0))
+    cdf_min = _approx_standard_normal_cdf(inv_stdv * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
+
+
+def vb_terms_bpd(diffusion: "ImprovedDiffusion", model_output: Tensor, x_start: Tensor, x_t: Tensor,
+                 k: Tensor) -> Tensor:
+    """The variational-bound term L_{k} of each row, bits per dimension (B,): KL(q(x_{k-1}|x_k, x_0) ||
+    p(x_{k-1}|x_k)) for k > 0, the discretised decoder NLL of x_0 at k = 0 (improved DDPM)."""
+    c = diffusion._coef
+    true_mean = c(diffusion.posterior_mean_coef1, k, x_t) * x_start + c(diffusion.posterior_mean_coef2, k, x_t) * x_t
+    true_log_var = c(diffusion.posterior_log_variance_clipped, k, x_t)
+    out = diffusion.p_mean_variance(lambda x, ts: model_output, x_t, k)
+    dims = tuple(range(1, x_t.dim()))
+    log2 = torch.log(torch.tensor(2.0, dtype=x_t.dtype))
+    kl = normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"]).mean(dim=dims) / log2
+    nll = -discretized_gaussian_log_likelihood(x_start, out["mean"], 0.5 * out["log_variance"]).mean(dim=dims) / log2
+    return torch.where(k == 0, nll, kl)
 
 
 def denoiser_model_fn(denoiser, y: Optional[Tensor], num_original_steps: int) -> ModelFn:
