@@ -60,7 +60,7 @@ class ModelDenoiser:
     def uses_improved_ddpm(self) -> bool:
         """True for DiT networks: DDPM/DDIM run DiT's improved-DDPM diffusion (learned variance,
         respacing) instead of the package's plain DDPM/DDIM."""
-        return hasattr(self.model, "learn_sigma")
+        return getattr(self.model, "learn_sigma", None) is not None
 
     def output(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The network's whole output (B, C_out, H, W) at continuous times t (C_out = 2C with a learned variance)."""

@@ -227,6 +227,8 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.bias)
 
     # ------------------------------------------------------------ properties
+    extras = 0  # tokens besides the patches (U-ViT has label and time tokens; DiT none)
+
     @property
     def in_chans(self) -> int:
         return self.in_channels
