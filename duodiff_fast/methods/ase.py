@@ -44,6 +44,7 @@ import torch.nn as nn
 
 from ..backends import model_dtype
 from ..models.program import program_for
+from ..models.dit import DiT
 from ..models.uvit import UViT
 from ..samplers.constants import host_time
 from ..training.objective import DiffusionObjective
@@ -195,6 +196,20 @@ def run_blocks_dropped(model: UViT, tokens: torch.Tensor, keep: KeepSpec) -> tor
     return program_for(model, tokens).run_layers(tokens, keep)
 
 
+def dropping_for(model: nn.Module, spec) -> DroppingSchedule:
+    """The dropping schedule ``spec`` for ``model``: a paper name resolves in the table of the model's
+    architecture (U-ViT's D1..D6 for 6 out-blocks, DiT's D1/D3/D4/D6 for 28 blocks) and is rescaled
+    to the model's depth when it differs; lists and schedules are taken as they are."""
+    n = droppable_blocks(model)
+    if not isinstance(spec, str):
+        return get_dropping_schedule(spec)
+    if hasattr(model, "t_embedder"):
+        dropping, reference = get_dropping_schedule(spec, arch="dit"), PAPER_DIT_BLOCKS
+    else:
+        dropping, reference = get_dropping_schedule(spec), PAPER_OUT_BLOCKS
+    return dropping if n == reference else dropping.rescaled(n, reference=reference)
+
+
 def droppable_blocks(model: nn.Module) -> int:
     """Blocks ASE may drop: a U-ViT's out-blocks, a DiT's blocks."""
     if hasattr(model, "out_blocks"):
@@ -255,6 +270,24 @@ class ASEUViT(UViT):
         return ase_forward(self, x, timesteps, y, keep, check=not torch.compiler.is_compiling())
 
 
+class ASEDiT(DiT):
+    """A DiT whose forward also takes the kept blocks (same modules and state-dict keys), for
+    fine-tuning: ``forward(x, t, y, keep=None)``, ``keep`` as in :func:`ase_forward`."""
+
+    @classmethod
+    def from_dit(cls, model: DiT) -> "ASEDiT":
+        """A copy of ``model`` (config and weights) as an ASEDiT."""
+        new = cls(**model.config)
+        new.load_state_dict(model.state_dict())
+        return new.to(next(model.parameters()).device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
+                keep: Optional[KeepSpec] = None) -> torch.Tensor:
+        if keep is None:
+            return super().forward(x, t, y)
+        return ase_forward(self, x, t, y, keep, check=not torch.compiler.is_compiling())
+
+
 # ---------------------------------------------------------------------------------- denoiser
 class ASEDenoiser(ModelDenoiser):
     """Block-dropping denoiser for every solver: eps = denoiser(x, t, y), t continuous in (0, 1].
@@ -304,7 +337,9 @@ class ASEDenoiser(ModelDenoiser):
 class ASEObjective(DiffusionObjective):
     """L_simple through the truncated forward: each row runs the blocks its own t keeps.
 
-    ``model`` must accept ``keep=`` (an :class:`ASEUViT`, possibly DDP-wrapped). The paper's
+    ``model`` must accept ``keep=`` (an :class:`ASEUViT` or :class:`ASEDiT`, possibly DDP-wrapped).
+    A network with a learned variance (DiT) is trained with the hybrid loss L_simple + L_vlb, as the
+    paper fine-tunes DiT (improved DDPM's, :class:`~duodiff_fast.training.objective.HybridObjective`). The paper's
     re-weighting lambda(t) (its Algorithm 1) is optional: ``time_weight(t) -> (B,)`` multiplies each
     row's loss (default 1, which is what the paper switches to after its re-weighting cycle).
     """
@@ -316,14 +351,23 @@ class ASEObjective(DiffusionObjective):
 
     def __call__(self, model, x0, y, generator=None):
         inner = getattr(model, "module", model)
-        if hasattr(inner, "out_blocks"):
-            self.dropping.validate(len(inner.out_blocks))
+        if hasattr(inner, "out_blocks") or hasattr(inner, "t_embedder"):
+            self.dropping.validate(droppable_blocks(inner))
         t, noise, x_t = self.sample(x0, generator)
         y = self.training_labels(y, generator)
         timesteps = self.network_timesteps(t, x0.device)
         keep = self.dropping.kept_blocks(t).to(x0.device)
-        eps = model(x_t, timesteps, y, keep=keep)  # (B, C, H, W)
-        per_row = (eps.float() - noise).pow(2).flatten(1).mean(1)  # (B,)
+        out = model(x_t, timesteps, y, keep=keep).float()  # (B, C or 2C, H, W)
+        c = x0.shape[1]
+        per_row = (out[:, :c] - noise).pow(2).flatten(1).mean(1)  # (B,)
+        if out.shape[1] == 2 * c:  # learned variance: + L_vlb with eps stopped (the hybrid loss)
+            from ..samplers.improved_ddpm import ImprovedDiffusion, vb_terms_bpd
+
+            if getattr(self, "_diffusion", None) is None:
+                self._diffusion = ImprovedDiffusion.from_schedule(self.schedule, None)
+            k = torch.round(t.to(torch.float64) * self._diffusion.num_timesteps - 1.0).long().to(x0.device)
+            frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
+            per_row = per_row + vb_terms_bpd(self._diffusion, frozen, x0.float(), x_t, k)
         if self.time_weight is not None:
             per_row = per_row * self.time_weight(t).to(per_row)
         loss = per_row.mean()
@@ -348,17 +392,19 @@ def ase_finetune_config(cfg, **changes):
 
 
 def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, schedule=None):
-    """Fine-tune a U-ViT for a dropping schedule with the foundation trainer; returns the Trainer.
+    """Fine-tune a U-ViT or DiT for a dropping schedule with the foundation trainer; returns the Trainer.
 
     Args:
         cfg: a TrainConfig (its ``init_weights`` can point at the pretrained weights); pass it
             through :func:`ase_finetune_config` for the paper's settings.
         dropping: schedule name, kept list or DroppingSchedule.
-        model: the pretrained U-ViT (copied into an :class:`ASEUViT`); default: built from cfg.
+        model: the pretrained U-ViT or DiT (copied into an :class:`ASEUViT` / :class:`ASEDiT`);
+            default: built from cfg. A paper name resolves for the model's architecture and depth
+            (:func:`dropping_for`).
         dataset: training data (default ``cfg.data``).
         schedule: the noise schedule (default: the config's).
 
-    The trained weights are plain U-ViT weights (``trainer.export_weights``) for :class:`ASEDenoiser`.
+    The trained weights are plain U-ViT / DiT weights (``trainer.export_weights``) for :class:`ASEDenoiser`.
     """
     from ..schedules import get_schedule
     from ..training import build_model, resolve_schedule_name, train
@@ -366,9 +412,9 @@ def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, sche
     if model is None:
         torch.manual_seed(cfg.seed)  # the same init as the foundation trainer's own build
     base = model if model is not None else build_model(cfg)
-    ase_model = ASEUViT.from_uvit(base)
-    dropping = get_dropping_schedule(dropping)
-    dropping.validate(len(ase_model.out_blocks))
+    ase_model = ASEDiT.from_dit(base) if isinstance(base, DiT) else ASEUViT.from_uvit(base)
+    dropping = dropping_for(ase_model, dropping)
+    dropping.validate(droppable_blocks(ase_model))
     schedule = schedule or get_schedule(resolve_schedule_name(cfg))
     objective = ASEObjective(schedule, dropping, ase_model.num_classes, cfg.resolved_p_uncond())
     return train(cfg, model=ase_model, loss_fn=objective, dataset=dataset)
@@ -376,6 +422,7 @@ def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, sche
 
 __all__ = [
     "PAPER_SCHEDULES", "PAPER_SPEEDUP_PCT", "DroppingSchedule", "get_dropping_schedule",
-    "run_blocks_dropped", "droppable_blocks", "ase_forward", "ASEUViT", "ASEDenoiser", "ASEObjective",
+    "run_blocks_dropped", "droppable_blocks", "dropping_for", "ase_forward", "ASEUViT", "ASEDiT",
+    "PAPER_DIT_SCHEDULES", "PAPER_DIT_SPEEDUP_PCT", "ASEDenoiser", "ASEObjective",
     "ase_finetune_config", "finetune_ase",
 ]

@@ -298,8 +298,9 @@ def build_method(
     before any network runs.
     """
     from ..backends import check_backend, prepare_model
-    from ..methods import AdaDiff, ASEDenoiser, DuoDiff, ModelDenoiser, MultistageDenoiser, get_dropping_schedule
+    from ..methods import AdaDiff, ASEDenoiser, DuoDiff, ModelDenoiser, MultistageDenoiser
     from ..methods import load_multistage
+    from .ase import dropping_for
     from ..models import shallow_name
 
     check_backend(backend)
@@ -330,18 +331,9 @@ def build_method(
                            "--ase-checkpoint or --checkpoint"))
         if path:
             checkpoints[role] = path
-        if hasattr(model, "t_embedder"):  # DiT: the paper's D1/D3/D4/D6-DiT, written for DiT-XL/2's 28 blocks
-            from .ase import PAPER_DIT_BLOCKS
-
-            dropping = get_dropping_schedule(spec.ase_schedule, arch="dit")
-            if len(model.blocks) != PAPER_DIT_BLOCKS:
-                dropping = dropping.rescaled(len(model.blocks), reference=PAPER_DIT_BLOCKS)
-        else:
-            dropping = get_dropping_schedule(spec.ase_schedule)
-            out_blocks = len(model.out_blocks) if hasattr(model, "out_blocks") else PAPER_OUT_BLOCKS
-            if out_blocks != PAPER_OUT_BLOCKS:
-                # The paper's D1..D6 are written for U-ViT-S/4's 6 out-blocks: scale them to this depth.
-                dropping = dropping.rescaled(out_blocks)
+        # The paper's D1..D6 are written for U-ViT-S/4's 6 out-blocks and D1/D3/D4/D6-DiT for DiT-XL/2's
+        # 28 blocks: other depths get them rescaled.
+        dropping = dropping_for(model, spec.ase_schedule)
         details = {"ase_kept": list(dropping.kept), "ase_boundaries": list(dropping.boundaries)}
         return BuiltMethod(spec, ASEDenoiser(model, schedule, dropping), model, checkpoints, details)
     # multistage

@@ -1,4 +1,6 @@
 """ASE on DiT: the paper's DiT schedules, blocks dropped from the last one backward, through the layer program."""
+import math
+
 import pytest
 import torch
 
@@ -100,3 +102,23 @@ def test_cli_ase_on_tiny_dit(tmp_path):
         assert rc == 0
         assert json.loads((out / "manifest.json").read_text())["settings"]["ase_kept"] == kept
     assert create_model("dit-tiny").depth == 4
+
+
+def test_finetune_ase_on_dit_with_the_hybrid_loss(tmp_path):
+    from duodiff_fast.methods import ASEDiT
+    from duodiff_fast.methods.ase import ASEObjective, ase_finetune_config, finetune_ase
+    from duodiff_fast.training import dit_train_config
+
+    m = _dit(depth=4)
+    obj = ASEObjective(linear_ddpm(), [4, 3, 2, 1, 1], m.num_classes)
+    ase = ASEDiT.from_dit(m)
+    loss, metrics = obj(ase, torch.rand(3, 4, 4, 4) * 2 - 1, torch.tensor([0, 1, 2]), torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and loss.requires_grad
+    cfg = ase_finetune_config(dit_train_config(dict(name="dit-tiny", input_size=4, hidden_size=32, num_heads=2,
+                                                    num_classes=5), steps=2, batch_size=2, device="cpu",
+                                               out_dir=str(tmp_path / "ase"), progress=False, save_every=2,
+                                               data={"source": "synthetic", "num_samples": 4, "seed": 0}))
+    assert cfg.lr == 2e-5
+    trainer = finetune_ase(cfg, "D3", model=m)
+    assert trainer.loss_fn.dropping.kept == (4, 4, 3, 3, 2)  # D3-DiT (28, 25, 22, 19, 16) at 4 blocks
+    assert trainer.history[-1]["step"] == 2 and math.isfinite(trainer.history[-1]["loss"])
