@@ -89,10 +89,14 @@ def test_eval_dit_tiny_smoke(tmp_path, golden):
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))
     out = tmp_path / "table"
     rc = main(["eval", "--config", "dit-tiny", "--random-weights", "--random-inception", "--autoencoder",
-               _ae(tmp_path, golden), "--methods", "base,duodiff:500", "--reference", str(tmp_path / "ref.npz"),
+               _ae(tmp_path, golden), "--methods", "base,ase:D4", "--reference", str(tmp_path / "ref.npz"),
                "--stats-cache", str(tmp_path / "cache"), "--n-samples", "2", "--batch-size", "2", "--solver", "ddim",
                "--steps", "2", "--timing-repeats", "1", "--timing-warmup", "0", "--device", "cpu", "--no-progress",
                "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
-    assert [r["method"] for r in res["rows"]] == ["base", "duodiff t_s=500"]
+    assert [r["method"] for r in res["rows"]] == ["base", "ase D4"]
+    table = (out / "table1_ase.md").read_text().splitlines()  # the ASE paper's Table 1 layout
+    assert table[-4].startswith("| Methods (DDIM-2) | FID")
+    assert table[-2].startswith("| DiT |") and table[-2].endswith("| - |")
+    assert table[-1].startswith("| D4-DiT |") and table[-1].endswith("% |")
