@@ -100,3 +100,13 @@ def test_eval_dit_tiny_smoke(tmp_path, golden):
     assert table[-4].startswith("| Methods (DDIM-2) | FID")
     assert table[-2].startswith("| DiT |") and table[-2].endswith("| - |")
     assert table[-1].startswith("| D4-DiT |") and table[-1].endswith("% |")
+
+
+def test_dit_eager_bf16_runs_and_multistage_is_refused(tmp_path, capsys):
+    rc = main(["sample", "--config", "dit-tiny", "--checkpoint", _trained_like_dit(tmp_path), "--backend",
+               "eager-bf16", "--solver", "ddim", "--steps", "2", "--cfg-scale", "0.5", "--n-samples", "1",
+               "--device", "cpu", "--no-progress", "--out", str(tmp_path / "bf16")])
+    assert rc == 0
+    rc = main(["sample", "--config", "dit-tiny", "--random-weights", "--method", "multistage", "--n-samples", "1",
+               "--device", "cpu", "--no-progress", "--out", str(tmp_path / "ms")])
+    assert rc == 2 and "U-ViT configs" in capsys.readouterr().err

@@ -337,6 +337,10 @@ def build_method(
         details = {"ase_kept": list(dropping.kept), "ase_boundaries": list(dropping.boundaries)}
         return BuiltMethod(spec, ASEDenoiser(model, schedule, dropping), model, checkpoints, details)
     # multistage
+    from ..models import get_spec
+
+    if get_spec(config).arch != "uvit":
+        raise ValueError(f"multistage decoders are implemented for U-ViT configs; {config} is a {get_spec(config).arch}")
     if weights.multistage:
         ms = load_multistage(weights.multistage)
         checkpoints["multistage"] = weights.multistage
