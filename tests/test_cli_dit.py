@@ -110,3 +110,16 @@ def test_dit_eager_bf16_runs_and_multistage_is_refused(tmp_path, capsys):
     rc = main(["sample", "--config", "dit-tiny", "--random-weights", "--method", "multistage", "--n-samples", "1",
                "--device", "cpu", "--no-progress", "--out", str(tmp_path / "ms")])
     assert rc == 2 and "U-ViT configs" in capsys.readouterr().err
+
+
+def test_train_dit_shallow_twin_with_dits_recipe(tmp_path):
+    run = tmp_path / "run"
+    rc = main(["train", "--config", "dit-tiny-shallow", "--data", "synthetic", "--steps", "2", "--batch-size", "2",
+               "--device", "cpu", "--out-dir", str(run), "--save-every", "2", "--no-progress"])
+    assert rc == 0
+    train_cfg = json.loads((run / "config.json").read_text())["train"]
+    assert (train_cfg["lr"], train_cfg["weight_decay"], train_cfg["warmup_steps"], train_cfg["grad_clip"],
+            train_cfg["betas"], train_cfg["ema_decay"]) == (1e-4, 0.0, 0, None, [0.9, 0.999], 0.9999)
+    rc = main(["train", "--config", "dit-tiny-shallow", "--data", "synthetic", "--steps", "1", "--batch-size", "2",
+               "--device", "cpu", "--out-dir", str(tmp_path / "run2"), "--lr", "3e-4", "--no-progress"])
+    assert rc == 0 and json.loads((tmp_path / "run2" / "config.json").read_text())["train"]["lr"] == 3e-4
