@@ -147,3 +147,28 @@ def test_ddpm_samples_depend_only_on_their_seed():
     both = sample(den, linear_ddpm(), (3, 4, 8, 8), y=y, seeds=[5, 6, 7], **kw)
     one = sample(den, linear_ddpm(), (1, 4, 8, 8), y=y[1:2], seeds=[6], **kw)
     assert torch.allclose(both[1:2], one, atol=1e-5)
+
+
+def test_ddim_eta_closed_form():
+    """DDIM with eta > 0 over two kept steps, against the formula in float64:
+    x' = sqrt(ab') x0 + sqrt(1 - ab' - s^2) eps + s z, s = eta sqrt((1 - ab') / (1 - ab)) sqrt(1 - ab / ab');
+    the last step (ab' = 1) returns the predicted x0 and draws no noise."""
+    d = ImprovedDiffusion.from_schedule(linear_ddpm(), "2")
+    torch.manual_seed(0)
+    x, eps, z = (torch.randn(1, 2, 4, 4, dtype=torch.float64) for _ in range(3))
+    drawn = []
+
+    class OneNoise:
+        def step_noise(self, shape):
+            drawn.append(shape)
+            return z
+
+    eta = 0.5
+    out = d.ddim_sample_loop(lambda x_, ts: eps, x, eta=eta, noise_source=OneNoise())
+    ab, abp = d.alphas_cumprod[1], d.alphas_cumprod_prev[1]
+    x0 = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
+    s = eta * ((1 - abp) / (1 - ab)).sqrt() * (1 - ab / abp).sqrt()
+    x1 = abp.sqrt() * x0 + (1 - abp - s ** 2).sqrt() * eps + s * z
+    ab0 = d.alphas_cumprod[0]
+    ref = (x1 - (1 - ab0).sqrt() * eps) / ab0.sqrt()
+    assert len(drawn) == 1 and torch.allclose(out, ref, atol=1e-10)
