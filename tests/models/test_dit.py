@@ -139,3 +139,12 @@ def test_gradients_reach_every_trainable_parameter_and_checkpointing_agrees():
     for n, p in m.named_parameters():
         if p.requires_grad:
             assert torch.allclose(p.grad, grads[n], atol=1e-6), n
+
+
+def test_program_picks_the_backbone_and_refuses_other_modules():
+    from duodiff_fast.models.program import DiTBackbone, UViTBackbone, backbone_for
+
+    assert isinstance(backbone_for(create_model("dit-tiny")), DiTBackbone)
+    assert isinstance(backbone_for(create_model("tiny")), UViTBackbone)
+    with pytest.raises(TypeError, match="UViT or a DiT"):
+        backbone_for(torch.nn.Linear(2, 2))
