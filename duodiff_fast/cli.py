@@ -114,12 +114,16 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--out-dir", default=d["out_dir"].default, help="run folder (default runs/train)")
     p.add_argument("--steps", type=int, default=d["steps"].default, help="optimizer steps (default 500000)")
     p.add_argument("--batch-size", type=int, default=d["batch_size"].default, help="global batch size (default 128)")
-    p.add_argument("--lr", type=float, default=d["lr"].default, help="AdamW learning rate (default 2e-4)")
-    p.add_argument("--weight-decay", type=float, default=d["weight_decay"].default, help="AdamW weight decay (default 0.03)")
-    p.add_argument("--betas", default="0.99,0.999", help="AdamW betas (default 0.99,0.999)")
-    p.add_argument("--warmup-steps", type=int, default=d["warmup_steps"].default, help="linear warm-up steps (default 1500)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, 0 disables (default 1.0)")
-    p.add_argument("--ema-decay", type=float, default=d["ema_decay"].default,
+    # Unset optimisation options take the config's recipe: DuoDiff's for U-ViT, DiT's train.py for DiT.
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-4; DiT configs 1e-4)")
+    p.add_argument("--weight-decay", type=float, default=None,
+                   help="AdamW weight decay (default 0.03; DiT configs 0)")
+    p.add_argument("--betas", default=None, help="AdamW betas (default 0.99,0.999; DiT configs 0.9,0.999)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear warm-up steps (default 1500; DiT configs 0)")
+    p.add_argument("--grad-clip", type=float, default=None,
+                   help="max gradient norm, 0 disables (default 1.0; DiT configs 0)")
+    p.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay (default 0.9999), reached after a warm-up: update t uses "
                         "min(decay, (1 + t) / (10 + t))")
     p.add_argument("--no-ema-warmup", action="store_true",
@@ -220,8 +224,19 @@ def cmd_eval(args) -> int:
 
 # ------------------------------------------------------------------------------------ train
 def cmd_train(args) -> int:
+    from .models import get_spec
     from .training import TrainConfig, train
+    from .training.config import DIT_RECIPE
 
+    d = TrainConfig.__dataclass_fields__
+    recipe = dict(lr=d["lr"].default, weight_decay=d["weight_decay"].default, betas="0.99,0.999",
+                  warmup_steps=d["warmup_steps"].default, grad_clip=1.0, ema_decay=d["ema_decay"].default)
+    if get_spec(args.config).arch == "dit":  # DiT's train.py recipe (training.config.DIT_RECIPE)
+        recipe.update({k: v for k, v in DIT_RECIPE.items() if k in recipe})
+        recipe.update(betas=",".join(str(b) for b in DIT_RECIPE["betas"]), grad_clip=DIT_RECIPE["grad_clip"] or 0.0)
+    for key, value in recipe.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     try:
         betas = [float(b) for b in args.betas.split(",")]
     except ValueError:

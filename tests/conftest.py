@@ -22,6 +22,15 @@ def golden_path() -> pathlib.Path:
     return REPO_ROOT / ".." / "shared" / "golden" / "uvit_reference.pt"
 
 
+def dit_golden_path() -> pathlib.Path:
+    """Path of the official DiT golden outputs (env DUODIFF_DIT_GOLDEN, default ../shared/golden)."""
+    env = os.environ.get("DUODIFF_DIT_GOLDEN")
+    if env:
+        p = pathlib.Path(env)
+        return p if p.is_absolute() else (REPO_ROOT / p)
+    return REPO_ROOT / ".." / "shared" / "golden" / "dit_reference.pt"
+
+
 def _required(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
@@ -59,6 +68,21 @@ def multistage_golden():
     if not path.is_file():
         msg = (f"golden file not found at {path}: the multistage authors' and EDM's outputs these tests "
                "compare against (set DUODIFF_MULTISTAGE_GOLDEN to its path)")
+        if _required("DUODIFF_REQUIRE_GOLDEN"):
+            pytest.fail(msg + "; DUODIFF_REQUIRE_GOLDEN=1 forbids skipping", pytrace=False)
+        pytest.skip(msg)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def dit_golden():
+    """The DiT golden dict (the official DiT code's model and improved-DDPM outputs, see
+    ../shared/golden/README.md), or skip with the reason when the file is absent;
+    DUODIFF_REQUIRE_GOLDEN=1 turns the skip into a failure."""
+    path = dit_golden_path()
+    if not path.is_file():
+        msg = (f"DiT golden file not found at {path}: the official DiT outputs these tests compare against "
+               "(set DUODIFF_DIT_GOLDEN to its path)")
         if _required("DUODIFF_REQUIRE_GOLDEN"):
             pytest.fail(msg + "; DUODIFF_REQUIRE_GOLDEN=1 forbids skipping", pytrace=False)
         pytest.skip(msg)

@@ -62,3 +62,12 @@ def test_skipped_gpu_test_fails_when_gpu_required(tmp_path):
     assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout
     r = _run_pytest(tmp_path, GPU_TEST, DUODIFF_REQUIRE_GPU="1")
     assert r.returncode == 1 and "skipped under DUODIFF_REQUIRE_GPU=1: Skipped: no CUDA device" in r.stdout, r.stdout
+
+
+def test_missing_dit_golden_skips_with_reason_and_fails_when_required(tmp_path):
+    body = "def test_needs_dit_golden(dit_golden):\n    assert dit_golden\n"
+    missing = str(tmp_path / "nope.pt")
+    r = _run_pytest(tmp_path, body, DUODIFF_DIT_GOLDEN=missing)
+    assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout
+    r = _run_pytest(tmp_path, body, DUODIFF_DIT_GOLDEN=missing, DUODIFF_REQUIRE_GOLDEN="1")
+    assert r.returncode == 1 and "1 error" in r.stdout and "DUODIFF_REQUIRE_GOLDEN" in r.stdout, r.stdout

@@ -21,6 +21,9 @@ Defaults by machine (an option given on the command line always wins):
   a check that the rows run and how they compare, not a performance result.
 * CUDA: the DuoDiff paper's four configs at batch 128, DDPM-1000 and DDIM-50, every backend that can
   run (``triton`` included), plus CUDA-graph-captured sampler rows. This takes hours.
+* ``--preset dit-cpu`` / ``--preset dit-xl2``: the DiT rows (a tiny DiT on a CPU; DiT-XL/2 at 256,
+  batch 32, DDPM-250 and DDIM-50 on a GPU): base, DuoDiff's 3-block twin, AdaDiff and ASE
+  D1/D3/D4/D6-DiT.
 * ``--preset gpu-suite``: the narrowed GPU plan of ``benchmarks/gpu_suite.sh`` (cifar10-s2, batch 64,
   DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows, a 200 s budget).
 
@@ -99,6 +102,17 @@ DEFAULTS: Dict[str, dict] = {
                  graph_t_s="0,300", graph_dpm_steps=20, budget=0.0),
 }
 PRESETS: Dict[str, dict] = {
+    # DiT rows (the ASE paper's main system): a tiny DiT on a CPU, DiT-XL/2 at 256 on a GPU; base,
+    # DuoDiff (3-block twin), AdaDiff and ASE D1/D3/D4/D6-DiT (DiT has no multistage model here).
+    "dit-cpu": dict(configs="dit-tiny", batch_size=2, solvers="ddpm,ddim", ddpm_steps=50, ddim_steps=20,
+                    backends="reference", t_s="0,300,500", adadiff_thetas="0.07", adadiff_backends="reference",
+                    adadiff_solvers="ddim", methods="ase", method_backends="reference", method_solvers="ddim",
+                    ase_schedules="D1,D3,D4,D6", graph_solvers=""),
+    "dit-xl2": dict(configs="dit-xl2-256", batch_size=32, solvers="ddpm,ddim", ddpm_steps=250, ddim_steps=50,
+                    backends="reference,eager-bf16", t_s="0,300,500", repeats=3, adadiff_thetas="0.07",
+                    adadiff_backends="eager-bf16", adadiff_solvers="ddim", methods="ase",
+                    method_backends="eager-bf16", method_solvers="ddpm,ddim", ase_schedules="D1,D3,D4,D6",
+                    graph_solvers=""),
     # benchmarks/gpu_suite.sh: a few minutes on an H100 (the whole suite must end in < 9 minutes)
     "gpu-suite": dict(configs="cifar10-s2", batch_size=64, solvers="ddim", ddim_steps=50, backends=None,
                       t_s="0,300,500", repeats=5, warmup=1, adadiff_thetas="0.07", adadiff_backends="auto",
@@ -111,7 +125,7 @@ PRESETS: Dict[str, dict] = {
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--preset", default=None, choices=sorted(PRESETS), help="a named plan (gpu-suite: the GPU suite's narrowed plan)")
+    a("--preset", default=None, choices=sorted(PRESETS), help="a named plan (gpu-suite: the GPU suite's narrowed plan; dit-cpu, dit-xl2: the DiT rows)")
     a("--configs", default=None, help="comma-separated model configs: registered names, JSON model config paths or "
       "checkpoint/run folders (default: --checkpoint when it is such a folder, else 'tiny' on CPU, the paper's "
       "four on CUDA)")
@@ -281,6 +295,7 @@ def plan(args, device_type: str) -> List[dict]:
     groups = []
     methods = _split(args.methods)
     for config in _split(args.configs):
+        dit = get_spec(config).arch == "dit"
         # AdaDiff's shrinking batch changes shapes every layer: never torch.compile, even when auto chose it
         adadiff_backends = [b for b in _backends_of(args, args.adadiff_backends, config) if b != "torch.compile"]
         method_backends = _backends_of(args, args.method_backends, config)
@@ -289,7 +304,7 @@ def plan(args, device_type: str) -> List[dict]:
                 rows = ["base" if t == 0 else f"DuoDiff t_s={t}" for t in args.t_s_list]
                 if backend in adadiff_backends and solver in _split(args.adadiff_solvers):
                     rows += [f"AdaDiff {th:g} {m}" for th in args.theta_list for m in ("shrink", "sim", "bucket")]
-                if ("multistage" in methods and backend in method_backends
+                if (not dit and "multistage" in methods and backend in method_backends
                         and solver in _split(args.method_solvers) and backend != "torch.compile"):
                     rows.append("multistage")
                 groups.append(dict(kind="main", config=config, backend=backend, solver=solver,
@@ -300,11 +315,16 @@ def plan(args, device_type: str) -> List[dict]:
                 for solver in _split(args.method_solvers):
                     if backend == "torch.compile":
                         continue
+                    names = _split(args.ase_schedules)
+                    if dit:  # the paper defines D1, D3, D4 and D6 for DiT
+                        from ..methods.ase import PAPER_DIT_SCHEDULES
+
+                        names = [n for n in names if n.upper().replace("-DIT", "") in PAPER_DIT_SCHEDULES]
                     groups.append(dict(kind="ase", config=config, backend=backend, solver=solver,
                                        steps=steps_of(args, solver),
                                        backend_choice=_choice_of(args, backend, config, args.method_backends),
-                                       rows=["base"] + [f"ASE {n}" for n in _split(args.ase_schedules)]))
-        if device_type == "cuda":
+                                       rows=["base"] + [f"ASE {n}" for n in names]))
+        if device_type == "cuda" and not dit:  # the captured sampler runs U-ViT configs
             for solver in _split(args.graph_solvers):
                 steps = args.graph_dpm_steps if solver == "dpm_solver" else args.ddim_steps
                 for t_s in [int(v) for v in _split(args.graph_t_s)]:
@@ -568,6 +588,8 @@ class Runner:
 
         args, dev = self.args, self.device
         schedule, full_ref, _ = self.config_models(g["config"])
+        if hasattr(full_ref, "t_embedder"):
+            return self._group_ase_dit(g, schedule, full_ref)
         n_out = len(full_ref.out_blocks)
         model_ref, depth = full_ref, None
         if n_out < PAPER_OUT_BLOCKS:  # the paper's schedules are written for 6 out-blocks
@@ -602,6 +624,36 @@ class Runner:
                      layer_bound_saving_pct=100.0 * float((n_out - kept).mean()) / model.num_layers,
                      paper_speedup_pct=PAPER_SPEEDUP_PCT.get(key),
                      paper_speedup_note="ASE Table 2: U-ViT-S/4 CelebA64, EM-1000 (time saved, %)")
+        return list(rows.values())
+
+    def _group_ase_dit(self, g: dict, schedule, model_ref) -> List[dict]:
+        """ASE on DiT: the paper's D1/D3/D4/D6-DiT (written for 28 blocks, rescaled to other depths)."""
+        from ..methods.ase import PAPER_DIT_SPEEDUP_PCT, ASEDenoiser, dropping_for
+
+        args, dev = self.args, self.device
+        names = g["rows"][1:]
+        droppings = [dropping_for(model_ref, n.split()[1]) for n in names]
+        model = prepare_model(model_ref, g["backend"], compile_mode=args.compile_mode)
+        B = args.batch_size
+        shape = (B, model_ref.in_chans, model_ref.img_size, model_ref.img_size)
+        y = self.labels(model_ref, B)
+        dens = {"base": ModelDenoiser(model, schedule)}
+        dens.update({n: ASEDenoiser(model, schedule, d) for n, d in zip(names, droppings)})
+        evals = {k: [] for k in dens}
+        fns = {k: _first_through(_sampler(_spy(d, evals[k]), schedule, shape, g["solver"], g["steps"], y, dev),
+                                 _sampler(d, schedule, shape, g["solver"], g["steps"], y, dev))
+               for k, d in dens.items()}
+        timing = self._time(g, fns)
+        rows = {k: _row(g, k, args, timing[k], B, t_s=None, paper_per_sample_s=None) for k in dens}
+        _add_speedups(list(rows.values()), rows["base"])
+        n = model_ref.num_layers
+        for (k, r), dropping in zip(list(rows.items())[1:], droppings):
+            kept = dropping.kept_blocks(torch.tensor(evals[k] or [0.5], dtype=torch.float64)).double()
+            r.update(ase_schedule=list(dropping.kept), ase_boundaries=list(dropping.boundaries),
+                     mean_kept_blocks=float(kept.mean()), num_blocks=n,
+                     layer_bound_saving_pct=100.0 * float((n - kept).mean()) / n,
+                     paper_speedup_pct=PAPER_DIT_SPEEDUP_PCT.get(k.split()[1].upper().replace("-DIT", "")),
+                     paper_speedup_note="ASE Table 2: DiT-XL/2 ImageNet 256, DDPM (time saved, %)")
         return list(rows.values())
 
     # ---- CUDA-graph-captured sampler against the same loop uncaptured ------------------------------

@@ -176,7 +176,7 @@ class SampleJob:
 
     def __init__(self, args, spec: MethodSpec, device: torch.device):
         from ..methods.factory import build_method
-        from ..samplers import ClassifierFreeGuidance
+        from ..samplers import make_guidance
         from ..models import resolve_time_input
         from .manifest import checkpoint_hashes
 
@@ -196,7 +196,7 @@ class SampleJob:
         sample_labels(np.arange(1), args.seed, args.class_labels, self.num_classes)
         denoiser = built.denoiser
         if args.cfg_scale:
-            denoiser = ClassifierFreeGuidance(denoiser, args.cfg_scale, built.null_class)
+            denoiser = make_guidance(denoiser, args.cfg_scale, built.null_class)  # DiT: forward_with_cfg's form
         self.denoiser = denoiser
         self.shape = (int(model.in_chans), int(model.img_size), int(model.img_size))
         self.decoder = None

@@ -13,7 +13,8 @@ from typing import Dict, List, Optional, Sequence
 
 from ..io_utils import atomic_write, atomic_write_text
 
-__all__ = ["COLUMNS", "EDM_COLUMNS", "EDM_MD_COLUMNS", "add_speedups", "write_csv", "markdown_table", "write_markdown", "write_plot"]
+__all__ = ["COLUMNS", "EDM_COLUMNS", "EDM_MD_COLUMNS", "add_speedups", "write_csv", "markdown_table",
+           "write_markdown", "write_plot", "ase_table", "write_ase_table"]
 
 COLUMNS = ("method", "fid", "time_per_sample_s", "speedup", "n_samples", "solver", "steps", "settings", "smoke_check")
 # The multistage paper's Tables 1/2 rows for EDM models: NFE and GFLOPs per evaluation (weighted by the
@@ -71,6 +72,37 @@ def markdown_table(rows: Sequence[Dict[str, object]], notes: Sequence[str] = (),
     for r in rows:
         lines.append("| " + " | ".join(_fmt(c, r.get(c)) for c in cols) + " |")
     return "\n".join(lines) + "\n"
+
+
+def ase_table(rows: Sequence[Dict[str, object]], arch: str, sampler: str, notes: Sequence[str] = ()) -> str:
+    """The ASE paper's Table 1 layout as Markdown: the base model and its D-n schedules, with FID
+    and the acceleration (time saved against the base row, percent).
+
+    Args:
+        rows: table rows (``method`` "base" and "ase D3" style labels; other methods are left out).
+        arch: the architecture's name in the labels ("DiT" -> rows "DiT", "D1-DiT", ...).
+        sampler: the sampler heading, e.g. "DDPM-250".
+    """
+    base = next((r for r in rows if r["method"] == "base"), None)
+    lines = [f"> {n}" for n in notes] + ([""] if notes else [])
+    lines += [f"| Methods ({sampler}) | FID (lower is better) | Accel. (time saved) |", "|---|---:|---:|"]
+    for r in rows:
+        label = str(r["method"])
+        if label == "base":
+            name, accel = arch, "-"
+        elif label.startswith("ase "):
+            name = f"{label.split()[1]}-{arch}"
+            t, t0 = r.get("time_per_sample_s"), base.get("time_per_sample_s") if base else None
+            accel = f"{100.0 * (1.0 - float(t) / float(t0)):.2f}%" if t and t0 else ""
+        else:
+            continue
+        fid = r.get("fid")
+        lines.append(f"| {name} | {'' if fid is None else format(float(fid), '.3f')} | {accel} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_ase_table(path: str, rows, arch: str, sampler: str, notes: Sequence[str] = ()) -> None:
+    atomic_write_text(path, ase_table(rows, arch, sampler, notes))
 
 
 def write_markdown(path: str, rows, notes: Sequence[str] = (), title: str = "",

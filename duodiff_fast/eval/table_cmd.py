@@ -10,7 +10,8 @@ resumes), scores them against the reference statistics, and times the sampling l
 on the same device with the benchmark's timer (``bench.common.time_call``: warm-up, then the
 median of ``--timing-repeats`` runs; time per sample = batch time / batch size). It writes
 ``results.csv``, ``results.md``, ``fid_vs_time.png`` and ``results.json`` (with every method's
-sample manifest). With ``--random-inception`` (or ``--random-weights``) the outputs are labelled
+sample manifest); a grid with ASE rows also gets ``table1_ase.md``, the ASE paper's Table 1 layout
+(base and D-n rows, FID and the acceleration in time saved; "DiT" / "D3-DiT" labels for DiT configs). With ``--random-inception`` (or ``--random-weights``) the outputs are labelled
 a smoke check: the plumbing runs, the FID values mean nothing.
 """
 from __future__ import annotations
@@ -179,6 +180,13 @@ def cmd_eval(args) -> int:
     write_csv(os.path.join(args.out, "results.csv"), rows, EDM_COLUMNS if edm else COLUMNS)
     write_markdown(os.path.join(args.out, "results.md"), rows, notes, title, EDM_MD_COLUMNS if edm else None)
     write_plot(os.path.join(args.out, "fid_vs_time.png"), rows, title, notes[0] if smoke else None)
+    if any(str(r["method"]).startswith("ase ") for r in rows):  # the ASE paper's Table 1 layout
+        from ..models import get_spec
+        from .table import write_ase_table
+
+        arch = "DiT" if get_spec(args.config).arch == "dit" else "U-ViT"
+        steps = args.steps or ("250" if arch == "DiT" and args.solver == "ddpm" else "default")
+        write_ase_table(os.path.join(args.out, "table1_ase.md"), rows, arch, f"{args.solver.upper()}-{steps}", notes)
     from .manifest import environment
 
     atomic_write_json(os.path.join(args.out, "results.json"), {

@@ -1,5 +1,10 @@
 """AdaDiff: per-sample early exit through uncertainty estimation modules, with a real shrinking batch.
 
+On DiT (``AdaDiffUViT(dit)``) the heads have the shape of DiT's adaLN final layer (a
+:class:`~duodiff_fast.models.dit.FinalLayer`, conditioned on the row's c, predicting eps and the
+variance value) and the UEMs pool over all tokens (DiT has no extra tokens); the losses use the
+eps channels. Everything else below holds as written for U-ViT.
+
 AdaDiff (DuoDiff paper, appendix A) attaches to a U-ViT backbone with N = depth + 1 transformer
 layers, *before* each layer i = 0 .. N-1, an output head g_i and a timestep-aware uncertainty
 estimation module (UEM) u_i in [0, 1]. A sample exits at the first i with u_i <= theta and its
@@ -232,9 +237,16 @@ class AdaDiffUViT(nn.Module):
         self.backbone = backbone
         n = backbone.num_layers
         d = backbone.embed_dim
-        conv = not isinstance(backbone.final_layer, nn.Identity)
-        self.heads = nn.ModuleList(
-            [OutputHead(d, backbone.patch_size, backbone.in_chans, backbone.extras, conv) for _ in range(n)])
+        self.is_dit = hasattr(backbone, "t_embedder")
+        if self.is_dit:  # DiT: heads shaped like its adaLN final layer
+            from ..models.dit import FinalLayer
+
+            self.heads = nn.ModuleList(
+                [FinalLayer(d, backbone.patch_size, backbone.out_channels) for _ in range(n)])
+        else:
+            conv = not isinstance(backbone.final_layer, nn.Identity)
+            self.heads = nn.ModuleList(
+                [OutputHead(d, backbone.patch_size, backbone.in_chans, backbone.extras, conv) for _ in range(n)])
         self.uems = nn.ModuleList([UncertaintyModule(d, backbone.extras, uem_hidden) for _ in range(n)])
         self._init_new_modules(init_heads_from_final)
         if freeze_backbone:
@@ -242,6 +254,15 @@ class AdaDiffUViT(nn.Module):
 
     def _init_new_modules(self, from_final: bool) -> None:
         for head in self.heads:
+            if self.is_dit:
+                if from_final:
+                    head.load_state_dict(self.backbone.final_layer.state_dict())
+                else:  # the prediction layer random, the modulation zero (a plain LayerNorm head)
+                    nn.init.trunc_normal_(head.linear.weight, std=0.02)
+                    nn.init.zeros_(head.linear.bias)
+                    nn.init.zeros_(head.adaLN_modulation[-1].weight)
+                    nn.init.zeros_(head.adaLN_modulation[-1].bias)
+                continue
             if from_final:
                 head.norm.load_state_dict(self.backbone.norm.state_dict())
                 head.decoder_pred.load_state_dict(self.backbone.decoder_pred.state_dict())
@@ -277,6 +298,7 @@ class AdaDiffUViT(nn.Module):
     embed_dim = property(lambda self: self.backbone.embed_dim)
     is_conditional = property(lambda self: self.backbone.is_conditional)
     null_class = property(lambda self: self.backbone.null_class)
+    learn_sigma = property(lambda self: getattr(self.backbone, "learn_sigma", None))  # DiT only
 
     def set_attention_upcast(self, upcast: bool) -> "AdaDiffUViT":
         self.backbone.set_attention_upcast(upcast)
@@ -377,8 +399,7 @@ class _EveryExit:
         self.us: List[torch.Tensor] = []
 
     def before_layer(self, i: int, state, program) -> None:
-        bb = self.model.backbone
-        self.heads.append(program.ex.final(self.model.heads[i], bb.extras, bb.in_chans, state.h))
+        self.heads.append(program.backbone.final(program.ex, self.model.heads[i], state.h, state.carry))
         self.us.append(self.model.uems[i](state.h, state.carry["temb"]))
         return None
 
@@ -429,14 +450,14 @@ class _BucketedExit(_FirstExit):
         """Rows ``leave`` (P,) exit through head i; the rest move to the front of the next bucket."""
         bb, b, dev = program.model, self.batch, state.h.device
         if state.out is None:  # before layer 0: the whole batch, which is the top bucket (no padding)
-            state.out = state.h.new_empty((b + 1, bb.in_chans, bb.img_size, bb.img_size))
+            state.out = state.h.new_empty((b + 1, program.backbone.out_channels, bb.img_size, bb.img_size))
             state.exits = torch.full((b + 1,), program.num_layers, dtype=torch.long, device=dev)
             state.rows = torch.arange(b, device=dev)
         real = state.rows < b
         leave = leave & real
         # The head runs on every slot (a static shape); slots that do not leave write the trash row.
         target = torch.where(leave, state.rows, torch.full_like(state.rows, b))
-        scatter_rows(state.out, target, program.ex.final(self.head(i), bb.extras, bb.in_chans, state.h))
+        scatter_rows(state.out, target, program.backbone.final(program.ex, self.head(i), state.h, state.carry))
         state.exits.index_fill_(0, target, i)
         stay = real & ~leave
         count = stay.sum()  # (), on the device: the steps below depend on the buckets only, not on n
@@ -567,8 +588,9 @@ class AdaDiffObjective:
         if target not in AdaDiffObjective.TARGETS:
             raise ValueError(f"target must be one of {AdaDiffObjective.TARGETS}, got {target!r}")
         noise = noise.float()
-        l_simple = (out.final.float() - noise).pow(2).mean()
-        err = out.heads.float() - noise.unsqueeze(0)  # (N, B, C, H, W)
+        c = noise.shape[1]  # DiT's outputs carry the variance value after the eps channels
+        l_simple = (out.final[:, :c].float() - noise).pow(2).mean()
+        err = out.heads[:, :, :c].float() - noise.unsqueeze(0)  # (N, B, C, H, W)
         mse = err.pow(2).flatten(2).mean(-1)  # (N, B)
         u = out.u.float()  # (N, B)
         with torch.no_grad():
@@ -631,7 +653,8 @@ class AdaDiff(ModelDenoiser):
         self.recorder = recorder
         self.last_exits: Optional[torch.Tensor] = None
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network output at times t (the solvers call the denoiser itself: its first C channels)."""
         self.check(x, t, y)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)

@@ -1,4 +1,5 @@
-"""ASE (Adaptive Score Estimation, Moon et al. 2023): time-dependent dropping of U-ViT decoder blocks.
+"""ASE (Adaptive Score Estimation, Moon et al. 2023): time-dependent dropping of U-ViT decoder blocks
+and of DiT blocks.
 
 A *dropping schedule* maps continuous time t in [0, 1] (t = 0 data, t = 1 pure noise) to the number
 k(t) of out- (decoder) blocks that run in full. On U-ViT, as the paper prescribes:
@@ -23,6 +24,12 @@ attention and MLP are not computed for the whole batch. Rows at different timest
 custom solver, and always the case in training) are grouped per block: block j transforms only the
 rows whose k(t) exceeds j.
 
+On DiT (the paper's main system, DiT-XL/2 with 28 blocks) k(t) counts all blocks: blocks
+``0 .. k-1`` run and the later ones are skipped whole (DiT has no long skips), i.e. blocks are
+dropped from the final one backward. The DiT schedules of the paper's Table 2 are in
+:data:`PAPER_DIT_SCHEDULES` (D1, D3, D4 on fifths; D6 on [0, 0.2) then tenths); other depths get
+them rescaled from 28 blocks.
+
 API: :class:`DroppingSchedule`, :func:`get_dropping_schedule`, :func:`ase_forward` (the truncated
 forward), :class:`ASEUViT` (a U-ViT whose forward takes per-row kept counts, for training),
 :class:`ASEDenoiser` (the solver-facing denoiser), :class:`ASEObjective` and
@@ -37,6 +44,7 @@ import torch.nn as nn
 
 from ..backends import model_dtype
 from ..models.program import program_for
+from ..models.dit import DiT
 from ..models.uvit import UViT
 from ..samplers.constants import host_time
 from ..training.objective import DiffusionObjective
@@ -51,6 +59,17 @@ PAPER_SCHEDULES: Dict[str, Tuple[int, ...]] = {
     "D5": (5, 4, 2, 1, 1),
     "D6": (5, 3, 2, 1, 1),
 }
+# Kept DiT blocks (of DiT-XL/2's 28), the paper's Table 2: (kept per interval, interior boundaries).
+# D2 and D5 are defined for U-ViT only.
+PAPER_DIT_BLOCKS = 28
+_FIFTHS = (0.2, 0.4, 0.6, 0.8)
+PAPER_DIT_SCHEDULES: Dict[str, Tuple[Tuple[int, ...], Tuple[float, ...]]] = {
+    "D1": ((28, 26, 24, 22, 20), _FIFTHS),
+    "D3": ((28, 25, 22, 19, 16), _FIFTHS),
+    "D4": ((28, 24, 20, 16, 12), _FIFTHS),
+    "D6": ((28, 24, 22, 20, 18, 12, 10, 8, 6), (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)),
+}
+PAPER_DIT_SPEEDUP_PCT: Dict[str, float] = {"D1": 16.63, "D3": 23.43, "D4": 30.46, "D6": 38.32}
 # The paper's measured sampling acceleration (Table 2 / Table 4, U-ViT on CelebA 64, EM-1000), percent.
 PAPER_SPEEDUP_PCT: Dict[str, float] = {
     "D1": 16.26, "D2": 22.27, "D3": 24.77, "D4": 28.03, "D5": 30.71, "D6": 32.09,
@@ -101,12 +120,13 @@ class DroppingSchedule:
     def max_kept(self) -> int:
         return max(self.kept)
 
-    def validate(self, num_out_blocks: int) -> None:
-        """Raise ValueError when the schedule asks for more out-blocks than the model has."""
+    def validate(self, num_out_blocks: int, what: str = "out-blocks") -> None:
+        """Raise ValueError when the schedule asks for more droppable blocks (U-ViT out-blocks, DiT
+        blocks: ``what``) than the model has."""
         if self.max_kept > num_out_blocks:
             raise ValueError(
-                f"dropping schedule {self.name} keeps up to {self.max_kept} out-blocks but the model has "
-                f"only {num_out_blocks} (depth {2 * num_out_blocks}); use a deeper model or a schedule "
+                f"dropping schedule {self.name} keeps up to {self.max_kept} {what} but the model has "
+                f"only {num_out_blocks}; use a deeper model or a schedule "
                 f"with at most {num_out_blocks} kept blocks (see DroppingSchedule.rescaled)")
 
     def interval(self, t: torch.Tensor) -> torch.Tensor:
@@ -141,11 +161,19 @@ class DroppingSchedule:
         return DroppingSchedule(kept, self.boundaries, name=f"{self.name}@{num_out_blocks}")
 
 
-def get_dropping_schedule(spec) -> DroppingSchedule:
-    """A schedule from a paper name ("D1".."D6", also "D3-U-ViT"), a list of kept counts per equal
-    interval, or a :class:`DroppingSchedule` (returned as is)."""
+def get_dropping_schedule(spec, arch: str = "uvit") -> DroppingSchedule:
+    """A schedule from a paper name ("D1".."D6", also "D3-U-ViT"; for ``arch="dit"`` the DiT table:
+    "D1", "D3", "D4", "D6", also "D3-DiT"), a list of kept counts per equal interval, or a
+    :class:`DroppingSchedule` (returned as is)."""
     if isinstance(spec, DroppingSchedule):
         return spec
+    if isinstance(spec, str) and (arch == "dit" or spec.upper().endswith("-DIT")):
+        key = spec.upper().replace("-DIT", "").replace("_DIT", "")
+        if key not in PAPER_DIT_SCHEDULES:
+            raise ValueError(f"unknown DiT dropping schedule {spec!r}; the paper defines {sorted(PAPER_DIT_SCHEDULES)} "
+                             "for DiT (D2 and D5 only for U-ViT)")
+        kept, edges = PAPER_DIT_SCHEDULES[key]
+        return DroppingSchedule(kept, edges, name=f"{key}-DiT")
     if isinstance(spec, str):
         key = spec.upper().replace("-U-VIT", "").replace("_U_VIT", "")
         if key not in PAPER_SCHEDULES:
@@ -168,8 +196,31 @@ def run_blocks_dropped(model: UViT, tokens: torch.Tensor, keep: KeepSpec) -> tor
     return program_for(model, tokens).run_layers(tokens, keep)
 
 
+def dropping_for(model: nn.Module, spec) -> DroppingSchedule:
+    """The dropping schedule ``spec`` for ``model``: a paper name resolves in the table of the model's
+    architecture (U-ViT's D1..D6 for 6 out-blocks, DiT's D1/D3/D4/D6 for 28 blocks) and is rescaled
+    to the model's depth when it differs; lists and schedules are taken as they are."""
+    n = droppable_blocks(model)
+    if not isinstance(spec, str):
+        return get_dropping_schedule(spec)
+    if hasattr(model, "t_embedder"):
+        dropping, reference = get_dropping_schedule(spec, arch="dit"), PAPER_DIT_BLOCKS
+    else:
+        dropping, reference = get_dropping_schedule(spec), PAPER_OUT_BLOCKS
+    return dropping if n == reference else dropping.rescaled(n, reference=reference)
+
+
+def droppable_blocks(model: nn.Module) -> int:
+    """Blocks ASE may drop: a U-ViT's out-blocks, a DiT's blocks."""
+    if hasattr(model, "out_blocks"):
+        return len(model.out_blocks)
+    if hasattr(model, "blocks") and hasattr(model, "t_embedder"):
+        return len(model.blocks)
+    raise TypeError(f"ASE needs a U-ViT or a DiT; got {type(model).__name__}")
+
+
 def _check_keep(model: UViT, keep: KeepSpec, batch: int) -> None:
-    n_out = len(model.out_blocks)
+    n_out = droppable_blocks(model)
     if isinstance(keep, torch.Tensor) and keep.dim() > 0:
         if keep.shape != (batch,):
             raise ValueError(f"keep must be an int or a ({batch},) tensor, got shape {tuple(keep.shape)}")
@@ -177,7 +228,7 @@ def _check_keep(model: UViT, keep: KeepSpec, batch: int) -> None:
     else:
         lo = hi = int(keep)
     if lo < 0 or hi > n_out:
-        raise ValueError(f"kept out-blocks must lie in [0, {n_out}] for this model, got values in [{lo}, {hi}]")
+        raise ValueError(f"kept blocks must lie in [0, {n_out}] for this model, got values in [{lo}, {hi}]")
 
 
 def ase_forward(model: UViT, x: torch.Tensor, timesteps: torch.Tensor, y: Optional[torch.Tensor],
@@ -186,7 +237,8 @@ def ase_forward(model: UViT, x: torch.Tensor, timesteps: torch.Tensor, y: Option
 
     Args:
         model: the U-ViT. x: images. timesteps: (B,) the network's timestep input. y: labels or None.
-        keep: kept out-blocks (int for the batch or (B,) long); ``len(model.out_blocks)`` is the
+        keep: kept out-blocks of a U-ViT, kept blocks of a DiT (int for the batch or (B,) long);
+            all of them (``droppable_blocks(model)``) is the
             plain forward (bit-identical).
         check: validate inputs and ``keep`` (off inside the sampling loop: the denoiser checked).
     """
@@ -218,6 +270,24 @@ class ASEUViT(UViT):
         return ase_forward(self, x, timesteps, y, keep, check=not torch.compiler.is_compiling())
 
 
+class ASEDiT(DiT):
+    """A DiT whose forward also takes the kept blocks (same modules and state-dict keys), for
+    fine-tuning: ``forward(x, t, y, keep=None)``, ``keep`` as in :func:`ase_forward`."""
+
+    @classmethod
+    def from_dit(cls, model: DiT) -> "ASEDiT":
+        """A copy of ``model`` (config and weights) as an ASEDiT."""
+        new = cls(**model.config)
+        new.load_state_dict(model.state_dict())
+        return new.to(next(model.parameters()).device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None,
+                keep: Optional[KeepSpec] = None) -> torch.Tensor:
+        if keep is None:
+            return super().forward(x, t, y)
+        return ase_forward(self, x, t, y, keep, check=not torch.compiler.is_compiling())
+
+
 # ---------------------------------------------------------------------------------- denoiser
 class ASEDenoiser(ModelDenoiser):
     """Block-dropping denoiser for every solver: eps = denoiser(x, t, y), t continuous in (0, 1].
@@ -232,11 +302,10 @@ class ASEDenoiser(ModelDenoiser):
 
     def __init__(self, model: UViT, schedule, dropping):
         super().__init__(model, schedule)
-        for attr in ("out_blocks", "embed", "decode"):
-            if not hasattr(model, attr):
-                raise TypeError(f"ASE needs a U-ViT (with {attr}); got {type(model).__name__}")
-        self.dropping = get_dropping_schedule(dropping)
-        self.dropping.validate(len(model.out_blocks))
+        n = droppable_blocks(model)
+        is_dit = not hasattr(model, "out_blocks")
+        self.dropping = get_dropping_schedule(dropping, arch="dit" if is_dit else "uvit")
+        self.dropping.validate(n, "blocks" if is_dit else "out-blocks")
 
     def kept_blocks(self, t: torch.Tensor) -> torch.Tensor:
         """(B,) long: kept out-blocks at times t."""
@@ -250,7 +319,8 @@ class ASEDenoiser(ModelDenoiser):
             return None
         return int(self.kept_blocks(torch.tensor([host], dtype=torch.float64).to(t.dtype))[0])
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network output at times t (eps; with DiT's learned variance 2C channels)."""
         self.check(x, t, y)
         keep_spec: Optional[KeepSpec] = self.host_route(t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
@@ -267,7 +337,9 @@ class ASEDenoiser(ModelDenoiser):
 class ASEObjective(DiffusionObjective):
     """L_simple through the truncated forward: each row runs the blocks its own t keeps.
 
-    ``model`` must accept ``keep=`` (an :class:`ASEUViT`, possibly DDP-wrapped). The paper's
+    ``model`` must accept ``keep=`` (an :class:`ASEUViT` or :class:`ASEDiT`, possibly DDP-wrapped).
+    A network with a learned variance (DiT) is trained with the hybrid loss L_simple + L_vlb, as the
+    paper fine-tunes DiT (improved DDPM's, :class:`~duodiff_fast.training.objective.HybridObjective`). The paper's
     re-weighting lambda(t) (its Algorithm 1) is optional: ``time_weight(t) -> (B,)`` multiplies each
     row's loss (default 1, which is what the paper switches to after its re-weighting cycle).
     """
@@ -279,14 +351,23 @@ class ASEObjective(DiffusionObjective):
 
     def __call__(self, model, x0, y, generator=None):
         inner = getattr(model, "module", model)
-        if hasattr(inner, "out_blocks"):
-            self.dropping.validate(len(inner.out_blocks))
+        if hasattr(inner, "out_blocks") or hasattr(inner, "t_embedder"):
+            self.dropping.validate(droppable_blocks(inner))
         t, noise, x_t = self.sample(x0, generator)
         y = self.training_labels(y, generator)
         timesteps = self.network_timesteps(t, x0.device)
         keep = self.dropping.kept_blocks(t).to(x0.device)
-        eps = model(x_t, timesteps, y, keep=keep)  # (B, C, H, W)
-        per_row = (eps.float() - noise).pow(2).flatten(1).mean(1)  # (B,)
+        out = model(x_t, timesteps, y, keep=keep).float()  # (B, C or 2C, H, W)
+        c = x0.shape[1]
+        per_row = (out[:, :c] - noise).pow(2).flatten(1).mean(1)  # (B,)
+        if out.shape[1] == 2 * c:  # learned variance: + L_vlb with eps stopped (the hybrid loss)
+            from ..samplers.improved_ddpm import ImprovedDiffusion, vb_terms_bpd
+
+            if getattr(self, "_diffusion", None) is None:
+                self._diffusion = ImprovedDiffusion.from_schedule(self.schedule, None)
+            k = torch.round(t.to(torch.float64) * self._diffusion.num_timesteps - 1.0).long().to(x0.device)
+            frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
+            per_row = per_row + vb_terms_bpd(self._diffusion, frozen, x0.float(), x_t, k)
         if self.time_weight is not None:
             per_row = per_row * self.time_weight(t).to(per_row)
         loss = per_row.mean()
@@ -311,17 +392,19 @@ def ase_finetune_config(cfg, **changes):
 
 
 def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, schedule=None):
-    """Fine-tune a U-ViT for a dropping schedule with the foundation trainer; returns the Trainer.
+    """Fine-tune a U-ViT or DiT for a dropping schedule with the foundation trainer; returns the Trainer.
 
     Args:
         cfg: a TrainConfig (its ``init_weights`` can point at the pretrained weights); pass it
             through :func:`ase_finetune_config` for the paper's settings.
         dropping: schedule name, kept list or DroppingSchedule.
-        model: the pretrained U-ViT (copied into an :class:`ASEUViT`); default: built from cfg.
+        model: the pretrained U-ViT or DiT (copied into an :class:`ASEUViT` / :class:`ASEDiT`);
+            default: built from cfg. A paper name resolves for the model's architecture and depth
+            (:func:`dropping_for`).
         dataset: training data (default ``cfg.data``).
         schedule: the noise schedule (default: the config's).
 
-    The trained weights are plain U-ViT weights (``trainer.export_weights``) for :class:`ASEDenoiser`.
+    The trained weights are plain U-ViT / DiT weights (``trainer.export_weights``) for :class:`ASEDenoiser`.
     """
     from ..schedules import get_schedule
     from ..training import build_model, resolve_schedule_name, train
@@ -329,9 +412,9 @@ def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, sche
     if model is None:
         torch.manual_seed(cfg.seed)  # the same init as the foundation trainer's own build
     base = model if model is not None else build_model(cfg)
-    ase_model = ASEUViT.from_uvit(base)
-    dropping = get_dropping_schedule(dropping)
-    dropping.validate(len(ase_model.out_blocks))
+    ase_model = ASEDiT.from_dit(base) if isinstance(base, DiT) else ASEUViT.from_uvit(base)
+    dropping = dropping_for(ase_model, dropping)
+    dropping.validate(droppable_blocks(ase_model))
     schedule = schedule or get_schedule(resolve_schedule_name(cfg))
     objective = ASEObjective(schedule, dropping, ase_model.num_classes, cfg.resolved_p_uncond())
     return train(cfg, model=ase_model, loss_fn=objective, dataset=dataset)
@@ -339,6 +422,7 @@ def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, sche
 
 __all__ = [
     "PAPER_SCHEDULES", "PAPER_SPEEDUP_PCT", "DroppingSchedule", "get_dropping_schedule",
-    "run_blocks_dropped", "ase_forward", "ASEUViT", "ASEDenoiser", "ASEObjective",
+    "run_blocks_dropped", "droppable_blocks", "dropping_for", "ase_forward", "ASEUViT", "ASEDiT",
+    "PAPER_DIT_SCHEDULES", "PAPER_DIT_SPEEDUP_PCT", "ASEDenoiser", "ASEObjective",
     "ase_finetune_config", "finetune_ase",
 ]

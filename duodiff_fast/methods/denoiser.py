@@ -1,9 +1,14 @@
-"""Adapters from a U-ViT network to the denoiser protocol the solvers use.
+"""Adapters from a U-ViT or DiT network to the denoiser protocol the solvers use.
 
 A *denoiser* is any callable ``eps = denoiser(x, t, y)``: x (B, C, H, W) float, t (B,) float
 continuous time in (0, 1] (t = 1 is pure noise), y (B,) long class ids or None; it returns the
 predicted noise with the shape of x. How t is fed to the network (step index, t * 999, ...) is a
 property of the noise schedule, so the adapter asks the schedule.
+
+A network with more output than input channels (DiT with ``learn_sigma``: eps, then the variance
+interpolation value) is read through ``output(x, t, y)``, the whole network output, which the
+improved-DDPM sampler (:mod:`duodiff_fast.samplers.improved_ddpm`) uses; ``denoiser(x, t, y)`` is its
+first ``C`` channels (eps) for every other solver. Subclasses (DuoDiff, ASE) override ``output``.
 """
 from __future__ import annotations
 
@@ -51,10 +56,22 @@ class ModelDenoiser:
             self.schedule.check_t(t)
         check_labels(y, x.shape[0], self.num_classes)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    @property
+    def uses_improved_ddpm(self) -> bool:
+        """True for DiT networks: DDPM/DDIM run DiT's improved-DDPM diffusion (learned variance,
+        respacing) instead of the package's plain DDPM/DDIM."""
+        return getattr(self.model, "learn_sigma", None) is not None
+
+    def output(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network's whole output (B, C_out, H, W) at continuous times t (C_out = 2C with a learned variance)."""
         self.check(x, t, y)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         return self._run(self.model, x, t, y)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """eps (B, C, H, W): the first C channels of :meth:`output`."""
+        out = self.output(x, t, y)
+        return out if out.shape[1] == x.shape[1] else out[:, : x.shape[1]]
 
     def _run(self, model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor]) -> torch.Tensor:
         """Feed the schedule's timestep input to ``model``; cast to its dtype and back to x's."""

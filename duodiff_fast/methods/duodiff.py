@@ -85,7 +85,8 @@ class DuoDiff(ModelDenoiser):
         probe = torch.tensor([host], dtype=torch.float64).to(t.dtype)  # the device value's rounding
         return "shallow" if bool(self.uses_shallow(probe)[0]) else "full"
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network output at times t (eps; with DiT's learned variance 2C channels)."""
         self.check(x, t, y)
         route = self.host_route(t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t

@@ -14,8 +14,8 @@ Checkpoint formats read here:
     * full / shallow / ASE: U-ViT state dicts (``models.load_weights``: official files, trainer
       checkpoints, safetensors). An ASE checkpoint is a U-ViT fine-tuned for its dropping schedule;
       without one, the base weights run with blocks dropped (the paper's "before fine-tuning").
-      D1..D6 are the paper's kept counts for 6 out-blocks; other depths get them rescaled
-      (``DroppingSchedule.rescaled``), recorded in ``BuiltMethod.details``.
+      D1..D6 are the paper's kept counts for 6 out-blocks (DiT: D1, D3, D4, D6-DiT for 28 blocks);
+      other depths get them rescaled (``DroppingSchedule.rescaled``), recorded in ``BuiltMethod.details``.
     * AdaDiff: the state dict of an :class:`~duodiff_fast.methods.AdaDiffUViT` (keys ``backbone.*``,
       ``heads.*``, ``uems.*``), bare or inside a trainer checkpoint (``model_state_dict`` /
       ``ema_state_dict``), which is what the trainer writes for an AdaDiff model. A checkpoint
@@ -312,9 +312,10 @@ def build_method(
     before any network runs.
     """
     from ..backends import check_backend, prepare_model
-    from ..methods import AdaDiff, ASEDenoiser, DuoDiff, ModelDenoiser, MultistageDenoiser, get_dropping_schedule
+    from ..methods import AdaDiff, ASEDenoiser, DuoDiff, ModelDenoiser, MultistageDenoiser
     from ..methods import load_multistage
     from ..models import shallow_spec
+    from .ase import dropping_for
 
     check_backend(backend)
     name = _config_name(config)
@@ -346,14 +347,16 @@ def build_method(
                            "--ase-checkpoint or --checkpoint"))
         if path:
             checkpoints[role] = path
-        dropping = get_dropping_schedule(spec.ase_schedule)
-        out_blocks = len(model.out_blocks) if hasattr(model, "out_blocks") else PAPER_OUT_BLOCKS
-        if out_blocks != PAPER_OUT_BLOCKS:
-            # The paper's D1..D6 are written for U-ViT-S/4's 6 out-blocks: scale them to this depth.
-            dropping = dropping.rescaled(out_blocks)
+        # The paper's D1..D6 are written for U-ViT-S/4's 6 out-blocks and D1/D3/D4/D6-DiT for DiT-XL/2's
+        # 28 blocks: other depths get them rescaled.
+        dropping = dropping_for(model, spec.ase_schedule)
         details = {"ase_kept": list(dropping.kept), "ase_boundaries": list(dropping.boundaries)}
         return BuiltMethod(spec, ASEDenoiser(model, schedule, dropping), model, checkpoints, details)
     # multistage
+    from ..models import get_spec
+
+    if get_spec(config).arch != "uvit":
+        raise ValueError(f"multistage decoders are implemented for U-ViT configs; {config} is a {get_spec(config).arch}")
     if weights.multistage:
         ms = load_multistage(weights.multistage)
         checkpoints["multistage"] = weights.multistage

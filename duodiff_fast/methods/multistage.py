@@ -411,7 +411,8 @@ class MultistageDenoiser(ModelDenoiser):
     def routing(self, ts: Sequence[float]) -> list:
         return self.model.stage_of(torch.as_tensor(list(ts), dtype=torch.float64)).tolist()
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def output(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The network output at times t (the solvers call the denoiser itself: its first C channels)."""
         self.check(x, t, y)
         stage = self.host_route(t)
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t

@@ -1,4 +1,4 @@
-"""U-ViT models, the named config registry and checkpoint loading."""
+"""U-ViT and DiT models, the named config registry and checkpoint loading."""
 from .checkpoint import (
     CheckpointError,
     CheckpointInfo,
@@ -6,6 +6,7 @@ from .checkpoint import (
     checkpoint_spec,
     extract_state_dict,
     infer_config,
+    infer_dit_config,
     load_model,
     load_weights,
     read_checkpoint_file,
@@ -28,12 +29,13 @@ from .configs import (
     shallow_spec,
     spec_json,
 )
+from .dit import DiT
 from .model_types import MODEL_TYPES, ModelType, get_model_type, register_model_type
 from .pretrained import is_pretrained_folder, load_pretrained, resolve_pretrained_folder, save_pretrained
 from .uvit import UViT, patchify, timestep_embedding, unpatchify
 
 __all__ = [
-    "UViT", "timestep_embedding", "patchify", "unpatchify",
+    "UViT", "DiT", "infer_dit_config", "timestep_embedding", "patchify", "unpatchify",
     "ModelSpec", "REGISTRY", "PAPER_CONFIGS", "create_model", "get_config", "get_spec",
     "list_configs", "matching_configs", "shallow_name", "describe",
     "CheckpointError", "read_checkpoint_file", "extract_state_dict", "infer_config",

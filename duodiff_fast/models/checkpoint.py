@@ -1,4 +1,4 @@
-"""Safe checkpoint loading for U-ViT models.
+"""Safe checkpoint loading for U-ViT and DiT models.
 
 Accepted files:
   * plain state dicts with the official key names (the published U-ViT ``nnet*.pth`` files);
@@ -9,6 +9,8 @@ Accepted files:
     ``model_state_dict``, optimizer / GradScaler / LR-scheduler / data-sampler states, ``train_state``
     and ``args``, their ``argparse.Namespace`` of command-line settings;
   * files written by :func:`save_weights` that record the model's time input (below);
+  * the official DiT files (``DiT-XL-2-256x256.pt``: a plain state dict) and DiT ``train.py``
+    checkpoints (``model``, ``ema``, ``opt``, ``args``; ``use_ema`` picks ``ema``);
   * U-ViT / AdaDiff training-state folders (``<step>.ckpt/`` holding ``nnet.pth`` and
     ``nnet_ema.pth``; ``use_ema`` picks the latter);
   * checkpoint folders (``config.json`` + ``model.safetensors``, :mod:`.pretrained`) and this
@@ -158,8 +160,8 @@ class CheckpointInfo:
     Attributes:
         layout: the weights' key layout (one of ``layouts.LAYOUTS``), or None when unrecognised.
         time_input: the declared time input ("index" / "normalized"), None when the file does not say.
-        source: "duodiff-authors" (their trainer's file, with ``args``), "duodiff-fast-train",
-            "duodiff-fast-weights", "safetensors" or "state-dict".
+        source: "duodiff-authors" (their trainer's file, with ``args``), "dit-train" (DiT's
+            ``train.py``), "duodiff-fast-train", "duodiff-fast-weights", "safetensors" or "state-dict".
         args: the DuoDiff authors' ``args`` as a dict ({} otherwise).
         layout_error: why ``layout`` is None.
     """
@@ -289,7 +291,9 @@ def checkpoint_info(checkpoint: Union[str, os.PathLike, Mapping[str, object]], u
     else:
         is_path = isinstance(checkpoint, (str, os.PathLike))
         obj = read_checkpoint_file(checkpoint, mmap=True) if is_path else _plain_namespaces(checkpoint)
-        if isinstance(obj.get("args"), Mapping):
+        if isinstance(obj.get("args"), Mapping) and _dit_heads_from_args(obj["args"]) is not None:
+            source = "dit-train"
+        elif isinstance(obj.get("args"), Mapping):
             source = "duodiff-authors"
         elif str(obj.get("format", "")).startswith("duodiff_fast.train"):
             source = "duodiff-fast-train"
@@ -422,6 +426,66 @@ def _shape_config(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, object]:
     )
 
 
+def _dit_heads_from_args(args: Mapping[str, object]) -> Optional[int]:
+    """num_heads of a DiT ``train.py`` checkpoint from its ``args.model`` ("DiT-XL/2" -> 16)."""
+    name = args.get("model") if isinstance(args, Mapping) else None
+    if not isinstance(name, str) or not name.startswith("DiT-") or "/" not in name:
+        return None
+    from .configs import DIT_SIZES
+
+    size = DIT_SIZES.get(name[4:].split("/")[0].lower())
+    return size[2] if size else None
+
+
+def _dit_num_heads(hidden: int, num_heads: Optional[int], registered: Mapping[int, int]) -> int:
+    """The head count of a DiT of width ``hidden``: given, else the registered DiT size of that width
+    (DiT-S/B/L/XL); refused otherwise (the weights cannot tell it, see :func:`infer_config`)."""
+    if num_heads:
+        return int(num_heads)
+    if hidden in registered:
+        return registered[hidden]
+    raise CheckpointError(f"the DiT's head count cannot be told from its weights (hidden_size {hidden} is no "
+                          "registered DiT size): pass --config (a registered name or a JSON model config) or "
+                          "num_heads=")
+
+
+def infer_dit_config(state_dict: Mapping[str, torch.Tensor], num_heads: Optional[int] = None) -> Dict[str, object]:
+    """Recover the DiT constructor keywords from a state dict with the official key names.
+
+    Read from shapes: ``input_size`` (pos_embed tokens and the patch), ``patch_size``,
+    ``in_channels``, ``hidden_size``, ``depth``, ``mlp_ratio``, ``learn_sigma`` (output channels =
+    2 x in_channels) and the label table. Not in the weights: ``num_heads`` (pass it, else the
+    registered DiT config of that width, else refused) and whether the table's last row is
+    a null class; it is taken to be (``class_dropout_prob=0.1``, ``num_classes`` = rows - 1), as in
+    every DiT trained with classifier-free guidance; pass an explicit config otherwise.
+    """
+    try:
+        pe = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
+        pos = state_dict["pos_embed"]  # (1, L, D)
+        table = state_dict["y_embedder.embedding_table.weight"]  # (classes [+ 1], D)
+        out = state_dict["final_layer.linear.weight"]  # (p*p*C_out, D)
+    except KeyError as e:
+        raise CheckpointError(f"not a DiT state dict: missing key {e.args[0]!r}") from None
+    hidden, in_channels, patch = int(pe.shape[0]), int(pe.shape[1]), int(pe.shape[2])
+    grid = int(round(int(pos.shape[1]) ** 0.5))
+    depth = len({k.split(".")[1] for k in state_dict if k.startswith("blocks.")})
+    out_channels = int(out.shape[0]) // (patch * patch)
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise CheckpointError(f"DiT final layer predicts {out_channels} channels for {in_channels} input channels "
+                              "(expected in_channels, or 2 x in_channels with learn_sigma)")
+    fc1 = state_dict.get("blocks.0.mlp.fc1.weight")
+    hidden_mlp = int(fc1.shape[0]) if fc1 is not None else 4 * hidden
+    from .configs import REGISTRY
+
+    heads = {s.kwargs["hidden_size"]: s.kwargs["num_heads"] for s in REGISTRY.values() if s.arch == "dit"}
+    return dict(
+        input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden, depth=depth,
+        num_heads=_dit_num_heads(hidden, num_heads, heads),
+        mlp_ratio=float(hidden_mlp) / hidden, class_dropout_prob=0.1, num_classes=int(table.shape[0]) - 1,
+        learn_sigma=out_channels == 2 * in_channels,
+    )
+
+
 def key_mismatch_lines(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str = "checkpoint") -> List[str]:
     """Lines describing how ``sd`` differs from ``model``'s state dict (empty when it fits).
 
@@ -465,6 +529,8 @@ def _layout_line(sd: Mapping[str, torch.Tensor]) -> Optional[str]:
                 "duodiff_fast.methods.adadiff_checkpoints.load_adadiff(path)")
     if layout == layouts.ADADIFF:
         return "  the checkpoint is an AdaDiffUViT's (backbone.*, heads.*, uems.*)"
+    if layout == layouts.DIT:
+        return "  the checkpoint is a DiT's (x_embedder.*, t_embedder.*, y_embedder.*, blocks.*, final_layer.*)"
     return None
 
 
@@ -475,16 +541,18 @@ def _mismatch_report(model: torch.nn.Module, sd: Mapping[str, torch.Tensor]) -> 
     hint = _layout_line(sd)
     if hint:
         lines.append(hint)
+    is_dit = "x_embedder.proj.weight" in sd
     try:
-        cfg = _shape_config(sd)
+        cfg = infer_dit_config(sd) if is_dit else _shape_config(sd)
         fits = matching_configs(cfg)
         if fits:
             lines.append(f"  the checkpoint fits config(s): {', '.join(fits)}")
         else:
             shown = {k: v for k, v in cfg.items() if k not in ("qk_scale", "num_heads")}
-            lines.append(f"  the checkpoint looks like UViT({shown}), which is not a registered config")
+            lines.append(f"  the checkpoint looks like {'DiT' if is_dit else 'UViT'}({shown}), which is not a "
+                         "registered config")
     except CheckpointError:
-        lines.append("  the checkpoint does not look like a U-ViT state dict")
+        lines.append("  the checkpoint does not look like a U-ViT or DiT state dict")
     return "\n".join(lines)
 
 
@@ -535,7 +603,7 @@ def load_model(
     use_ema: bool = False,
     num_heads: Optional[int] = None,
 ):
-    """Build the network a checkpoint holds and load it.
+    """Build the network (UViT or DiT) a checkpoint holds and load it.
 
     ``checkpoint``: a file (any format :func:`load_weights` reads), a checkpoint folder
     (``config.json`` + ``model.safetensors``), or a training run folder (its ``export/ema``: the
@@ -544,28 +612,35 @@ def load_model(
     The architecture comes from, in this order: ``config`` (a registry name, a JSON model config
     path, or a dict of UViT keywords; when the checkpoint records its own config the two must
     agree); the config the checkpoint records (checkpoint folders, this package's training
-    checkpoints and exports); the DuoDiff authors' ``args``; the weights' shapes plus
+    checkpoints and exports); the DuoDiff authors' ``args`` or DiT ``train.py``'s ``args.model``
+    ("DiT-XL/2"); for the official DiT key names :func:`infer_dit_config`; the weights' shapes plus
     ``num_heads``, or the registered config they fit. A checkpoint whose head count nothing
     tells is refused (:func:`infer_config`), never guessed.
     """
     from .configs import create_model, get_spec
+    from .dit import DiT
     from .model_types import get_model_type
     from .uvit import UViT
 
     obj, use_ema, where = load_checkpoint_object(checkpoint, use_ema)
     recorded = recorded_model_config(obj)
     if config is not None:
-        model = UViT(**config) if isinstance(config, Mapping) else create_model(get_spec(config))
+        if isinstance(config, Mapping):
+            model = DiT(**config) if "hidden_size" in config else UViT(**config)
+        else:
+            model = create_model(get_spec(config))
     elif recorded is not None:
         model = get_model_type(str(obj.get("model_type", "uvit"))).build(dict(recorded))
     else:
         args = obj.get("args") if isinstance(obj.get("args"), Mapping) else {}
-        heads = num_heads or args.get("num_heads")
+        sd = extract_state_dict(obj, use_ema=use_ema)
         try:
-            kwargs = infer_config(extract_state_dict(obj, use_ema=use_ema), num_heads=heads)
+            if "x_embedder.proj.weight" in sd:  # the official DiT key names
+                model = DiT(**infer_dit_config(sd, num_heads=num_heads or _dit_heads_from_args(args)))
+            else:
+                model = UViT(**infer_config(sd, num_heads=num_heads or args.get("num_heads")))
         except CheckpointError as e:
             raise CheckpointError(f"{where}: {e}") from None
-        model = UViT(**kwargs)
     if num_heads and getattr(model, "config", {}).get("num_heads") not in (None, num_heads):
         raise CheckpointError(f"{where}: num_heads={num_heads} contradicts the model config "
                               f"(num_heads={model.config['num_heads']})")

@@ -1,14 +1,19 @@
-"""Registry of named U-ViT configurations.
+"""Registry of named U-ViT and DiT configurations.
 
-Each entry holds the official constructor keywords plus what a user needs to sample from it: the
+Each entry holds the official constructor keywords (of ``UViT`` or ``DiT``, told apart by
+``ModelSpec.arch``) plus what a user needs to sample from it: the
 noise schedule it was trained with, whether it works in a latent space, and the published source.
 Every full configuration has a DuoDiff shallow twin named ``<name>-shallow``: the same width, heads
-and tokens, ``depth=2`` (one in-block, the mid-block and one out-block: three layers).
+and tokens and three transformer layers (U-ViT ``depth=2``: one in-block, the mid-block and one
+out-block; DiT ``depth=3`` blocks).
 
 Names:
     DuoDiff paper (Table 3): cifar10-s2, celeba64-s4, imagenet64-m4, imagenet256-l2
     other published U-ViT configs: imagenet64-l4, imagenet256-h2, imagenet512-l4, imagenet512-h4
     small configs for tests and CPU benchmarks: tiny, tiny-cond, tiny-latent
+    DiT (facebookresearch/DiT): dit-{xl,l,b,s}{2,4,8}-{256,512} (DiT-XL/2 at 256 is dit-xl2-256;
+    latent 4x32x32 at 256, 4x64x64 at 512, 1000 classes + null, the improved-DDPM linear schedule)
+    and dit-tiny (a small latent DiT for tests and CPU benchmarks)
 
 Model configs as JSON. Wherever a config name is accepted (``get_spec``, ``create_model``, the
 CLI's ``--config``), a path to a JSON file, or a checkpoint folder holding a ``config.json``, is
@@ -41,6 +46,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from .model_types import get_model_type
 
 SHALLOW_DEPTH = 2  # DuoDiff's shallow backbone: 1 in-block + mid-block + 1 out-block = 3 layers
+SHALLOW_DIT_DEPTH = 3  # the same three transformer layers for DiT (no mid-block)
 SHALLOW_SUFFIX = "-shallow"
 
 # What the network is fed at time t (see ModelSpec.time_input); the same names as
@@ -61,7 +67,7 @@ class ModelSpec:
 
     Attributes:
         name: registry name.
-        kwargs: official UViT constructor keywords.
+        kwargs: official constructor keywords of the ``arch``'s class.
         schedule: name of the noise schedule it is trained/sampled with (see duodiff_fast.schedules).
         latent: True when the model works on Stable Diffusion KL-f8 latents (scale 0.18215).
         source: where the configuration comes from.
@@ -70,6 +76,8 @@ class ModelSpec:
             t * 999), or "normalized" (discrete only: index / N, as the DuoDiff authors'
             CIFAR-10/CelebA models with ``normalize_timesteps``). Checkpoints that declare their
             own convention override it (see duodiff_fast.models.checkpoint).
+        arch: "uvit" (:class:`~duodiff_fast.models.uvit.UViT`) or "dit"
+            (:class:`~duodiff_fast.models.dit.DiT`).
     """
 
     name: str
@@ -82,6 +90,23 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         check_time_input(self.time_input)
+        get_model_type(self.model_type)  # ValueError naming the registered types
+
+    @property
+    def arch(self) -> str:
+        """The backbone family (``"uvit"`` or ``"dit"``): the model type's name."""
+        return self.model_type
+
+    def build(self, **overrides):
+        """A fresh model of this configuration; ``overrides`` replace constructor keywords
+        (``use_checkpoint`` turns on gradient checkpointing)."""
+        mtype = get_model_type(self.model_type)
+        unknown = set(overrides) - set(mtype.keywords) - {"use_checkpoint"}
+        if unknown:
+            raise TypeError(f"unknown {mtype.display} keyword(s) {sorted(unknown)}; valid: {sorted(mtype.keywords)}")
+        kwargs = dict(self.kwargs)
+        kwargs.update(overrides)
+        return mtype.build(kwargs)
 
     def to_dict(self) -> Dict[str, Any]:
         """The JSON model config of this spec (see the module docstring)."""
@@ -121,10 +146,10 @@ class ModelSpec:
         return make_schedule(schedule or self.schedule, time_input or self.time_input)
 
     def shallow(self) -> "ModelSpec":
-        """The DuoDiff shallow backbone of this configuration (depth 2, same width)."""
-        if self.model_type != "uvit":
-            raise ValueError(f"DuoDiff's shallow twin is defined for U-ViT configs, not {self.model_type!r}")
-        kwargs = dict(self.kwargs, depth=SHALLOW_DEPTH)
+        """The DuoDiff shallow backbone of this configuration (three layers, same width)."""
+        if self.model_type not in ("uvit", "dit"):
+            raise ValueError(f"DuoDiff's shallow twin is defined for U-ViT and DiT configs, not {self.model_type!r}")
+        kwargs = dict(self.kwargs, depth=SHALLOW_DIT_DEPTH if self.model_type == "dit" else SHALLOW_DEPTH)
         return dataclasses.replace(
             self, name=self.name + SHALLOW_SUFFIX, kwargs=kwargs,
             source=f"DuoDiff shallow backbone of {self.name}",
@@ -141,6 +166,8 @@ def mtype_defaults(model_type: str) -> Dict[str, object]:
     if model_type == "uvit":
         return {k: v for k, v in _uvit(0, 0, 0, 0, 0).items()
                 if k not in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
+    if model_type == "dit":
+        return dict(mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True)
     return {}
 
 
@@ -187,6 +214,35 @@ _FULL_SPECS: List[ModelSpec] = [
                     conv=False),
               "vp-linear", latent=True, source="small latent test configuration"),
 ]
+
+def _dit(input_size, patch_size, hidden_size, depth, num_heads, *, in_channels=4, num_classes=1000,
+         class_dropout_prob=0.1, learn_sigma=True) -> Dict[str, object]:
+    return dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
+                depth=depth, num_heads=num_heads, mlp_ratio=4.0, class_dropout_prob=class_dropout_prob,
+                num_classes=num_classes, learn_sigma=learn_sigma)
+
+
+# DiT sizes of the official DiT_models table: (hidden_size, depth, num_heads).
+DIT_SIZES = {"xl": (1152, 28, 16), "l": (1024, 24, 16), "b": (768, 12, 12), "s": (384, 12, 6)}
+DIT_RESOLUTIONS = {256: 32, 512: 64}  # image side -> SD KL-f8 latent side
+
+
+def _dit_specs() -> List[ModelSpec]:
+    specs = []
+    for size, (width, depth, heads) in DIT_SIZES.items():
+        for patch in (2, 4, 8):
+            for res, latent_side in DIT_RESOLUTIONS.items():
+                specs.append(ModelSpec(
+                    f"dit-{size}{patch}-{res}", _dit(latent_side, patch, width, depth, heads), "linear",
+                    latent=True, model_type="dit",
+                    source=f"DiT-{size.upper()}/{patch} ImageNet {res}x{res} (facebookresearch/DiT; improved-DDPM "
+                           "linear betas, 1000 steps, learned variance)"))
+    specs.append(ModelSpec("dit-tiny", _dit(8, 2, 64, 4, 4, num_classes=10), "linear", latent=True, model_type="dit",
+                           source="small latent DiT for tests and CPU benchmarks (10 classes + null)"))
+    return specs
+
+
+_FULL_SPECS += _dit_specs()
 
 PAPER_CONFIGS = ("cifar10-s2", "celeba64-s4", "imagenet64-m4", "imagenet256-l2")
 
@@ -256,7 +312,7 @@ def spec_json(name: SpecLike) -> str:
 
 
 def get_config(name: SpecLike) -> Dict[str, object]:
-    """The UViT constructor keywords of config ``name`` (a fresh dict)."""
+    """The constructor keywords of config ``name`` (UViT's or DiT's, see ``get_spec(name).model_type``; a fresh dict)."""
     return dict(get_spec(name).kwargs)
 
 
@@ -287,20 +343,13 @@ def matching_configs(config: Dict[str, object], ignore: tuple = ("num_heads", "q
 
 
 def create_model(name: SpecLike, **overrides):
-    """Build the network of config ``name`` (see :func:`get_spec`: a name, a JSON path or a spec);
-    keyword ``overrides`` replace config entries.
+    """Build the network (UViT or DiT) of config ``name`` (see :func:`get_spec`: a name, a JSON path
+    or a spec); keyword ``overrides`` replace config entries.
 
     Example: ``create_model("cifar10-s2")``, ``create_model("imagenet256-l2-shallow")``,
-    ``create_model("tiny", depth=6)``, ``create_model("my_model.json")``.
+    ``create_model("tiny", depth=6)``, ``create_model("dit-xl2-256")``, ``create_model("my_model.json")``.
     """
-    spec = get_spec(name)
-    mtype = get_model_type(spec.model_type)
-    kwargs = dict(spec.kwargs)
-    unknown = set(overrides) - set(mtype.keywords)
-    if unknown:
-        raise TypeError(f"unknown {mtype.display} keyword(s) {sorted(unknown)}; valid: {sorted(mtype.keywords)}")
-    kwargs.update(overrides)
-    return mtype.build(kwargs)
+    return get_spec(name).build(**overrides)
 
 
 def describe(name: Optional[str] = None) -> str:
@@ -310,6 +359,13 @@ def describe(name: Optional[str] = None) -> str:
     for n in names:
         s = get_spec(n)
         k = s.kwargs
+        if s.arch == "dit":
+            rows.append(
+                f"{n:24s} img={k['input_size']:<3} p={k['patch_size']} C={k['in_channels']} D={k['hidden_size']:<5}"
+                f" depth={k['depth']:<3} heads={k['num_heads']:<3} classes={k['num_classes'] + 1:<5}"
+                f" schedule={s.schedule}{' latent' if s.latent else ''} (DiT)"
+            )
+            continue
         rows.append(
             f"{n:24s} img={k['img_size']:<3} p={k['patch_size']} C={k['in_chans']} D={k['embed_dim']:<5}"
             f" depth={k['depth']:<3} heads={k['num_heads']:<3} classes={k['num_classes']:<5}"

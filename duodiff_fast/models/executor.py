@@ -1,4 +1,4 @@
-"""Block executors: how one U-ViT piece runs on one backend, and the one place that picks it.
+"""Block executors: how one U-ViT or DiT piece runs on one backend, and the one place that picks it.
 
 The layer program (:mod:`duodiff_fast.models.program`) asks :func:`executor_for` once per model
 call and then runs every piece through the executor it got:
@@ -11,6 +11,10 @@ call and then runs every piece through the executor it got:
                                        ``head`` is anything with norm / decoder_pred / final_layer
                                        (the U-ViT, an AdaDiff exit head, a multistage decoder)
     timestep_embedding(timesteps, D)   the (B, D) float32 sinusoid
+  DiT (adaLN-conditioned):
+    dit_embed(model, x, timesteps, y)  (B, C, H, W) -> patch tokens (B, L, D) and c (B, D)
+    adaln_block(blk, x, c)             one DiT block: adaLN-Zero attention and MLP branches
+    adaln_final(head, x, c, channels)  adaLN LayerNorm, patch prediction, unpatchify -> (B, C_out, H, W)
 
 :class:`TorchExecutor` runs the modules themselves (autograd, gradient checkpointing, the golden
 path), with the native time-embedding kernel where :mod:`duodiff_fast.ops.availability` says it runs
@@ -28,7 +32,7 @@ import torch.nn.functional as F
 from ..ops import embedding as ops_embedding
 from ..ops import impl
 from ..ops import triton_ops
-from .functional import final_layer
+from .functional import final_layer, unpatchify
 
 __all__ = ["TorchExecutor", "TritonExecutor", "executor_for", "needs_grad"]
 
@@ -81,6 +85,23 @@ class TorchExecutor:
 
     def final(self, head: nn.Module, extras: int, channels: int, tokens: torch.Tensor) -> torch.Tensor:
         return final_layer(head, extras, channels, tokens)
+
+    # ------------------------------------------------------------------------------------ DiT
+    def dit_embed(self, model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor,
+                  y: Optional[torch.Tensor]):
+        """``model.embed``: patch tokens + pos_embed (B, L, D) and c (B, D)."""
+        timesteps = _batch_timesteps(timesteps, x.shape[0])
+        sinusoid = self.timestep_embedding(timesteps, model.t_embedder.frequency_embedding_size)
+        return model.embed(x, timesteps, y, sinusoid=sinusoid)
+
+    def adaln_block(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """One DiT block conditioned on c: (B, L, D), (B, D) -> (B, L, D)."""
+        return self._run(blk, x, c)
+
+    def adaln_final(self, head: nn.Module, tokens: torch.Tensor, c: torch.Tensor, channels: int) -> torch.Tensor:
+        """DiT's final layer (``head``: anything with its norm_final / linear / adaLN_modulation) and
+        unpatchify: (B, L, D), (B, D) -> (B, channels, H, W)."""
+        return unpatchify(head(tokens, c), channels)
 
 
 def _linear_cublas(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tensor:

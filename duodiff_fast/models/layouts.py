@@ -2,6 +2,11 @@
 
 Layouts recognised in a state dict (after wrapper prefixes are removed):
 
+``dit``
+    The official DiT key names (``pos_embed``, ``x_embedder.proj.*``, ``t_embedder.mlp.*``,
+    ``y_embedder.embedding_table.weight``, ``blocks.{i}.*``, ``final_layer.*``): the published
+    ``DiT-XL-2-256x256.pt`` files, the ``model``/``ema`` entries of DiT's ``train.py`` checkpoints and
+    this package's :class:`~duodiff_fast.models.dit.DiT`.
 ``uvit``
     The official U-ViT key names (``pos_embed``, ``patch_embed.proj.*``, ``in_blocks.{i}.*``,
     ``mid_block.*``, ``out_blocks.{i}.*``, ``norm.*``, ``decoder_pred.*``, ``final_layer.*``, ...):
@@ -40,14 +45,16 @@ import torch
 StateDict = Dict[str, torch.Tensor]
 
 UVIT = "uvit"
+DIT = "dit"
 DUODIFF_EARLY_EXIT = "duodiff-early-exit"
 ADADIFF_OFFICIAL = "adadiff-official"
 ADADIFF = "adadiff"
-LAYOUTS = (UVIT, DUODIFF_EARLY_EXIT, ADADIFF_OFFICIAL, ADADIFF)
+LAYOUTS = (UVIT, DIT, DUODIFF_EARLY_EXIT, ADADIFF_OFFICIAL, ADADIFF)
 
 _PREFIXES = ("module.", "_orig_mod.")
 _UVIT_ROOTS = {"pos_embed", "patch_embed", "time_embed", "label_emb", "in_blocks", "mid_block", "out_blocks",
                "norm", "decoder_pred", "final_layer"}
+_DIT_ROOTS = {"pos_embed", "x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer"}
 _EE_HEAD_ROOTS = ("in_blocks_heads", "mid_block_head", "out_blocks_heads")
 _HEAD_PARTS = ("norm", "decoder_pred", "final_layer")
 
@@ -84,6 +91,8 @@ def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
         return DUODIFF_EARLY_EXIT
     if {"backbone", "heads", "uems"} <= roots:
         return ADADIFF
+    if {"x_embedder", "t_embedder", "blocks", "final_layer"} <= roots and roots <= _DIT_ROOTS:
+        return DIT
     if "patch_embed" in roots and "pos_embed" in roots:
         extra = roots - _UVIT_ROOTS
         if not extra:
@@ -96,7 +105,8 @@ def detect_layout(sd: Mapping[str, torch.Tensor]) -> str:
             "mid_block_classifier / out_blocks_classifiers), which their own code only keeps for old files; "
             f"it is not supported. Keys found: {summarize_keys(sd)}")
     raise LayoutError(
-        "unknown checkpoint layout: expected U-ViT keys (patch_embed.*, pos_embed, in_blocks.*, ...), the "
+        "unknown checkpoint layout: expected U-ViT keys (patch_embed.*, pos_embed, in_blocks.*, ...), DiT keys "
+        "(x_embedder.*, t_embedder.*, y_embedder.*, blocks.*, final_layer.*, pos_embed), the "
         "DuoDiff authors' early-exit model (uvit.*, *_heads.*, matrix.*), AdaDiff's (U-ViT keys + "
         f"lte_classifer.*) or this package's AdaDiffUViT (backbone.*, heads.*, uems.*). Keys found: "
         f"{summarize_keys(sd)}")

@@ -8,7 +8,7 @@ loadable from ``config.json`` + ``model.safetensors`` by registering itself once
 
     register_model_type(ModelType("dit", build=lambda kw: DiT(**kw), keywords=(...), required=(...)))
 
-Only ``"uvit"`` is registered by this package.
+This package registers ``"uvit"`` and ``"dit"``.
 """
 from __future__ import annotations
 
@@ -83,3 +83,21 @@ UVIT_KEYWORDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "nu
 UVIT_REQUIRED = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")
 
 register_model_type(ModelType("uvit", _build_uvit, UVIT_KEYWORDS, UVIT_REQUIRED, label="UViT"))
+
+
+def _build_dit(kwargs: Dict[str, object]) -> torch.nn.Module:
+    from .dit import DiT
+
+    kwargs = dict(kwargs)
+    use_checkpoint = kwargs.pop("use_checkpoint", None)  # DiT's constructor has no such keyword
+    model = DiT(**kwargs)
+    if use_checkpoint is not None:
+        model.use_checkpoint = bool(use_checkpoint)
+    return model
+
+
+# The official DiT constructor keywords (facebookresearch/DiT models.py).
+DIT_KEYWORDS = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+                "class_dropout_prob", "num_classes", "learn_sigma", "use_checkpoint")
+DIT_REQUIRED = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads")
+register_model_type(ModelType("dit", _build_dit, DIT_KEYWORDS, DIT_REQUIRED, label="DiT"))

@@ -46,12 +46,13 @@ class PatchEmbed(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact (erf) GELU -> fc2, the timm Mlp that U-ViT uses (module names fc1, fc2)."""
+    """fc1 -> GELU -> fc2, the timm Mlp (module names fc1, fc2). U-ViT uses the exact (erf) GELU,
+    DiT the tanh approximation (``approximate="tanh"``)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, approximate: str = "none"):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate=approximate)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ from .ddim import DDIMSampler, ddim_sample
 from .ddpm import DDPMSampler, alpha_bar_grid, ddpm_sample, respaced_indices
 from .dpm_solver import DPMSolver, dpm_solver_sample, fast_orders
 from .driver import SOLVERS, generate, sample
-from .guidance import ClassifierFreeGuidance
+from .guidance import ClassifierFreeGuidance, DiTGuidance, make_guidance
+from .improved_ddpm import ImprovedDiffusion, space_timesteps
 from .noise import NoiseSource, mix_seed, seeds_for
 from .outputs import load_npz, make_grid, save_npz, save_png_grid, save_tensor, to_uint8
 
@@ -12,6 +13,8 @@ __all__ = [
     "DDPMSampler",
     "DPMSolver",
     "ClassifierFreeGuidance",
+    "DiTGuidance",
+    "ImprovedDiffusion",
     "NoiseSource",
     "SOLVERS",
     "alpha_bar_grid",
@@ -22,6 +25,7 @@ __all__ = [
     "generate",
     "load_npz",
     "make_grid",
+    "make_guidance",
     "mix_seed",
     "respaced_indices",
     "sample",
@@ -29,5 +33,6 @@ __all__ = [
     "save_png_grid",
     "save_tensor",
     "seeds_for",
+    "space_timesteps",
     "to_uint8",
 ]

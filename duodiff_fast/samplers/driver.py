@@ -70,6 +70,8 @@ def _build(
     fused: bool = False,
 ):
     """Return (run(x_T, y, noise_source, callback) -> x_0, number of progress steps)."""
+    if solver in ("ddpm", "ddim") and getattr(denoiser, "uses_improved_ddpm", False):
+        return _build_improved(solver, denoiser, schedule, num_steps, eta, variance, spacing, fused)
     if num_steps is None:
         num_steps = DEFAULT_NUM_STEPS[solver]
     if solver == "ddpm":
@@ -101,6 +103,33 @@ def _build(
         )
 
     return run, n_outer
+
+
+def _build_improved(solver: str, denoiser, schedule: NoiseSchedule, num_steps, eta: float, variance: str,
+                    spacing: Optional[str], fused: bool):
+    """DDPM/DDIM of a DiT: the improved-DDPM diffusion respaced to ``num_steps`` (DiT's
+    ``space_timesteps``; ddpm default 250, ddim 50) with the learned variance."""
+    from .improved_ddpm import DEFAULT_RESPACING, ImprovedDiffusion, denoiser_model_fn
+
+    if variance != "beta":
+        raise ValueError(f"variance={variance!r}: a DiT's DDPM samples with its learned variance")
+    if spacing is not None:
+        raise ValueError(f"spacing={spacing!r}: a DiT's DDPM/DDIM respace with DiT's space_timesteps")
+    if fused:
+        raise ValueError("the fused update is not available for DiT's improved-DDPM sampler")
+    if num_steps is None:
+        num_steps = int(DEFAULT_RESPACING) if solver == "ddpm" else 50
+    grid = alpha_bar_grid(schedule)[0].numel()
+    check_num_steps(num_steps, grid)
+    diffusion = ImprovedDiffusion.from_schedule(schedule, str(num_steps))
+
+    def run(x, y, ns, cb):
+        model_fn = denoiser_model_fn(denoiser, y, diffusion.original_num_steps)
+        if solver == "ddpm":
+            return diffusion.p_sample_loop(model_fn, x, ns, callback=cb)
+        return diffusion.ddim_sample_loop(model_fn, x, eta, ns, callback=cb)
+
+    return run, diffusion.num_timesteps
 
 
 def sample(
@@ -138,7 +167,9 @@ def sample(
         shape: (B, C, H, W) of the batch.
         solver: ``"ddpm"``, ``"ddim"`` or ``"dpm_solver"``.
         num_steps: solver steps (network evaluations for DDPM/DDIM, NFE for DPM-Solver); default
-            ddpm: the full grid (1000), ddim: 50, dpm_solver: 20.
+            ddpm: the full grid (1000), ddim: 50, dpm_solver: 20. A DiT denoiser
+            (``uses_improved_ddpm``) runs DDPM/DDIM as DiT does: the improved-DDPM diffusion
+            respaced to ``num_steps`` (ddpm default 250) with its learned variance.
         y: (B,) integer class ids or None.
         seeds: per-sample seeds (B ints or a (B,) integer tensor); default
             ``seeds_for(base_seed, 0, B)``.

@@ -20,7 +20,7 @@ from .checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import DIT_RECIPE, TrainConfig, dit_train_config
 from .data import (
     ImageFolderDataset,
     NpzDataset,
@@ -34,11 +34,12 @@ from .data import (
 )
 from .distributed import DistEnv, init_distributed
 from .ema import EMA, unwrap_model
-from .objective import DiffusionObjective, drop_labels
+from .objective import DiffusionObjective, HybridObjective, drop_labels
 from .optim import LinearWarmup, build_lr_scheduler, build_optimizer, clip_gradients
 from .trainer import Trainer, build_model, resolve_schedule_name, train
 
 __all__ = [
+    "DIT_RECIPE", "dit_train_config", "HybridObjective",
     "TrainConfig", "Trainer", "train", "build_model", "resolve_schedule_name",
     "DiffusionObjective", "drop_labels",
     "ImageFolderDataset", "NpzDataset", "SyntheticDataset", "TensorDataset", "build_dataset",

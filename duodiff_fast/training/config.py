@@ -16,6 +16,11 @@ DEFAULT_P_UNCOND = 0.1
 # U-ViT's ImageNet 256 L/2 recipe drops labels more often.
 P_UNCOND_BY_MODEL = {"imagenet256-l2": 0.15, "imagenet256-l2-shallow": 0.15}
 
+# DiT's train.py recipe: AdamW lr 1e-4 without weight decay, no warm-up and no clipping, EMA 0.9999,
+# label dropout 0.1 (the learned variance trains through the hybrid loss, objective.HybridObjective).
+DIT_RECIPE: Dict[str, Any] = dict(lr=1e-4, weight_decay=0.0, betas=[0.9, 0.999], warmup_steps=0, grad_clip=None,
+                                  ema_decay=0.9999, p_uncond=0.1)
+
 AMP_MODES = ("auto", "bf16", "none")
 # Recipes whose published training flips images left-right (U-ViT / DuoDiff on CIFAR-10 and
 # CelebA 64x64, natural photos where a mirror image is as valid as the original). Every other
@@ -158,3 +163,8 @@ class TrainConfig:
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+def dit_train_config(model: Union[str, Dict[str, Any]], **changes) -> TrainConfig:
+    """A :class:`TrainConfig` with DiT's recipe (:data:`DIT_RECIPE`); ``changes`` override any field."""
+    return TrainConfig(model=model, **{**DIT_RECIPE, **changes})

@@ -88,3 +88,38 @@ class DiffusionObjective:
         eps = model(x_t, self.network_timesteps(t, x0.device), y)  # (B, C, H, W)
         loss = (eps.float() - noise).pow(2).mean()
         return loss, {"loss": loss.detach()}
+
+
+class HybridObjective(DiffusionObjective):
+    """Improved DDPM's hybrid loss for networks that learn their variance (DiT with ``learn_sigma``):
+    L_simple on the eps channels plus the variational bound L_vlb (bits per dimension) on the
+    variance channels, with eps stopped in L_vlb so that it trains the variance only (DiT's
+    ``training_losses`` with its default MSE loss type: loss = mse + vb).
+
+    Args:
+        schedule: the discrete schedule the network is trained on (DiT: "linear", 1000 steps).
+        num_classes, p_uncond: as :class:`DiffusionObjective`.
+    """
+
+    def __init__(self, schedule, num_classes: int = 0, p_uncond: float = 0.1):
+        super().__init__(schedule, num_classes, p_uncond)
+        from ..samplers.improved_ddpm import ImprovedDiffusion
+
+        self.diffusion = ImprovedDiffusion.from_schedule(schedule, None)  # every training step, no respacing
+
+    def __call__(self, model: nn.Module, x0: torch.Tensor, y: Optional[torch.Tensor],
+                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        from ..samplers.improved_ddpm import vb_terms_bpd
+
+        t, noise, x_t = self.sample(x0, generator)
+        y = self.training_labels(y, generator)
+        out = model(x_t, self.network_timesteps(t, x0.device), y).float()  # (B, 2C, H, W)
+        c = x0.shape[1]
+        if out.shape[1] != 2 * c:
+            raise ValueError(f"the hybrid loss needs eps and the variance value (2 x {c} channels), got {out.shape[1]}")
+        mse = (out[:, :c] - noise).pow(2).mean()
+        k = torch.round(t.to(torch.float64) * self.diffusion.num_timesteps - 1.0).long().to(x0.device)
+        frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
+        vb = vb_terms_bpd(self.diffusion, frozen, x0.float(), x_t, k).mean()
+        loss = mse + vb
+        return loss, {"loss": loss.detach(), "mse": mse.detach(), "vb": vb.detach()}

@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .data import StepSampler, _mix_seed, build_dataset, check_dataset, default_hflip, iterate_batches
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed
 from .ema import EMA, unwrap_model
-from .objective import DiffusionObjective
+from .objective import DiffusionObjective, HybridObjective
 from .optim import build_lr_scheduler, build_optimizer, clip_gradients, trainable_parameters
 
 LossFn = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Generator]],
@@ -45,7 +45,7 @@ CONFIG_NAME = "config.json"
 
 # ------------------------------------------------------------------------------ construction
 def build_model(cfg: TrainConfig) -> nn.Module:
-    """The UViT that ``cfg.model`` (+ ``cfg.model_overrides``) names."""
+    """The UViT or DiT that ``cfg.model`` (+ ``cfg.model_overrides``) names."""
     from ..models import UViT, create_model
 
     if isinstance(cfg.model, str):
@@ -219,7 +219,12 @@ class Trainer:
             from ..schedules import make_schedule
 
             self.schedule = make_schedule(resolve_schedule_name(cfg), self.time_input)
-            loss_fn = DiffusionObjective(self.schedule, self.num_classes, cfg.resolved_p_uncond())
+            objective = HybridObjective if getattr(self.model, "learn_sigma", False) else DiffusionObjective
+            loss_fn = objective(self.schedule, self.num_classes, cfg.resolved_p_uncond())
+        if hasattr(self.model, "label_dropout_in_forward"):
+            # DiT drops labels inside its forward in training; the objective already drops them
+            # (p_uncond) from the run's generator, so that resumed runs repeat the same draws.
+            self.model.label_dropout_in_forward = False
         self.loss_fn = loss_fn
         # Carried by the model, so that save_weights / export_weights keep the convention.
         self.model.time_input = self.time_input

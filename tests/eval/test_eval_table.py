@@ -81,3 +81,14 @@ def test_every_eval_option_has_help():
     for action in sub._actions:
         if action.dest != "help":
             assert action.help, f"eval --{action.dest} has no help text"
+
+
+def test_ase_table_has_the_papers_table1_layout():
+    from duodiff_fast.eval.table import ase_table
+
+    rows = [{"method": "base", "fid": 9.078, "time_per_sample_s": 1.0},
+            {"method": "ase D1", "fid": 8.747, "time_per_sample_s": 0.8337},
+            {"method": "duodiff t_s=300", "fid": 1.0, "time_per_sample_s": 0.5}]
+    lines = ase_table(rows, "DiT", "DDPM-250").splitlines()
+    assert lines[0] == "| Methods (DDPM-250) | FID (lower is better) | Accel. (time saved) |"
+    assert lines[2:] == ["| DiT | 9.078 | - |", "| D1-DiT | 8.747 | 16.63% |"]

@@ -23,7 +23,7 @@ def test_every_full_config_has_a_three_layer_shallow_twin():
         if name.endswith("-shallow"):
             continue
         sh = get_spec(shallow_name(name))
-        assert sh.kwargs["depth"] == 2
+        assert sh.kwargs["depth"] == (3 if spec.arch == "dit" else 2)
         assert {k: v for k, v in sh.kwargs.items() if k != "depth"} == {
             k: v for k, v in spec.kwargs.items() if k != "depth"}
         assert sh.schedule == spec.schedule
@@ -88,7 +88,7 @@ def test_json_config_with_any_channel_count(tmp_path):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "dit"}, "unknown model_type 'dit'"),
+    ({"model_type": "vit22b"}, "unknown model_type 'vit22b'"),
     ({"model": {"img_size": 16}}, r"\['patch_size', 'in_chans', 'embed_dim', 'depth', 'num_heads'\] are required"),
     ({"model": {"img_size": 16, "patch_size": 2, "in_chans": 1, "embed_dim": 32, "depth": 2, "heads": 2}},
      "unknown UViT keyword"),
@@ -115,3 +115,27 @@ def test_missing_and_malformed_config_files(tmp_path):
         get_spec(str(tmp_path / "broken.json"))
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         get_spec(str(tmp_path))
+
+
+def test_dit_sizes_follow_the_official_table():
+    # facebookresearch/DiT: XL 1152/28/16, L 1024/24/16, B 768/12/12, S 384/12/6; 256px = latent 32, 512px = 64
+    sizes = {"xl": (1152, 28, 16), "l": (1024, 24, 16), "b": (768, 12, 12), "s": (384, 12, 6)}
+    for size, (width, depth, heads) in sizes.items():
+        for patch in (2, 4, 8):
+            for res, side in ((256, 32), (512, 64)):
+                spec = get_spec(f"dit-{size}{patch}-{res}")
+                k = spec.kwargs
+                assert spec.arch == "dit" and spec.latent and spec.schedule == "linear"
+                assert (k["hidden_size"], k["depth"], k["num_heads"], k["patch_size"], k["input_size"]) == (
+                    width, depth, heads, patch, side)
+                assert (k["in_channels"], k["num_classes"], k["learn_sigma"], k["class_dropout_prob"]) == (
+                    4, 1000, True, 0.1)
+
+
+def test_dit_shallow_twin_and_tiny():
+    sh = create_model("dit-xl2-256-shallow")
+    assert sh.num_layers == 3 and sh.embed_dim == 1152 and sh.num_patches == 256
+    tiny = create_model("dit-tiny")
+    assert tiny.out_channels == 8 and tiny.num_classes == 11 and tiny.null_class == 10
+    with pytest.raises(TypeError, match="unknown DiT keyword"):
+        create_model("dit-tiny", embed_dim=8)

@@ -1,0 +1,30 @@
+"""DiT rows of the latency benchmark: the dit-cpu / dit-xl2 presets and the ASE-DiT rows (tiny, CPU)."""
+import torch
+
+from duodiff_fast.bench import latency
+
+
+def test_dit_presets_plan_the_paper_rows():
+    args = latency.resolve(latency.parse_args(["--preset", "dit-cpu"]), torch.device("cpu"))
+    groups = latency.plan(args, "cpu")
+    assert {g["config"] for g in groups} == {"dit-tiny"}
+    rows = [r for g in groups for r in g["rows"]]
+    assert "multistage" not in rows and sum(len(g["rows"]) for g in groups) <= 20
+    ase = [g for g in groups if g["kind"] == "ase"]
+    assert ase and ase[0]["rows"] == ["base", "ASE D1", "ASE D3", "ASE D4", "ASE D6"]
+    gpu = latency.resolve(latency.parse_args(["--preset", "dit-xl2", "--ase-schedules", "D1,D2,D5,D6"]),
+                          torch.device("cuda:0"))
+    groups = latency.plan(gpu, "cuda")
+    assert {g["config"] for g in groups} == {"dit-xl2-256"} and {g["kind"] for g in groups} == {"main", "ase"}
+    assert [g for g in groups if g["kind"] == "ase"][0]["rows"] == ["base", "ASE D1", "ASE D6"]  # no D2/D5 for DiT
+
+
+def test_dit_ase_rows_run_and_record_the_schedule(tmp_path):
+    res = latency.main(["--preset", "dit-cpu", "--solvers", "ddim", "--ddim-steps", "3", "--t-s", "0",
+                        "--adadiff-thetas", "", "--ase-schedules", "D1,D6", "--batch-size", "1", "--repeats", "1",
+                        "--warmup", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "dit.json")])
+    rows = {r["method"]: r for r in res["rows"] if r.get("kind", "ase") and r["method"].startswith("ASE")}
+    assert set(rows) == {"ASE D1", "ASE D6"}
+    assert rows["ASE D1"]["ase_schedule"] == [4, 4, 3, 3, 3] and rows["ASE D1"]["paper_speedup_pct"] == 16.63
+    assert rows["ASE D6"]["num_blocks"] == 4 and 0 < rows["ASE D6"]["layer_bound_saving_pct"] < 100
+    assert all(r["status"] == "ok" for r in res["rows"])
