@@ -164,6 +164,9 @@ def test_padding_waste_by_hand_and_rows_per_layer():
     rows = []
     handles = [blk.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
                for blk in model.backbone.layers()]
+    head_rows = []  # (head, rows it ran on): heads run only where rows leave, only on those rows
+    handles += [head.norm.register_forward_hook(lambda m, args, out, i=i: head_rows.append((i, args[0].shape[0])))
+                for i, head in enumerate(model.heads)]
     stats = BucketStats()
     try:
         eps, exits = model.exit_bucketed(x, ts, None, 0.07, stats=stats)
@@ -174,7 +177,9 @@ def test_padding_waste_by_hand_and_rows_per_layer():
     assert rows == [5, 5, 4, 4, 4]
     assert (stats.real_rows, stats.padded_rows, stats.calls) == (19, 3, 1)
     assert stats.waste == pytest.approx(3 / 22)
-    assert stats.as_dict() == {"real_rows": 19, "padded_rows": 3, "waste": pytest.approx(3 / 22), "calls": 1}
+    assert head_rows == [(2, 2)]  # only head 2 ran, on the 2 leaving rows (bucket 2: no padding)
+    assert stats.as_dict() == {"real_rows": 19, "padded_rows": 3, "waste": pytest.approx(3 / 22), "calls": 1,
+                               "head_rows": 2, "head_padded_rows": 0}
     eps_r, _ = model.exit_simulated(x, ts, None, 0.07)
     torch.testing.assert_close(eps, eps_r, rtol=1e-5, atol=1e-5)
     # a ladder that fits 3 exactly has no waste
