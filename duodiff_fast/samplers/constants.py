@@ -111,7 +111,9 @@ def time_vector(value: float, x: Tensor, dtype: torch.dtype) -> Tensor:
     cached = cached_time(value, x, dtype)
     if cached is not None:
         return cached
-    vec = torch.full((x.shape[0],), float(value), dtype=torch.float64).to(device=x.device, dtype=dtype)
+    # Filled on the device (a fill kernel): no host-to-device copy, which would wait for the stream.
+    # float(value) rounds to ``dtype`` as a float64 tensor cast to it would (round to nearest).
+    vec = torch.full((x.shape[0],), float(value), dtype=dtype, device=x.device)
     setattr(vec, _HOST_TIME_ATTR, float(value))
     return vec
 
