@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn as nn
 
 from ..backends import model_dtype
 from ..models.program import program_for
