@@ -1,6 +1,7 @@
 """One direction of dependency: the kernels import nothing of the package, and sampling with a
 method never imports the training package. Each check runs in a fresh interpreter, so modules an
 earlier test imported cannot hide an import."""
+import os
 import pathlib
 import subprocess
 import sys
@@ -14,7 +15,7 @@ def _imported_after(code: str) -> set:
     """The ``duodiff_fast`` modules loaded in a fresh interpreter after running ``code``."""
     probe = code + "\nimport sys\nprint('\\n'.join(m for m in sys.modules if m.startswith('duodiff_fast')))"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={"TRITON_INTERPRET": "1", "PATH": "/usr/bin:/bin"})
+                          env={**os.environ, "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", "1")})
     assert done.returncode == 0, done.stderr
     return set(done.stdout.split())
 
