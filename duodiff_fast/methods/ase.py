@@ -255,7 +255,7 @@ class ASEDenoiser(ModelDenoiser):
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         if keep_spec is None:
             keep = self.kept_blocks(t).to(x.device)
-            lo, hi = int(keep.min()), int(keep.max())
+            lo, hi = torch.stack(torch.aminmax(keep)).tolist()  # per-row times: one device read
             keep_spec = lo if lo == hi else keep  # one shared timestep: an int, no row split
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
         dtype = model_dtype(self.model)

@@ -216,7 +216,7 @@ class MultistageUViT(nn.Module):
         if isinstance(stage, torch.Tensor) and stage.dim() > 0:
             if stage.shape != (x.shape[0],):
                 raise ValueError(f"stage must be an int or a ({x.shape[0]},) tensor, got {tuple(stage.shape)}")
-            lo, hi = int(stage.min()), int(stage.max())
+            lo, hi = torch.stack(torch.aminmax(stage)).tolist()  # per-row stages: one device read
             if lo < 0 or hi >= self.num_stages:
                 raise ValueError(f"stage indices must lie in [0, {self.num_stages - 1}], got [{lo}, {hi}]")
             if lo != hi:
