@@ -38,7 +38,8 @@ def _read_version() -> str:
 packages = find_packages(include=["duodiff_fast", "duodiff_fast.*"])
 package_dir = {}
 if os.path.isfile(os.path.join(HERE, "kernels", "__init__.py")):
-    # kernels/ lives at the top level (see DESIGN.md) but installs as duodiff_fast.kernels.
+    # The Triton kernels live in the top-level kernels/ (they import nothing of the package) and
+    # install as duodiff_fast.kernels; the bare tree cannot import them under that name.
     packages.append("duodiff_fast.kernels")
     package_dir["duodiff_fast.kernels"] = "kernels"
 

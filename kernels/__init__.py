@@ -12,8 +12,10 @@ docstring names the PyTorch reference the launchers match:
     frontend      patch embedding + time/label tokens + position embedding in one pass
     final_layer   LayerNorm + decoder_pred + drop extra tokens + unpatchify in one pass
 
-The kernels know nothing about models: ``duodiff_fast.dispatch`` registers them as
-``torch.library`` custom ops and ``duodiff_fast.models.fused`` calls them. Set
+The kernels know nothing about models or the rest of the package (nothing here imports
+``duodiff_fast``; a reference that needs a model's rearrangement takes it as an argument):
+``duodiff_fast.ops.triton_ops`` registers them as ``torch.library`` custom ops (``duodiff_triton::*``)
+and the layer program's ``TritonExecutor`` (``duodiff_fast.models.executor``) calls those ops. Set
 ``TRITON_INTERPRET=1`` *before* this package is imported to run them on CPU tensors.
 
 Each launcher plans its launch with a pure ``*_launch`` function of (shapes, dtypes, flags); the

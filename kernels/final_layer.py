@@ -138,10 +138,13 @@ def final_layer(
     return out
 
 
-def final_layer_reference(tokens, norm_weight, norm_bias, eps, pred_weight, pred_bias, extras, channels):
-    """The PyTorch computation :func:`final_layer` matches (``UViT.decode`` minus the conv)."""
-    from duodiff_fast.models.uvit import unpatchify
+def final_layer_reference(tokens, norm_weight, norm_bias, eps, pred_weight, pred_bias, extras, channels, *,
+                          unpatchify):
+    """The PyTorch computation :func:`final_layer` matches (``UViT.decode`` minus the conv).
 
+    ``unpatchify(tokens (B, L, p*p*C), channels) -> (B, C, H, W)`` is the model's own rearrangement
+    (``duodiff_fast.models.functional.unpatchify``), passed in: the kernels know nothing of models.
+    """
     x = F.layer_norm(tokens, (tokens.shape[-1],), norm_weight.to(tokens.dtype), norm_bias.to(tokens.dtype), eps)
     x = F.linear(x, pred_weight.to(tokens.dtype), pred_bias.to(tokens.dtype))[:, extras:, :]
     return unpatchify(x, channels)

@@ -1,6 +1,7 @@
 """Shared test fixtures: the golden-file path and small helpers."""
 import os
 import pathlib
+import zlib
 
 import pytest
 import torch
@@ -116,3 +117,79 @@ def pytest_runtest_makereport(item, call):
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| in float64."""
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def stable_seed(*parts) -> int:
+    """A seed from test parameters that is the same in every process (``hash()`` of a string is not)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+# ------------------------------------------------------------------------------ the tolerance rule
+# One rule for every low-precision comparison (kernels, fused models, methods on a backend), as
+# flash-attention's tests do: the result's error against a float64 reference is at most
+# TORCH_ERROR_MULTIPLE times PyTorch's own error at the same dtype, plus a small floor (float32
+# results differ from the reference only by summation order, so they get an absolute floor).
+TORCH_ERROR_MULTIPLE = 2.0
+ERROR_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2e-4}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 on the CPU (inf when a holds NaN or inf)."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def torch_error_bound(torch_lowp: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> float:
+    """The largest error against ``exact`` (float64) a ``dtype`` computation may have: a multiple of
+    PyTorch's own error ``rel(torch_lowp, exact)`` at that dtype, plus the dtype's floor."""
+    return TORCH_ERROR_MULTIPLE * rel(torch_lowp, exact) + ERROR_FLOOR[dtype]
+
+
+def within_torch_error(out: torch.Tensor, torch_lowp: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype,
+                       what: str = "") -> None:
+    """Assert the tolerance rule: ``rel(out, exact) <= torch_error_bound(torch_lowp, exact, dtype)``.
+
+    Args:
+        out: the result under test (any dtype; compared in float64).
+        torch_lowp: PyTorch's own result for the same inputs computed at ``dtype``.
+        exact: the float64 reference.
+        dtype: the precision ``out`` was computed in (its floor is used).
+    """
+    err, bound = rel(out, exact), torch_error_bound(torch_lowp, exact, dtype)
+    assert err <= bound, (f"{what}: error {err:.3g} against float64 > bound {bound:.3g} "
+                          f"({TORCH_ERROR_MULTIPLE:g} x PyTorch's own {dtype} error + floor)")
+
+
+# ------------------------------------------------------------------------------ devices for backends
+def backend_device(backend: str) -> torch.device:
+    """The device tests of an execution backend run on here: CUDA where present (every backend
+    targets the GPU there: the triton backend cannot run on CPU tensors outside the interpreter),
+    else the CPU (the triton backend in Triton's interpreter, which tests/conftest.py turns on)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backend_dtype(backend: str, device: torch.device) -> torch.dtype:
+    """The precision ``backend`` computes in on ``device`` (its tolerance's dtype)."""
+    if backend == "reference" or (backend == "triton" and device.type == "cpu"):
+        return torch.float32
+    return torch.bfloat16
+
+
+def lowp_torch_backend(backend: str, device: torch.device) -> str:
+    """The PyTorch backend computing at ``backend``'s precision on ``device`` (the tolerance's
+    "PyTorch's own error"): eager-bf16 for bfloat16, the float32 reference for float32."""
+    return "reference" if backend_dtype(backend, device) == torch.float32 else "eager-bf16"
+
+
+@pytest.fixture(scope="session")
+def triton_device() -> torch.device:
+    """The device the triton backend (and its kernels) runs on here, or skip with the reason."""
+    from duodiff_fast import dispatch
+
+    dev = backend_device("triton")
+    reason = dispatch.triton_unavailable_reason(dev)
+    if reason:
+        pytest.skip(f"Triton kernels cannot run: {reason}")
+    return dev

@@ -49,7 +49,8 @@ Inference, two implementations that agree to rounding:
     * :meth:`AdaDiffUViT.exit_bucketed`: the shrinking batch with static shapes. The active rows are
       padded up to the smallest bucket of a ladder (powers of two, then the batch), so each layer
       runs one of a few shapes; per layer the only host read is the count of rows still active
-      (:func:`read_count`), which picks the next bucket. Every (layer, bucket) step has a fixed
+      (:func:`read_count`), which picks the next bucket; the exit head runs only on the rows that
+      leave (padded to their own bucket), and not at all at a layer no row leaves. Every (layer, bucket) step has a fixed
       shape -- what per-bucket CUDA graphs need -- but it runs eagerly here (no capture yet).
       Padding rows are copies of rows that already left: attention is per sample, so they never
       touch the real rows, and their writes go to a trash row that is cut off. The padding waste
@@ -97,16 +98,24 @@ class BucketStats:
     """Padding waste of the bucketed exit, summed over the layers run (and over calls).
 
     real_rows: sum over layers of the active rows a layer ran; padded_rows: sum of the padding
-    rows it ran on top (bucket - active); calls: exits run. Heads and UEMs run on the same buckets.
+    rows it ran on top (bucket - active); calls: exits run. The UEMs run on the layers' buckets.
+    head_rows / head_padded_rows: the same for the exit heads, which run only on the rows that
+    leave, padded up to their own bucket.
     """
 
     real_rows: int = 0
     padded_rows: int = 0
     calls: int = 0
+    head_rows: int = 0
+    head_padded_rows: int = 0
 
     def add(self, bucket: int, real: int) -> None:
         self.real_rows += real
         self.padded_rows += bucket - real
+
+    def add_head(self, bucket: int, real: int) -> None:
+        self.head_rows += real
+        self.head_padded_rows += bucket - real
 
     @property
     def waste(self) -> float:
@@ -116,7 +125,7 @@ class BucketStats:
 
     def as_dict(self) -> Dict[str, float]:
         return {"real_rows": self.real_rows, "padded_rows": self.padded_rows, "waste": self.waste,
-                "calls": self.calls}
+                "calls": self.calls, "head_rows": self.head_rows, "head_padded_rows": self.head_padded_rows}
 
 
 def _refuse_capture(x: torch.Tensor, what: str) -> None:
@@ -447,7 +456,12 @@ class _BucketedExit(_FirstExit):
         self.active = self.batch
 
     def exit_rows(self, i: int, state, leave: torch.Tensor, program) -> bool:
-        """Rows ``leave`` (P,) exit through head i; the rest move to the front of the next bucket."""
+        """Rows ``leave`` (P,) exit through head i; the rest move to the front of the next bucket.
+
+        The one host read of the layer (how many rows stay) comes first: the number that leave is
+        then known on the host (the active count minus it), so head i runs only when some row
+        leaves, and only on the leaving rows, padded up to their own ladder bucket.
+        """
         bb, b, dev = program.model, self.batch, state.h.device
         if state.out is None:  # before layer 0: the whole batch, which is the top bucket (no padding)
             state.out = state.h.new_empty((b + 1, program.backbone.out_channels, bb.img_size, bb.img_size))
@@ -455,13 +469,23 @@ class _BucketedExit(_FirstExit):
             state.rows = torch.arange(b, device=dev)
         real = state.rows < b
         leave = leave & real
-        # The head runs on every slot (a static shape); slots that do not leave write the trash row.
-        target = torch.where(leave, state.rows, torch.full_like(state.rows, b))
-        scatter_rows(state.out, target, program.backbone.final(program.ex, self.head(i), state.h, state.carry))
-        state.exits.index_fill_(0, target, i)
         stay = real & ~leave
         count = stay.sum()  # (), on the device: the steps below depend on the buckets only, not on n
         n = read_count(count)  # the one host read of this layer
+        n_leave = self.active - n
+        if n_leave > 0:
+            # The leaving rows first (stable), padded up to their bucket; padding slots write the
+            # trash row B. The bucket is at most P (P is on the ladder and P >= n_leave).
+            lbucket = choose_bucket(n_leave, self.ladder)
+            lorder = partition_order(leave)[:lbucket]
+            names = [m for m in ("c",) if m in state.carry]  # what the final layer reads besides h (DiT's c)
+            h_out, *picked = gather_rows([state.h, *(state.carry[m] for m in names)], lorder, check=False)
+            lrows = state.rows.index_select(0, lorder)
+            target = torch.where(torch.arange(lbucket, device=dev) < n_leave, lrows, torch.full_like(lrows, b))
+            head_out = program.backbone.final(program.ex, self.head(i), h_out, dict(zip(names, picked)))
+            scatter_rows(state.out, target, head_out)
+            state.exits.index_fill_(0, target, i)
+            self.stats.add_head(lbucket, n_leave)
         if n == 0:
             state.h = state.h[:0]
             state.skips = []
@@ -474,7 +498,7 @@ class _BucketedExit(_FirstExit):
             h, *rest = gather_rows([state.h, *state.skips, *(state.carry[m] for m in names)], order, check=False)
             state.h, state.skips, state.carry = h, rest[:k], dict(zip(names, rest[k:]))
             rows = state.rows.index_select(0, order)
-            state.rows = torch.where(torch.arange(bucket, device=dev) < count, rows, torch.full_like(rows, b))
+            state.rows = torch.where(torch.arange(bucket, device=dev) < n, rows, torch.full_like(rows, b))
             self.active = n
         self.stats.add(state.h.shape[0], n)
         return False

@@ -32,8 +32,9 @@ them rescaled from 28 blocks.
 
 API: :class:`DroppingSchedule`, :func:`get_dropping_schedule`, :func:`ase_forward` (the truncated
 forward), :class:`ASEUViT` (a U-ViT whose forward takes per-row kept counts, for training),
-:class:`ASEDenoiser` (the solver-facing denoiser), :class:`ASEObjective` and
-:func:`ase_finetune_config` / :func:`finetune_ase` (fine-tuning for a schedule).
+:class:`ASEDenoiser` (the solver-facing denoiser). Fine-tuning for a schedule (``ASEObjective``,
+``ase_finetune_config``, ``finetune_ase``) lives in :mod:`duodiff_fast.methods.ase_training`, so that
+sampling with ASE does not import the training package.
 """
 from __future__ import annotations
 
@@ -47,7 +48,6 @@ from ..models.program import program_for
 from ..models.dit import DiT
 from ..models.uvit import UViT
 from ..samplers.constants import host_time
-from ..training.objective import DiffusionObjective
 from .denoiser import ModelDenoiser
 
 # Kept out-blocks per fifth of [0, 1]; first entry t in [0, 0.2) (data side), last [0.8, 1] (noise).
@@ -326,103 +326,15 @@ class ASEDenoiser(ModelDenoiser):
         t = t.reshape(-1).expand(x.shape[0]) if t.numel() == 1 else t
         if keep_spec is None:
             keep = self.kept_blocks(t).to(x.device)
-            lo, hi = int(keep.min()), int(keep.max())
+            lo, hi = torch.stack(torch.aminmax(keep)).tolist()  # per-row times: one device read
             keep_spec = lo if lo == hi else keep  # one shared timestep: an int, no row split
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
         dtype = model_dtype(self.model)
         return ase_forward(self.model, x.to(dtype), timesteps, y, keep_spec, check=False).to(x.dtype)
 
 
-# ------------------------------------------------------------------------------- fine-tuning
-class ASEObjective(DiffusionObjective):
-    """L_simple through the truncated forward: each row runs the blocks its own t keeps.
-
-    ``model`` must accept ``keep=`` (an :class:`ASEUViT` or :class:`ASEDiT`, possibly DDP-wrapped).
-    A network with a learned variance (DiT) is trained with the hybrid loss L_simple + L_vlb, as the
-    paper fine-tunes DiT (improved DDPM's, :class:`~duodiff_fast.training.objective.HybridObjective`). The paper's
-    re-weighting lambda(t) (its Algorithm 1) is optional: ``time_weight(t) -> (B,)`` multiplies each
-    row's loss (default 1, which is what the paper switches to after its re-weighting cycle).
-    """
-
-    def __init__(self, schedule, dropping, num_classes: int = 0, p_uncond: float = 0.1, time_weight=None):
-        super().__init__(schedule, num_classes, p_uncond)
-        self.dropping = get_dropping_schedule(dropping)
-        self.time_weight = time_weight
-
-    def __call__(self, model, x0, y, generator=None):
-        inner = getattr(model, "module", model)
-        if hasattr(inner, "out_blocks") or hasattr(inner, "t_embedder"):
-            self.dropping.validate(droppable_blocks(inner))
-        t, noise, x_t = self.sample(x0, generator)
-        y = self.training_labels(y, generator)
-        timesteps = self.network_timesteps(t, x0.device)
-        keep = self.dropping.kept_blocks(t).to(x0.device)
-        out = model(x_t, timesteps, y, keep=keep).float()  # (B, C or 2C, H, W)
-        c = x0.shape[1]
-        per_row = (out[:, :c] - noise).pow(2).flatten(1).mean(1)  # (B,)
-        if out.shape[1] == 2 * c:  # learned variance: + L_vlb with eps stopped (the hybrid loss)
-            from ..samplers.improved_ddpm import ImprovedDiffusion, vb_terms_bpd
-
-            if getattr(self, "_diffusion", None) is None:
-                self._diffusion = ImprovedDiffusion.from_schedule(self.schedule, None)
-            k = torch.round(t.to(torch.float64) * self._diffusion.num_timesteps - 1.0).long().to(x0.device)
-            frozen = torch.cat([out[:, :c].detach(), out[:, c:]], dim=1)
-            per_row = per_row + vb_terms_bpd(self._diffusion, frozen, x0.float(), x_t, k)
-        if self.time_weight is not None:
-            per_row = per_row * self.time_weight(t).to(per_row)
-        loss = per_row.mean()
-        return loss, {"loss": loss.detach(), "mean_kept": keep.float().mean()}
-
-
-ASE_FINETUNE_LR = 2e-5  # the paper's fine-tuning learning rate (constant, AdamW; DiT experiments)
-ASE_FINETUNE_EMA = 0.9999
-
-
-def ase_finetune_config(cfg, **changes):
-    """A :class:`~duodiff_fast.training.TrainConfig` for ASE fine-tuning, from a base config.
-
-    Settings (the paper's Appendix B.1): AdamW, learning rate 2e-5, no warm-up, EMA 0.9999 (the
-    paper's "teacher" is the EMA of the student), the base run's batch and weight decay. The paper
-    used cosine annealing for U-ViT; the foundation trainer has warm-up + constant only, so the rate
-    stays constant at 2e-5 here. ``changes`` override any field.
-    """
-    base = dict(lr=ASE_FINETUNE_LR, warmup_steps=0, ema_decay=ASE_FINETUNE_EMA)
-    base.update(changes)
-    return cfg.replace(**base)
-
-
-def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, schedule=None):
-    """Fine-tune a U-ViT or DiT for a dropping schedule with the foundation trainer; returns the Trainer.
-
-    Args:
-        cfg: a TrainConfig (its ``init_weights`` can point at the pretrained weights); pass it
-            through :func:`ase_finetune_config` for the paper's settings.
-        dropping: schedule name, kept list or DroppingSchedule.
-        model: the pretrained U-ViT or DiT (copied into an :class:`ASEUViT` / :class:`ASEDiT`);
-            default: built from cfg. A paper name resolves for the model's architecture and depth
-            (:func:`dropping_for`).
-        dataset: training data (default ``cfg.data``).
-        schedule: the noise schedule (default: the config's).
-
-    The trained weights are plain U-ViT / DiT weights (``trainer.export_weights``) for :class:`ASEDenoiser`.
-    """
-    from ..schedules import get_schedule
-    from ..training import build_model, resolve_schedule_name, train
-
-    if model is None:
-        torch.manual_seed(cfg.seed)  # the same init as the foundation trainer's own build
-    base = model if model is not None else build_model(cfg)
-    ase_model = ASEDiT.from_dit(base) if isinstance(base, DiT) else ASEUViT.from_uvit(base)
-    dropping = dropping_for(ase_model, dropping)
-    dropping.validate(droppable_blocks(ase_model))
-    schedule = schedule or get_schedule(resolve_schedule_name(cfg))
-    objective = ASEObjective(schedule, dropping, ase_model.num_classes, cfg.resolved_p_uncond())
-    return train(cfg, model=ase_model, loss_fn=objective, dataset=dataset)
-
-
 __all__ = [
     "PAPER_SCHEDULES", "PAPER_SPEEDUP_PCT", "DroppingSchedule", "get_dropping_schedule",
     "run_blocks_dropped", "droppable_blocks", "dropping_for", "ase_forward", "ASEUViT", "ASEDiT",
-    "PAPER_DIT_SCHEDULES", "PAPER_DIT_SPEEDUP_PCT", "ASEDenoiser", "ASEObjective",
-    "ase_finetune_config", "finetune_ase",
+    "PAPER_DIT_SCHEDULES", "PAPER_DIT_SPEEDUP_PCT", "ASEDenoiser",
 ]

@@ -41,7 +41,7 @@ from typing import Dict, List, Optional, Union
 import torch
 import torch.nn as nn
 
-from ..ops.compaction import active_indices, gather_rows, scatter_rows, split_rows
+from ..ops.compaction import gather_rows, partition_order, scatter_rows, split_rows
 from .executor import TorchExecutor, executor_for, needs_grad
 
 __all__ = ["RowState", "LayerProgram", "UViTBackbone", "DiTBackbone", "backbone_for", "program_for", "run_model",
@@ -76,17 +76,18 @@ class RowState:
         """True when every row has left (there is nothing left to run)."""
         return self.h.shape[0] == 0
 
-    def select(self, index: torch.Tensor) -> "RowState":
-        """A new state holding rows ``index`` (K,) of this one (h, skips and carry in one gather)."""
+    def select(self, index: torch.Tensor, check: bool = True) -> "RowState":
+        """A new state holding rows ``index`` (K,) of this one (h, skips and carry in one gather);
+        ``check=False`` for an index in range by construction (no host read)."""
         names = list(self.carry)
-        h, *rest = gather_rows([self.h, *self.skips, *(self.carry[n] for n in names)], index)
+        h, *rest = gather_rows([self.h, *self.skips, *(self.carry[n] for n in names)], index, check=check)
         new = RowState(h, dict(zip(names, rest[len(self.skips):])))
         new.skips = rest[:len(self.skips)]
         return new
 
-    def compact(self, index: torch.Tensor) -> None:
+    def compact(self, index: torch.Tensor, check: bool = True) -> None:
         """Keep only rows ``index`` (K,) of the active rows (in place)."""
-        new = self.select(index)
+        new = self.select(index, check)
         self.h, self.skips, self.carry = new.h, new.skips, new.carry
         self.rows = self.rows[index]
 
@@ -265,25 +266,30 @@ class LayerProgram:
         exit_rows = getattr(hook, "exit_rows", None)
         if exit_rows is not None:
             return exit_rows(i, state, leave, self)
-        n_leave = int(leave.sum())  # host read: the shapes of the next layer depend on it
-        if n_leave == 0:
-            return False
+        # One host read per layer: the number of rows that stay (the next layer's batch). A stable
+        # partition puts them first and the leaving rows after them, so both index lists are slices
+        # of one permutation, in range by construction (no nonzero, no index check).
+        stay = ~leave
         k = state.h.shape[0]
+        order = partition_order(stay)
+        n_stay = int(stay.sum())
+        if n_stay == k:
+            return False
         if state.out is None:
             m = self.model
             state.out = state.h.new_empty((k, self.backbone.out_channels, m.img_size, m.img_size))
             state.rows = torch.arange(k, device=state.h.device)
             state.exits = torch.full((k,), self.num_layers, dtype=torch.long, device=state.h.device)
-        index = active_indices(leave)
+        index = order[n_stay:]  # the leaving rows, in batch order
         names = [n for n in ("c",) if n in state.carry]  # what the final layer reads besides h
-        h_out, *picked = gather_rows([state.h, *(state.carry[n] for n in names)], index)
-        rows = state.rows[index]
+        h_out, *picked = gather_rows([state.h, *(state.carry[n] for n in names)], index, check=False)
+        rows = state.rows.index_select(0, index)
         scatter_rows(state.out, rows, self.backbone.final(self.ex, hook.head(i), h_out, dict(zip(names, picked))))
-        state.exits[rows] = i
-        if n_leave == k:
+        state.exits.index_fill_(0, rows, i)
+        if n_stay == 0:
             state.h = state.h[:0]
             return True
-        state.compact(active_indices(~leave))
+        state.compact(order[:n_stay], check=False)
         return False
 
 

@@ -36,7 +36,8 @@ from torch import Tensor
 
 from ..profiling import nvtx_range
 from ..validation import inputs_validated
-from ..samplers.constants import ConstantTable, GraphUnsafe, bind_host_time, host_time, static_constants
+from ..samplers.constants import (ConstantTable, GraphUnsafe, bind_host_time, host_time, static_constants,
+                                  table_active)
 
 __all__ = ["GraphKey", "GraphSampler", "GraphDenoiser", "choose_bucket", "graph_pool", "HostRoutedDenoiser",
            "capture_failure", "on_device", "static_buffer"]
@@ -422,6 +423,11 @@ class GraphDenoiser:
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         if not (x.is_cuda and torch.cuda.is_available()) or torch.cuda.is_current_stream_capturing():
             return self.inner(x, t, y)
+        if not table_active():
+            # Outside static_constants the plain loop's time vectors remember their host time
+            # (samplers.constants.time_vector), but the constants a routed call makes from it are
+            # not recorded for capture: hide it (a new view, no copy) and route as before.
+            t = t.view_as(t)
         route = self._route(t)
         if route is None:
             return self.inner(x, t, y)

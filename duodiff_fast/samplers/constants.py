@@ -7,6 +7,10 @@ a device tensor is a host-to-device copy, which cannot be captured. Inside
 looked up, so the graph reads tensors that stay alive, and a value that was not recorded raises
 :class:`GraphUnsafe` (the runtime then falls back to the plain loop). Outside the block nothing is
 cached: behaviour is unchanged.
+
+Host times: the solvers know each step's time on the host. :func:`time_vector` makes the step's
+device time vector and remembers the host value, so :func:`host_time` gives it back to a routed
+denoiser without a device read, in the plain loop and under capture alike.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ConstantTable", "GraphUnsafe", "static_constants", "device_constant", "cached_time", "host_time",
-           "bind_host_time"]
+           "bind_host_time", "time_vector", "table_active"]
 
 _STATE = threading.local()
 
@@ -50,6 +54,11 @@ class ConstantTable:
 
 def _table() -> Optional[ConstantTable]:
     return getattr(_STATE, "table", None)
+
+
+def table_active() -> bool:
+    """True inside a :func:`static_constants` block (the sampling runtime)."""
+    return _table() is not None
 
 
 @contextlib.contextmanager
@@ -90,6 +99,25 @@ def cached_time(t, x: Tensor, dtype: torch.dtype) -> Optional[Tensor]:
     return vec
 
 
+# The attribute a time vector made from a host time carries (plain loop; see time_vector).
+_HOST_TIME_ATTR = "_duodiff_host_time"
+
+
+def time_vector(value: float, x: Tensor, dtype: torch.dtype) -> Tensor:
+    """The (B,) device time vector of host time ``value`` for batch ``x``, which remembers ``value``:
+    :func:`host_time` returns it, so a routed denoiser (DuoDiff, ASE, multistage) picks its route on
+    the host instead of reading the device. Inside a :func:`static_constants` block it is the
+    table's cached vector (capture-safe); outside, a fresh one (one host-to-device copy, no read)."""
+    cached = cached_time(value, x, dtype)
+    if cached is not None:
+        return cached
+    # Filled on the device (a fill kernel): no host-to-device copy, which would wait for the stream.
+    # float(value) rounds to ``dtype`` as a float64 tensor cast to it would (round to nearest).
+    vec = torch.full((x.shape[0],), float(value), dtype=dtype, device=x.device)
+    setattr(vec, _HOST_TIME_ATTR, float(value))
+    return vec
+
+
 def bind_host_time(t_vec: Tensor, value: float) -> None:
     """Declare that ``t_vec`` holds host time ``value`` (a static buffer a graph is captured with)."""
     table = _table()
@@ -99,6 +127,11 @@ def bind_host_time(t_vec: Tensor, value: float) -> None:
 
 
 def host_time(t_vec: Tensor) -> Optional[float]:
-    """The host time a cached time vector was made from (None if it is not one)."""
+    """The host time a time vector was made from (:func:`time_vector`, :func:`cached_time`,
+    :func:`bind_host_time`), or None for any other tensor (its values live on the device only)."""
     table = _table()
-    return None if table is None else table.host_values.get(id(t_vec))
+    if table is not None:
+        value = table.host_values.get(id(t_vec))
+        if value is not None:
+            return value
+    return getattr(t_vec, _HOST_TIME_ATTR, None)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..profiling import nvtx_range
-from .constants import cached_time
+from .constants import time_vector
 from ..schedules import DiscreteSchedule, NoiseSchedule
 from .noise import NoiseSource
 
@@ -116,10 +116,12 @@ def time_dtype(x: Tensor) -> torch.dtype:
 
 def call_denoiser(denoiser: Denoiser, x: Tensor, t: float | Tensor, y: Optional[Tensor]) -> Tensor:
     """Evaluate ``denoiser(x, t_vec, y)`` with t broadcast to (B,) and check the output shape."""
-    # Under CUDA-graph capture (duodiff_fast.runtime) the device time vector comes from a table
-    # recorded by the warm-up run: a host-to-device copy cannot be captured.
-    t_vec = cached_time(t, x, time_dtype(x))
-    if t_vec is None:
+    # A host time becomes a device vector that remembers it (samplers.constants.time_vector); under
+    # CUDA-graph capture (duodiff_fast.runtime) it comes from a table recorded by the warm-up run: a
+    # host-to-device copy cannot be captured.
+    if not isinstance(t, Tensor) or (t.numel() == 1 and t.device.type == "cpu"):
+        t_vec = time_vector(float(t), x, time_dtype(x))  # knows its host time: routes need no device read
+    else:  # a device tensor or per-row times: the denoiser reads them where it must
         t_vec = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
         if t_vec.numel() == 1:
             t_vec = t_vec.expand(x.shape[0])

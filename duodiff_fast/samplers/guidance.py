@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .constants import cached_time, host_time
+from .constants import host_time, time_vector
 from .ddpm import Denoiser
 
 __all__ = ["ClassifierFreeGuidance", "DiTGuidance", "make_guidance", "DIT_GUIDED_CHANNELS"]
@@ -71,9 +71,9 @@ class ClassifierFreeGuidance:
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
         null = torch.full_like(y, self.null_class)
         x2 = torch.cat([x, x])
-        # Inside the sampling runtime the doubled time vector keeps the host value of the step, so
-        # a routed denoiser (DuoDiff, ASE, multistage) decides on the host and the call captures.
-        t2 = cached_time(host, x2, t.dtype) if host is not None else None
+        # The doubled time vector keeps the host value of the step, so a routed denoiser (DuoDiff,
+        # ASE, multistage) decides on the host: no device read, and the call captures in a graph.
+        t2 = time_vector(host, x2, t.dtype) if host is not None else None
         both = self.denoiser(x2, torch.cat([t, t]) if t2 is None else t2, torch.cat([y, null]))
         cond, uncond = both[:B], both[B:]
         return cond + self.scale * (cond - uncond)
@@ -112,7 +112,7 @@ class DiTGuidance(ClassifierFreeGuidance):
         host = host_time(t)
         t = t.reshape(-1).expand(B) if t.numel() == 1 else t
         x2 = torch.cat([x, x])
-        t2 = cached_time(host, x2, t.dtype) if host is not None else None
+        t2 = time_vector(host, x2, t.dtype) if host is not None else None
         both = self.denoiser.output(x2, torch.cat([t, t]) if t2 is None else t2, torch.cat([y, torch.full_like(y, self.null_class)]))
         g = DIT_GUIDED_CHANNELS
         cond, uncond = both[:B, :g], both[B:, :g]

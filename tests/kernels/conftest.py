@@ -7,23 +7,15 @@ tests skip, with the reason, when neither is possible. Nothing here touches CUDA
 import pytest
 import torch
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+from tests.conftest import ERROR_FLOOR as FLOOR, rel, within_torch_error  # noqa: F401  (the one tolerance rule)
 
-# Additive slack on top of "twice PyTorch's own error": float32 kernels and references differ only
-# by summation order, so they get a small absolute floor instead.
-FLOOR = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 2e-4}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 @pytest.fixture(scope="session")
-def device():
-    """The device the kernels run on here, or skip with the reason."""
-    from duodiff_fast import dispatch
-
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = dispatch.triton_unavailable_reason(dev)
-    if reason:
-        pytest.skip(f"Triton kernels cannot run: {reason}")
-    return dev
+def device(triton_device):
+    """The device the kernels run on here, or skip with the reason (tests/conftest.py's triton_device)."""
+    return triton_device
 
 
 @pytest.fixture
@@ -44,17 +36,7 @@ def poisoned(monkeypatch):
     yield
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64 (inf when a holds NaN)."""
-    a, b = a.double().cpu(), b.double().cpu()
-    if not torch.isfinite(a).all():
-        return float("inf")
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def assert_within_torch_error(out, torch_lowp, exact, dtype, what=""):
-    """The kernel's error against the float64 result is at most twice PyTorch's own at ``dtype``."""
+    """The kernel's output has ``dtype`` and meets the tolerance rule (tests/conftest.py)."""
     assert out.dtype == dtype, f"{what}: output dtype {out.dtype}, expected {dtype}"
-    err = rel(out, exact)
-    bound = 2 * rel(torch_lowp, exact) + FLOOR[dtype]
-    assert err <= bound, f"{what}: kernel error {err:.3g} > bound {bound:.3g} ({dtype})"
+    within_torch_error(out, torch_lowp, exact, dtype, what)

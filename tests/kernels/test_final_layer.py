@@ -11,6 +11,7 @@ from .conftest import DTYPES, assert_within_torch_error
 ])
 def test_final_layer_matches_torch(device, poisoned, dtype, b, extras, grid, p, c, d):
     from duodiff_fast.kernels import final_layer, final_layer_reference
+    from duodiff_fast.models.functional import unpatchify
 
     g = torch.Generator().manual_seed(grid * 100 + d)
     tokens = (torch.randn(b, extras + grid * grid, d, generator=g) * 2 + 0.5).to(device, dtype)
@@ -20,6 +21,7 @@ def test_final_layer_matches_torch(device, poisoned, dtype, b, extras, grid, p, 
     out = final_layer(tokens, nw, nb, 1e-6, pw, pb, extras, c)
     assert out.shape == (b, c, grid * p, grid * p)
     exact = final_layer_reference(tokens.double(), nw.double(), nb.double(), 1e-6, pw.double(), pb.double(),
-                                  extras, c)
-    torch_low = final_layer_reference(tokens, nw.to(dtype), nb.to(dtype), 1e-6, pw, pb, extras, c)
+                                  extras, c, unpatchify=unpatchify)
+    torch_low = final_layer_reference(tokens, nw.to(dtype), nb.to(dtype), 1e-6, pw, pb, extras, c,
+                                      unpatchify=unpatchify)
     assert_within_torch_error(out, torch_low, exact, dtype, f"final_layer b{b} g{grid} p{p} c{c} d{d}")

@@ -8,8 +8,10 @@ from duodiff_fast.analysis import ExitRecorder
 from duodiff_fast.methods import AdaDiff, AdaDiffObjective, AdaDiffUViT
 from duodiff_fast.methods.adadiff import AdaDiffOutputs, check_theta, set_synthetic_exit_profile
 from duodiff_fast.models import create_model
+from duodiff_fast.models.uvit import timestep_embedding
 from duodiff_fast.samplers import ClassifierFreeGuidance, sample
 from duodiff_fast.schedules import get_schedule
+from tests.methods import explicit
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, one intra-op thread
@@ -42,6 +44,53 @@ def assert_agree(model, x, ts, y, theta):
     assert torch.equal(ex_s, ex_r)
     torch.testing.assert_close(eps_s, eps_r, rtol=1e-5, atol=1e-5)
     return ex_s
+
+
+def exit_by_hand(model, x, ts, y, theta):
+    """The early exit written out one sample at a time, sharing no code with the layer program:
+    before layer i the UEM (mean patch token, LayerNorm, concat the time sinusoid, Linear, sigmoid);
+    the sample leaves at the first u_i <= theta through head i, else through the backbone's final
+    layer. Returns eps (B, C, H, W) and exit layers (B,)."""
+    bb = model.backbone
+    layers = [(blk, "in") for blk in bb.in_blocks] + [(bb.mid_block, "mid")] + [(blk, "out") for blk in bb.out_blocks]
+    eps, exits = [], []
+    for b in range(x.shape[0]):
+        xb, tb, yb = x[b:b + 1], ts[b:b + 1], None if y is None else y[b:b + 1]
+        h, skips = explicit.embed(bb, xb, tb, yb), []
+        temb = timestep_embedding(tb, bb.embed_dim)
+        for i, (blk, kind) in enumerate(layers):
+            uem = model.uems[i]
+            feats = torch.cat([uem.norm(h[:, bb.extras:, :].mean(dim=1)), temb], dim=-1)
+            if float(torch.sigmoid(uem.mlp(feats))) <= theta:
+                eps.append(explicit.final(model.heads[i], bb.extras, bb.in_chans, h))
+                exits.append(i)
+                break
+            h = explicit.block(blk, h, skips.pop() if kind == "out" else None)
+            if kind == "in":
+                skips.append(h)
+        else:
+            eps.append(explicit.final(bb, bb.extras, bb.in_chans, h))
+            exits.append(len(layers))
+    return torch.cat(eps), torch.tensor(exits)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-cond"])
+def test_every_exit_mode_matches_a_per_sample_loop(name):
+    model = make_model(name)
+    x, ts, y = inputs(model, 6, seed=5)
+    with torch.no_grad():
+        u = model(x, ts, y).u.flatten().sort().values
+        seen = set()
+        for q in (0.2, 0.5, 0.8):  # theta halfway between two u values: no rounding-borderline rows
+            k = int(q * (u.numel() - 1))
+            theta = float((u[k] + u[k + 1]) / 2)
+            eps_h, ex_h = exit_by_hand(model, x, ts, y, theta)
+            for mode in ("exit_simulated", "exit_shrinking", "exit_bucketed"):
+                eps, ex = getattr(model, mode)(x, ts, y, theta)
+                assert torch.equal(ex, ex_h), (mode, ex.tolist(), ex_h.tolist())
+                torch.testing.assert_close(eps, eps_h, rtol=1e-5, atol=1e-5)
+            seen.update(ex_h.tolist())
+    assert len(seen) >= 3  # early, middle and late exits really occur
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-cond"])

@@ -18,7 +18,6 @@ from duodiff_fast.runtime.graphs import choose_bucket
 from duodiff_fast.samplers import sample
 from duodiff_fast.schedules import get_schedule
 
-from tests.kernels.conftest import device  # noqa: F401  (the device the kernels run on, or skip)
 from tests.methods.test_adadiff import inputs, make_model  # random-UEM tiny models and their inputs
 
 
@@ -165,6 +164,9 @@ def test_padding_waste_by_hand_and_rows_per_layer():
     rows = []
     handles = [blk.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
                for blk in model.backbone.layers()]
+    head_rows = []  # (head, rows it ran on): heads run only where rows leave, only on those rows
+    handles += [head.norm.register_forward_hook(lambda m, args, out, i=i: head_rows.append((i, args[0].shape[0])))
+                for i, head in enumerate(model.heads)]
     stats = BucketStats()
     try:
         eps, exits = model.exit_bucketed(x, ts, None, 0.07, stats=stats)
@@ -175,7 +177,9 @@ def test_padding_waste_by_hand_and_rows_per_layer():
     assert rows == [5, 5, 4, 4, 4]
     assert (stats.real_rows, stats.padded_rows, stats.calls) == (19, 3, 1)
     assert stats.waste == pytest.approx(3 / 22)
-    assert stats.as_dict() == {"real_rows": 19, "padded_rows": 3, "waste": pytest.approx(3 / 22), "calls": 1}
+    assert head_rows == [(2, 2)]  # only head 2 ran, on the 2 leaving rows (bucket 2: no padding)
+    assert stats.as_dict() == {"real_rows": 19, "padded_rows": 3, "waste": pytest.approx(3 / 22), "calls": 1,
+                               "head_rows": 2, "head_padded_rows": 0}
     eps_r, _ = model.exit_simulated(x, ts, None, 0.07)
     torch.testing.assert_close(eps, eps_r, rtol=1e-5, atol=1e-5)
     # a ladder that fits 3 exactly has no waste
@@ -261,23 +265,24 @@ def test_denoiser_bucketed_mode(solver, steps):
 
 # ------------------------------------------------------------------------------ the triton backend
 
-def test_bucketed_with_padding_on_triton_matches_reference(device):
+def test_bucketed_with_padding_on_triton_matches_reference(triton_device):
+    from tests.conftest import backend_dtype, lowp_torch_backend, within_torch_error
     from tests.methods.test_every_backend import _denoiser
 
+    device = triton_device
     schedule = get_schedule("vp-linear")
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 4, 8, 8, generator=g).to(device)
     # rows at t = 0.9, 0.95 leave before layer 2; the 3 others run on in bucket 4 (one padding row)
     t = torch.tensor([0.9, 0.2, 0.5, 0.95, 0.1], dtype=torch.float32, device=device)
     y = torch.tensor([1, 5, 0, 9, 3], device=device)
+    lowp = lowp_torch_backend("triton", device)
     outs = {}
-    for backend in ("reference", "triton"):
-        den = _denoiser("adadiff-bucketed", backend, schedule)
-        den.model.to(device)
+    for backend in ("float64", lowp, "triton"):
+        den = _denoiser("adadiff-bucketed", backend, schedule, device)
         with torch.no_grad():
-            outs[backend] = den(x, t, y).float().cpu()
+            outs[backend] = den(x.double() if backend == "float64" else x, t, y).cpu()
         assert den.last_exits.tolist() == [2, 5, 5, 2, 5]
         assert (den.bucket_stats.real_rows, den.bucket_stats.padded_rows) == (19, 3)
-    ref = outs["reference"]
-    err = float((outs["triton"] - ref).norm() / ref.norm())
-    assert err < (1e-4 if device.type == "cpu" else 5e-2), f"triton vs reference relative error {err:.3g}"
+    within_torch_error(outs["triton"], outs[lowp], outs["float64"], backend_dtype("triton", device),
+                       f"bucketed AdaDiff on triton ({device.type})")

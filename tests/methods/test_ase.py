@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from duodiff_fast.methods.ase import (
-    PAPER_SCHEDULES, PAPER_SPEEDUP_PCT, ASEDenoiser, ASEObjective, ASEUViT, DroppingSchedule,
-    ase_finetune_config, ase_forward, finetune_ase, get_dropping_schedule,
+    PAPER_SCHEDULES, PAPER_SPEEDUP_PCT, ASEDenoiser, ASEUViT, DroppingSchedule, ase_forward,
+    get_dropping_schedule,
 )
+from duodiff_fast.methods.ase_training import ASEObjective, ase_finetune_config, finetune_ase
 from duodiff_fast.models import create_model, load_weights
 from duodiff_fast.samplers import sample
 from duodiff_fast.schedules import linear_ddpm, vp_linear

@@ -4,9 +4,9 @@ import torch
 
 from duodiff_fast.io_utils import atomic_torch_save
 from duodiff_fast.methods.multistage import (
-    CIFAR10_BOUNDARIES, MultistageDenoiser, MultistageObjective, MultistageUViT, load_multistage,
-    save_multistage, stage_of,
+    CIFAR10_BOUNDARIES, MultistageDenoiser, MultistageUViT, load_multistage, save_multistage, stage_of,
 )
+from duodiff_fast.methods.multistage_training import MultistageObjective
 from duodiff_fast.models import create_model, get_config
 from duodiff_fast.samplers import sample
 from duodiff_fast.schedules import linear_ddpm, vp_linear

@@ -5,6 +5,8 @@ import torch
 from duodiff_fast.models import create_model
 from duodiff_fast.models.executor import TorchExecutor, TritonExecutor, executor_for
 from duodiff_fast.models.program import LayerProgram, program_for
+from duodiff_fast.models.uvit import UViT
+from tests.methods import explicit
 
 
 def _setup(b=4):
@@ -65,13 +67,41 @@ def test_every_row_leaving_stops_the_program():
     assert [s[0] for s in hook.seen] == [0]  # no layer ran
 
 
-def test_run_layers_is_run_blocks_and_program_for_checks_its_model():
+def _layers_by_hand(m, tokens):
+    """The U-ViT layer walk written out (tests/methods/explicit.py's blocks): in-blocks push their
+    outputs, the mid-block, out-blocks pop them as long skips."""
+    h, skips = tokens, []
+    for blk in m.in_blocks:
+        h = explicit.block(blk, h)
+        skips.append(h)
+    h = explicit.block(m.mid_block, h)
+    for blk in m.out_blocks:
+        h = explicit.block(blk, h, skips.pop())
+    return h
+
+
+def test_run_layers_matches_a_hand_written_walk_and_program_for_checks_its_model():
     m, x, ts, y = _setup()
     with torch.no_grad():
-        tokens = m.embed(x, ts, y)
-        assert torch.equal(LayerProgram(m, TorchExecutor()).run_layers(tokens), m.run_blocks(tokens))
+        tokens = explicit.embed(m, x, ts, y)
+        got = LayerProgram(m, TorchExecutor()).run_layers(tokens)
+        torch.testing.assert_close(got, _layers_by_hand(m, tokens), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(m.run_blocks(tokens), got, rtol=0, atol=0)
     with pytest.raises(TypeError, match="UViT"):
         program_for(torch.nn.Linear(2, 2), x)
+
+
+@pytest.mark.parametrize("case", ["pixel", "latent"])
+def test_program_reproduces_the_official_uvit(golden, case):
+    """The layer program against the official U-ViT code's outputs (../shared/golden)."""
+    c = golden[case]
+    m = UViT(**c["config"])
+    m.load_state_dict(c["state_dict"])
+    m.eval()
+    x, ts, y = c["x"], c["timesteps"], c.get("y")
+    with torch.no_grad():
+        out = LayerProgram(m, TorchExecutor()).run(x, ts, y)
+    torch.testing.assert_close(out, c["out"], rtol=1e-5, atol=1e-5)
 
 
 def test_executor_choice():

@@ -8,13 +8,14 @@ import sys
 
 import torch
 
-from duodiff_fast.methods.multistage import MultistageObjective
+from duodiff_fast.methods.multistage_training import MultistageObjective
 from duodiff_fast.schedules import linear_ddpm
 
 _CHILD = '''\
 import json, os, sys
 import torch
-from duodiff_fast.methods.multistage import MultistageObjective, MultistageUViT
+from duodiff_fast.methods.multistage import MultistageUViT
+from duodiff_fast.methods.multistage_training import MultistageObjective
 from duodiff_fast.schedules import linear_ddpm
 from duodiff_fast.training import TrainConfig, Trainer
 
