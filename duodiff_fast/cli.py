@@ -56,6 +56,16 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--order", type=int, default=3, choices=(1, 2, 3), help="DPM-Solver order (default 3)")
     p.add_argument("--dpm-method", default="fast", choices=("singlestep", "fast"),
                    help="DPM-Solver step split: fixed-order singlestep, or the 'fast' mixed-order variant (default fast)")
+    p.add_argument("--clip-denoised", action="store_true",
+                   help="clip each step's denoised estimate x0 to [-1, 1], every solver (ADM's clip_denoised, "
+                        "diffusers' clip_sample); default off, as the papers' samplers")
+    p.add_argument("--thresholding", action="store_true",
+                   help="dynamic thresholding of each step's x0 instead (Imagen / DPM-Solver): per sample s = the "
+                        "--thresholding-ratio quantile of |x0|, at least --thresholding-max; x0 -> clamp(x0, -s, s) / s")
+    p.add_argument("--thresholding-ratio", type=float, default=0.995,
+                   help="quantile of |x0| for --thresholding (default 0.995)")
+    p.add_argument("--thresholding-max", type=float, default=1.0,
+                   help="floor of the --thresholding threshold s, the data range (default 1.0)")
     p.add_argument("--cfg-scale", type=float, default=0.0,
                    help="classifier-free guidance scale s in cond + s*(cond - uncond); 0 disables (default 0)")
     p.add_argument("--class-labels", default=None,

@@ -133,8 +133,12 @@ def cmd_eval(args) -> int:
     elif not extractor.is_standard:
         notes.append(f"Inception weights {extractor.weights_id} are not the standard "
                      f"{fidlib.INCEPTION_FILENAME}: FID values are not comparable with published ones.")
+    from .sample_cmd import _denoised_kwargs, denoised_setting
+
+    denoised = denoised_setting(_denoised_kwargs(args))
     notes.append(f"{args.config}, {args.solver} {args.steps or 'default'} steps, {args.n_samples} samples per "
-                 f"method, reference {args.reference}, device {device}, backend {args.backend}.")
+                 f"method, reference {args.reference}, device {device}, backend {args.backend}, "
+                 f"denoised estimate: {denoised if isinstance(denoised, str) else 'dynamic thresholding'}.")
     title = f"FID vs time per sample: {args.config}"
     write_csv(os.path.join(args.out, "results.csv"), rows)
     write_markdown(os.path.join(args.out, "results.md"), rows, notes, title)
@@ -142,7 +146,7 @@ def cmd_eval(args) -> int:
     from .manifest import environment
 
     atomic_write_json(os.path.join(args.out, "results.json"), {
-        "smoke_check": bool(smoke), "notes": notes, "rows": rows, "inception": extractor.weights_id,
+        "smoke_check": bool(smoke), "notes": notes, "rows": rows, "denoised": denoised, "inception": extractor.weights_id,
         "reference": {"source": args.reference, "count": reference.count, "meta": reference.meta},
         "environment": environment(device), "wall_time_s": time.perf_counter() - t0, "manifests": manifests,
     })
