@@ -219,6 +219,17 @@ class ASEUViT(UViT):
 
 
 # ---------------------------------------------------------------------------------- denoiser
+def paper_or_given(dropping, num_out_blocks: int) -> "DroppingSchedule":
+    """``get_dropping_schedule(dropping)``; a paper name (D1..D6, written for U-ViT-S/4's 6
+    out-blocks) is rescaled to ``num_out_blocks`` when the model has another count (what the
+    command line does, in ``sample --method ase`` and ``train --method ase``)."""
+    named = isinstance(dropping, str)
+    out = get_dropping_schedule(dropping)
+    if named and num_out_blocks != PAPER_OUT_BLOCKS:
+        out = out.rescaled(num_out_blocks)
+    return out
+
+
 class ASEDenoiser(ModelDenoiser):
     """Block-dropping denoiser for every solver: eps = denoiser(x, t, y), t continuous in (0, 1].
 
@@ -272,7 +283,8 @@ class ASEObjective(DiffusionObjective):
     row's loss (default 1, which is what the paper switches to after its re-weighting cycle).
     """
 
-    def __init__(self, schedule, dropping, num_classes: int = 0, p_uncond: float = 0.1, time_weight=None):
+    def __init__(self, schedule, dropping, num_classes: Optional[int] = None, p_uncond: Optional[float] = None,
+                 time_weight=None):
         super().__init__(schedule, num_classes, p_uncond)
         self.dropping = get_dropping_schedule(dropping)
         self.time_weight = time_weight
@@ -333,7 +345,7 @@ def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, sche
     dropping = get_dropping_schedule(dropping)
     dropping.validate(len(ase_model.out_blocks))
     schedule = schedule or get_schedule(resolve_schedule_name(cfg))
-    objective = ASEObjective(schedule, dropping, ase_model.num_classes, cfg.resolved_p_uncond())
+    objective = ASEObjective(schedule, dropping)  # labels and their dropout: the Trainer's
     return train(cfg, model=ase_model, loss_fn=objective, dataset=dataset)
 
 
