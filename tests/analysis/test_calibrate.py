@@ -41,7 +41,7 @@ def test_exit_costs_by_hand():
 def test_bisection_meets_the_target(target):
     m = _model()
     sched = linear_ddpm()
-    res = calibrate_theta(m, sched, (4, 3, 16, 16), num_batches=1, num_steps=4, iterations=14, tolerance=0.05,
+    res = calibrate_theta(m, sched, (8, 3, 16, 16), num_batches=1, num_steps=4, iterations=14, tolerance=0.05,
                           **target)
     assert res["achieved"], res["history"]
     if "target_exit_layer" in target:
