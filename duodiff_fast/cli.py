@@ -3,6 +3,8 @@
     duodiff-fast sample --config cifar10-s2 --checkpoint full.pth \\
         --shallow-checkpoint shallow.pth --t-s 300 --solver ddim --steps 50 --n-samples 64 --out samples/
     duodiff-fast train --config cifar10-s2-shallow --data folder:/data/cifar10 --out-dir runs/shallow
+    duodiff-fast train --config tiny-cond --method adadiff --backbone runs/full/latest.pt --out-dir runs/ada
+    duodiff-fast calibrate --config tiny-cond --adadiff-checkpoint runs/ada/adadiff.pt --target-speedup 1.3
     duodiff-fast bench                      # benchmarks/latency.py with the machine's defaults
     duodiff-fast configs                    # the named model configurations
     duodiff-fast configs --show tiny-cond   # one of them as a JSON model config (edit, pass to --config)
@@ -67,6 +69,16 @@ def _add_sample_parser(sub) -> None:
     p.add_argument("--order", type=int, default=3, choices=(1, 2, 3), help="DPM-Solver order (default 3)")
     p.add_argument("--dpm-method", default="fast", choices=("singlestep", "fast"),
                    help="DPM-Solver step split: fixed-order singlestep, or the 'fast' mixed-order variant (default fast)")
+    p.add_argument("--clip-denoised", action="store_true",
+                   help="clip each step's denoised estimate x0 to [-1, 1], every solver (ADM's clip_denoised, "
+                        "diffusers' clip_sample); default off, as the papers' samplers")
+    p.add_argument("--thresholding", action="store_true",
+                   help="dynamic thresholding of each step's x0 instead (Imagen / DPM-Solver): per sample s = the "
+                        "--thresholding-ratio quantile of |x0|, at least --thresholding-max; x0 -> clamp(x0, -s, s) / s")
+    p.add_argument("--thresholding-ratio", type=float, default=0.995,
+                   help="quantile of |x0| for --thresholding (default 0.995)")
+    p.add_argument("--thresholding-max", type=float, default=1.0,
+                   help="floor of the --thresholding threshold s, the data range (default 1.0)")
     p.add_argument("--cfg-scale", type=float, default=0.0,
                    help="classifier-free guidance scale s in cond + s*(cond - uncond); 0 disables (default 0)")
     p.add_argument("--class-labels", default=None,
@@ -145,6 +157,20 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--resume", default="auto",
                    help="'auto' (resume from --out-dir when it holds a checkpoint), a checkpoint path, or 'none'")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward to save memory")
+    p.add_argument("--method", default="base", choices=("base", "adadiff", "ase", "multistage"),
+                   help="what to train: base (the U-ViT of --config), adadiff (exit heads + uncertainty modules on "
+                        "the frozen --backbone), ase (fine-tune --backbone for --ase-schedule), multistage "
+                        "(per-stage decoders, from --backbone or fresh) (default base)")
+    p.add_argument("--shallow", action="store_true",
+                   help="train the DuoDiff shallow twin of --config (depth 2: <name>-shallow)")
+    p.add_argument("--backbone", default=None,
+                   help="the pretrained U-ViT for --method adadiff/ase/multistage: a checkpoint or run folder "
+                        "(anything load_model reads; built with --config)")
+    p.add_argument("--use-ema", action="store_true", help="load the EMA weights of a trainer checkpoint --backbone")
+    p.add_argument("--ase-schedule", default=None,
+                   help="ASE dropping schedule D1..D6 for --method ase (--schedule stays the noise schedule)")
+    p.add_argument("--boundaries", default=None,
+                   help="multistage stage boundaries on t, comma-separated (default 0.442,0.631)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -162,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
     parser.add_argument("--version", action="version", version=f"duodiff-fast {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{sample,train,bench,eval,configs,convert}")
+    sub = parser.add_subparsers(dest="command", metavar="{sample,train,bench,eval,calibrate,configs,convert}")
     sub.required = True
     _add_sample_parser(sub)
     _add_train_parser(sub)
@@ -170,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.table_cmd import add_eval_parser
 
     add_eval_parser(sub)
+    from .eval.calibrate_cmd import add_calibrate_parser
+
+    add_calibrate_parser(sub)
     cp = sub.add_parser("configs", help="list the named model configurations, or print one as JSON")
     cp.add_argument("--show", default=None, metavar="NAME",
                     help="print config NAME as a JSON model config (a starting point for --config my.json)")
@@ -252,14 +281,29 @@ def cmd_train(args) -> int:
         model_overrides={"use_checkpoint": True} if args.gradient_checkpointing else {},
         progress=not args.no_progress,
     )
+    from .training.methods import method_training
     from .training.trainer import Trainer
 
-    trainer = Trainer(cfg)
+    boundaries = None
+    if args.boundaries is not None:
+        try:
+            boundaries = [float(v) for v in args.boundaries.split(",") if v.strip()]
+        except ValueError:
+            raise SystemExit(f"--boundaries must be comma-separated floats, got {args.boundaries!r}")
+    if args.schedule and args.schedule.strip().upper() in ("D1", "D2", "D3", "D4", "D5", "D6"):
+        raise SystemExit(f"--schedule is the noise schedule; the ASE dropping schedule is --ase-schedule {args.schedule}")
+    run = method_training(args.method, cfg, backbone=args.backbone, backbone_config=args.config,
+                          use_ema=args.use_ema, shallow=args.shallow, ase_schedule=args.ase_schedule,
+                          boundaries=boundaries)
+    trainer = Trainer(run.cfg, model=run.model, loss_fn=run.loss_fn)
     try:
         if trainer.resumed_from and not cfg.progress and trainer.is_main:
             # the trainer prints this line only with progress output on; a resume is never silent
             print(f"resumed from {trainer.resumed_from} at step {trainer.step}", flush=True)
         trainer.fit()
+        path = run.export(trainer)
+        if path and trainer.is_main:
+            print(f"trained {run.description}; wrote its EMA weights to {path}", flush=True)
     finally:
         trainer.close()
     return 0
@@ -300,6 +344,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             for name, cfg in EDM_CONFIGS.items():
                 print(f"  {name}: {cfg['model_type']} {cfg['img_resolution']}x{cfg['img_resolution']}")
             return 0
+        if args.command == "calibrate":
+            from .eval.calibrate_cmd import cmd_calibrate
+
+            return cmd_calibrate(args)
         return {"sample": cmd_sample, "train": cmd_train, "eval": cmd_eval, "convert": cmd_convert}[args.command](args)
     except SystemExit as e:
         if isinstance(e.code, str):  # raise SystemExit("message"): a usage error found while checking input

@@ -167,6 +167,27 @@ def resolve_model_spec(args):
     return spec
 
 
+def _denoised_kwargs(args) -> Dict[str, object]:
+    """The x0 correction options of :func:`duodiff_fast.samplers.sample` (checked here, before any work)."""
+    from ..samplers import denoised_correction
+
+    kw = {"clip_denoised": bool(args.clip_denoised), "thresholding": bool(args.thresholding),
+          "thresholding_ratio": args.thresholding_ratio, "thresholding_max_value": args.thresholding_max}
+    try:
+        denoised_correction(**kw)
+    except ValueError as e:
+        raise ValueError(f"--clip-denoised/--thresholding: {e}") from None
+    return kw
+
+
+def denoised_setting(kw: Dict[str, object]):
+    """What the manifest records of the x0 correction: "none", "clip" or the thresholding parameters."""
+    from ..samplers import denoised_correction
+
+    c = denoised_correction(**kw)
+    return "none" if c is None else ("clip" if c.mode == "clip" else c.settings())
+
+
 class SampleJob:
     """One method's sampling set-up: denoiser, labels and the settings that identify its samples.
 
@@ -208,6 +229,7 @@ class SampleJob:
             self.decoder = AutoencoderKL.from_checkpoint(args.autoencoder).to(device).decode
         self.as_uint8 = not (self.model_spec.latent and self.decoder is None)
         self.solver_kwargs = _solver_kwargs(args)
+        self.denoised_kwargs = _denoised_kwargs(args)
         files = dict(built.checkpoints)
         if args.autoencoder:
             files["autoencoder"] = args.autoencoder
@@ -227,6 +249,7 @@ class SampleJob:
             "checkpoints": {r: c["sha256"] for r, c in self.checkpoints.items()},
             "random_weights": bool(a.random_weights), "use_ema": bool(a.use_ema), "weights_seed": a.seed,
             "schedule": self.schedule_name, "time_input": self.time_input, "solver": a.solver, "steps": a.steps, **self.solver_kwargs,
+            "denoised": denoised_setting(self.denoised_kwargs),
             "cfg_scale": a.cfg_scale, "class_labels": a.class_labels or "random", "seed": a.seed,
             "backend": a.backend, "output": "uint8" if self.as_uint8 else "latent-float32",
         }
@@ -241,7 +264,7 @@ class SampleJob:
             x = generate(self.denoiser, self.schedule, self.shape, count, batch_size=count, y=y,
                          base_seed=self.args.seed, start_index=start, device=self.device, progress=False,
                          postprocess=self.decoder, solver=self.args.solver, num_steps=self.args.steps,
-                         **self.solver_kwargs)
+                         **self.solver_kwargs, **self.denoised_kwargs)
         return x.float().cpu(), labels
 
 

@@ -174,8 +174,12 @@ def cmd_eval(args) -> int:
     elif not extractor.is_standard:
         notes.append(f"Inception weights {extractor.weights_id} are not the standard "
                      f"{fidlib.INCEPTION_FILENAME}: FID values are not comparable with published ones.")
+    from .sample_cmd import _denoised_kwargs, denoised_setting
+
+    denoised = denoised_setting(_denoised_kwargs(args))
     notes.append(f"{config_name}, {args.solver} {args.steps or 'default'} steps, {args.n_samples} samples per "
-                 f"method, reference {args.reference}, device {device}, backend {args.backend}.")
+                 f"method, reference {args.reference}, device {device}, backend {args.backend}, "
+                 f"denoised estimate: {denoised if isinstance(denoised, str) else 'dynamic thresholding'}.")
     title = f"FID vs time per sample: {config_name}"
     write_csv(os.path.join(args.out, "results.csv"), rows, EDM_COLUMNS if edm else COLUMNS)
     write_markdown(os.path.join(args.out, "results.md"), rows, notes, title, EDM_MD_COLUMNS if edm else None)
@@ -190,7 +194,7 @@ def cmd_eval(args) -> int:
     from .manifest import environment
 
     atomic_write_json(os.path.join(args.out, "results.json"), {
-        "smoke_check": bool(smoke), "notes": notes, "rows": rows, "inception": extractor.weights_id,
+        "smoke_check": bool(smoke), "notes": notes, "rows": rows, "denoised": denoised, "inception": extractor.weights_id,
         "reference": {"source": args.reference, "count": reference.count, "meta": reference.meta},
         "backend": args.backend, "backend_choice": args.backend_choice,
         "environment": environment(device), "wall_time_s": time.perf_counter() - t0, "manifests": manifests,

@@ -578,6 +578,10 @@ class AdaDiffObjective:
     DDP-wrapped). Metrics: loss, l_simple, l_u, l_ual.
 
     Args:
+        num_classes, p_uncond: as :class:`~duodiff_fast.training.objective.DiffusionObjective`:
+            default None, the labels as the Trainer prepared them (label dropout at
+            ``TrainConfig.p_uncond``), so ``AdaDiffObjective(schedule)`` trains a class-conditional
+            model as well as an unconditional one.
         target: the pseudo-uncertainty u_hat_i per sample, never differentiated:
             ``"mean_tanh"`` (default) mean_{C,H,W} tanh|g_i - eps|, the per-element F = tanh of
             eq. 5 and of the DuoDiff authors' code; ``"tanh_mean"`` tanh(mean_{C,H,W} |g_i - eps|),
@@ -589,7 +593,7 @@ class AdaDiffObjective:
 
     TARGETS = ("mean_tanh", "tanh_mean")
 
-    def __init__(self, schedule, num_classes: int = 0, p_uncond: float = 0.1, lam: float = 1.0,
+    def __init__(self, schedule, num_classes: Optional[int] = None, p_uncond: Optional[float] = None, lam: float = 1.0,
                  beta: float = 1.0, detach_ual_weight: bool = True, target: str = "mean_tanh"):
         from ..training.objective import DiffusionObjective
 

@@ -289,6 +289,17 @@ class ASEDiT(DiT):
 
 
 # ---------------------------------------------------------------------------------- denoiser
+def paper_or_given(dropping, num_out_blocks: int) -> "DroppingSchedule":
+    """``get_dropping_schedule(dropping)``; a paper name (D1..D6, written for U-ViT-S/4's 6
+    out-blocks) is rescaled to ``num_out_blocks`` when the model has another count (what the
+    command line does, in ``sample --method ase`` and ``train --method ase``)."""
+    named = isinstance(dropping, str)
+    out = get_dropping_schedule(dropping)
+    if named and num_out_blocks != PAPER_OUT_BLOCKS:
+        out = out.rescaled(num_out_blocks)
+    return out
+
+
 class ASEDenoiser(ModelDenoiser):
     """Block-dropping denoiser for every solver: eps = denoiser(x, t, y), t continuous in (0, 1].
 

@@ -25,7 +25,8 @@ class ASEObjective(DiffusionObjective):
     row's loss (default 1, which is what the paper switches to after its re-weighting cycle).
     """
 
-    def __init__(self, schedule, dropping, num_classes: int = 0, p_uncond: float = 0.1, time_weight=None):
+    def __init__(self, schedule, dropping, num_classes: Optional[int] = None, p_uncond: Optional[float] = None,
+                 time_weight=None):
         super().__init__(schedule, num_classes, p_uncond)
         self.dropping = get_dropping_schedule(dropping)
         self.time_weight = time_weight
@@ -97,5 +98,5 @@ def finetune_ase(cfg, dropping, model: Optional[UViT] = None, dataset=None, sche
     dropping = dropping_for(ase_model, dropping)
     dropping.validate(droppable_blocks(ase_model))
     schedule = schedule or get_schedule(resolve_schedule_name(cfg))
-    objective = ASEObjective(schedule, dropping, ase_model.num_classes, cfg.resolved_p_uncond())
+    objective = ASEObjective(schedule, dropping)  # labels and their dropout: the Trainer's
     return train(cfg, model=ase_model, loss_fn=objective, dataset=dataset)

@@ -32,7 +32,8 @@ class MultistageObjective(DiffusionObjective):
     # Keeps the stage stream apart from other (seed, step) streams (data order, ...).
     STAGE_STREAM = 0x57A6E
 
-    def __init__(self, schedule, boundaries: Sequence[float], num_classes: int = 0, p_uncond: float = 0.1,
+    def __init__(self, schedule, boundaries: Sequence[float], num_classes: Optional[int] = None,
+                 p_uncond: Optional[float] = None,
                  seed: int = 0):
         super().__init__(schedule, num_classes, p_uncond)
         self.boundaries = check_boundaries(boundaries)

@@ -225,7 +225,8 @@ class GraphSampler:
         schedule: its noise schedule.
         sample_shape: (C, H, W) of one sample.
         solver, num_steps and ``solver_options`` (eta, order, method, skip_type, spacing,
-            variance, predict_x0, t_end): as :func:`duodiff_fast.samplers.sample`.
+            variance, predict_x0, t_end, clip_denoised, thresholding, thresholding_ratio,
+            thresholding_max_value): as :func:`duodiff_fast.samplers.sample`.
         device, dtype: where and in which dtype to sample.
         buckets: batch sizes to capture; a call with B samples replays the smallest bucket >= B
             (extra rows are padding, dropped). None: capture each batch size exactly.
@@ -291,6 +292,7 @@ class GraphSampler:
     # ---- capture ---------------------------------------------------------------------------------
     def _body(self, seeds: Tensor, y: Optional[Tensor]) -> Tensor:
         """The sampling loop on static buffers (run eagerly for warm-up, then under capture)."""
+        from ..samplers.denoised import denoised_correction
         from ..samplers.driver import _build
         from ..samplers.philox import PhiloxNoise
 
@@ -298,7 +300,9 @@ class GraphSampler:
         run, _ = _build(self.solver, self.denoiser, self.schedule, self.num_steps,
                         o.get("eta", 0.0), o.get("order", 3), o.get("variance", "beta"), o.get("spacing"),
                         o.get("method", "fast"), o.get("skip_type", "logSNR"), o.get("predict_x0", False),
-                        o.get("t_end"), True)
+                        o.get("t_end"), True, denoised_correction(
+                            o.get("clip_denoised", False), o.get("thresholding", False),
+                            o.get("thresholding_ratio", 0.995), o.get("thresholding_max_value", 1.0)))
         noise = PhiloxNoise(seeds, device=self.device, dtype=self.dtype)
         x_T = noise.initial((seeds.shape[0], *self.sample_shape))
         return run(x_T, y, noise, None)

@@ -1,6 +1,7 @@
 """Solvers, classifier-free guidance, reproducible noise, the sampling driver and output writers."""
 from .ddim import DDIMSampler, ddim_sample
 from .ddpm import DDPMSampler, alpha_bar_grid, ddpm_sample, respaced_indices
+from .denoised import DenoisedCorrection, denoised_correction
 from .dpm_solver import DPMSolver, dpm_solver_sample, fast_orders
 from .driver import SOLVERS, generate, sample
 from .guidance import ClassifierFreeGuidance, DiTGuidance, make_guidance
@@ -11,6 +12,7 @@ from .outputs import load_npz, make_grid, save_npz, save_png_grid, save_tensor, 
 __all__ = [
     "DDIMSampler",
     "DDPMSampler",
+    "DenoisedCorrection",
     "DPMSolver",
     "ClassifierFreeGuidance",
     "DiTGuidance",
@@ -19,6 +21,7 @@ __all__ = [
     "SOLVERS",
     "alpha_bar_grid",
     "ddim_sample",
+    "denoised_correction",
     "ddpm_sample",
     "dpm_solver_sample",
     "fast_orders",

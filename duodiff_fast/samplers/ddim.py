@@ -13,12 +13,16 @@ grid index 0 goes to ab_prev = 1, as in the DDIM paper's code, so the result is 
     sigma   = eta * sqrt((1 - ab_prev) / (1 - ab)) * sqrt(1 - ab / ab_prev)
     x_prev  = sqrt(ab_prev) x0_pred + sqrt(1 - ab_prev - sigma^2) eps + sigma z
 
+With a correction of the denoised estimate (``x0_fn``, see :mod:`.denoised`), x0_pred is corrected
+and the noise re-derived from it, eps = (x - sqrt(ab) x0_pred) / sqrt(1 - ab), before the update (as
+ADM's ``ddim_sample`` and diffusers' ``DDIMScheduler`` with ``clip_sample``).
+
 eta = 0 is deterministic (no noise is drawn); eta = 1 equals DDPM with the "beta_tilde" variance on
 the same steps.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -48,6 +52,7 @@ class DDIMSampler:
         num_steps: network evaluations (default 50, capped to the grid size).
         eta: 0 -> deterministic DDIM; 1 -> DDPM-like ancestral noise.
         spacing: see :func:`~duodiff_fast.samplers.ddpm.respaced_indices`.
+        x0_fn: correction of each step's denoised estimate (see :mod:`.denoised`); None: none.
     """
 
     def __init__(
@@ -57,7 +62,11 @@ class DDIMSampler:
         eta: float = 0.0,
         spacing: str = "uniform",
         fused: bool = False,
+        x0_fn: Optional[Callable[[Tensor], Tensor]] = None,
     ):
+        if x0_fn is not None and not callable(x0_fn):
+            raise TypeError(f"x0_fn must be callable or None, got {type(x0_fn).__name__}")
+        self.x0_fn = x0_fn
         t_grid, ab_grid = alpha_bar_grid(schedule)
         N = t_grid.numel()
         if num_steps is None:
@@ -96,6 +105,21 @@ class DDIMSampler:
             ab, abp, sigma = float(self.alpha_bar[k]), float(self.alpha_bar_prev[k]), float(self.sigmas[k])
             eps = call_denoiser(denoiser, x, t, y)
             dir_coef = max(1.0 - abp - sigma * sigma, 0.0) ** 0.5
+            if self.x0_fn is not None:
+                x0 = self.x0_fn((x - (1.0 - ab) ** 0.5 * eps) / ab**0.5)
+                # x_prev = sqrt(abp) x0 + dir_coef (x - sqrt(ab) x0) / sqrt(1 - ab) + sigma z
+                c_x = dir_coef / (1.0 - ab) ** 0.5
+                c_x0 = abp**0.5 - c_x * ab**0.5
+                if self.fused:
+                    x = fused_update(x, x0, c_x, c_x0, sigma, noise_source)
+                else:
+                    eps = (x - ab**0.5 * x0) / (1.0 - ab) ** 0.5
+                    x = abp**0.5 * x0 + dir_coef * eps
+                    if sigma > 0:
+                        x = x + sigma * draw_noise(noise_source, x)
+                if callback is not None:
+                    callback(step, torch.full((x.shape[0],), float(t), dtype=torch.float64), x)
+                continue
             if self.fused:
                 a = (abp / ab) ** 0.5
                 x = fused_update(x, eps, a, dir_coef - a * (1.0 - ab) ** 0.5, sigma, noise_source)
@@ -122,6 +146,8 @@ def ddim_sample(
     spacing: str = "uniform",
     callback: Optional[StepCallback] = None,
     fused: bool = False,
+    x0_fn: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """Functional form of :class:`DDIMSampler`: returns x_0 with the shape of ``x_T``."""
-    return DDIMSampler(schedule, num_steps, eta, spacing, fused).sample(denoiser, x_T, y, noise_source, callback)
+    return DDIMSampler(schedule, num_steps, eta, spacing, fused, x0_fn).sample(
+        denoiser, x_T, y, noise_source, callback)

@@ -14,6 +14,11 @@ One reverse step from kept step k (time t_k) to k-1:
 
 and no noise is added on the final step.
 
+With a correction of the denoised estimate (``x0_fn``, see :mod:`.denoised`) the step goes through
+x0 instead, as ADM's ``p_mean_variance`` with ``clip_denoised``: x0 = x0_fn((x - sqrt(1 - ab_k) eps)
+/ sqrt(ab_k)) and mean = sqrt(ab_{k-1}) beta_k / (1 - ab_k) x0 + sqrt(1 - beta_k) (1 - ab_{k-1}) /
+(1 - ab_k) x (the posterior mean; without a correction it equals the eps form above).
+
 This module also holds the helpers DDIM shares: :func:`alpha_bar_grid`, :func:`respaced_indices`.
 """
 from __future__ import annotations
@@ -156,6 +161,8 @@ class DDPMSampler:
         num_steps: number of reverse steps (= network evaluations); default: the full grid.
         variance: ``"beta"`` (sigma^2 = beta_t) or ``"beta_tilde"`` (the posterior variance).
         spacing: how the kept steps are chosen when ``num_steps`` < N (see :func:`respaced_indices`).
+        x0_fn: correction of each step's denoised estimate (e.g. a
+            :class:`~duodiff_fast.samplers.denoised.DenoisedCorrection`); None uses it as is.
     """
 
     def __init__(
@@ -165,6 +172,7 @@ class DDPMSampler:
         variance: str = "beta",
         spacing: str = "linspace",
         fused: bool = False,
+        x0_fn: Optional[Callable[[Tensor], Tensor]] = None,
     ):
         if variance not in VARIANCES:
             raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
@@ -188,6 +196,9 @@ class DDPMSampler:
         # one kernel with the native extension and Philox noise). The same step up to rounding; the
         # default (False) keeps the original expressions, so existing results stay bit-identical.
         self.fused = bool(fused)
+        if x0_fn is not None and not callable(x0_fn):
+            raise TypeError(f"x0_fn must be callable or None, got {type(x0_fn).__name__}")
+        self.x0_fn = x0_fn
 
     def sample(
         self,
@@ -210,6 +221,11 @@ class DDPMSampler:
             beta = float(self.betas[k])
             ab = float(self.alpha_bar[k])
             coef_eps = beta / (1.0 - ab) ** 0.5
+            if self.x0_fn is not None:
+                x = self._corrected_step(k, x, eps, noise_source)
+                if callback is not None:
+                    callback(step, torch.full((x.shape[0],), float(t), dtype=torch.float64), x)
+                continue
             if self.fused:
                 inv = 1.0 / (1.0 - beta) ** 0.5
                 c = float(self.variances[k]) ** 0.5 if k > 0 else 0.0
@@ -224,6 +240,18 @@ class DDPMSampler:
                 callback(step, torch.full((x.shape[0],), float(t), dtype=torch.float64), x)
         return x
 
+    def _corrected_step(self, k: int, x: Tensor, eps: Tensor, noise_source) -> Tensor:
+        """One step through the corrected x0: the posterior mean q(x_{k-1} | x_k, x0) plus noise."""
+        ab, abp, beta = float(self.alpha_bar[k]), float(self.alpha_bar_prev[k]), float(self.betas[k])
+        x0 = self.x0_fn((x - (1.0 - ab) ** 0.5 * eps) / ab**0.5)
+        c_x0 = abp**0.5 * beta / (1.0 - ab)
+        c_x = (1.0 - beta) ** 0.5 * (1.0 - abp) / (1.0 - ab)
+        c_z = float(self.variances[k]) ** 0.5 if k > 0 else 0.0
+        if self.fused:  # a x + b x0 + c z in one update, the same noise stream as the eps form
+            return fused_update(x, x0, c_x, c_x0, c_z, noise_source)
+        x = c_x * x + c_x0 * x0
+        return x + c_z * draw_noise(noise_source, x) if k > 0 else x
+
 
 def ddpm_sample(
     denoiser: Denoiser,
@@ -236,6 +264,8 @@ def ddpm_sample(
     spacing: str = "linspace",
     callback: Optional[StepCallback] = None,
     fused: bool = False,
+    x0_fn: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """Functional form of :class:`DDPMSampler`: returns x_0 with the shape of ``x_T``."""
-    return DDPMSampler(schedule, num_steps, variance, spacing, fused).sample(denoiser, x_T, y, noise_source, callback)
+    return DDPMSampler(schedule, num_steps, variance, spacing, fused, x0_fn).sample(
+        denoiser, x_T, y, noise_source, callback)

@@ -20,6 +20,10 @@ The ``fast`` method (DPM-Solver-fast) spends ``steps`` network evaluations as K 
 singlestep steps of orders [3, ..., 3, 2, 1] (steps % 3 == 0), [3, ..., 3, 1] (== 1) or
 [3, ..., 3, 2] (== 2).
 
+A correction of the denoised estimate (``x0_fn``, see :mod:`.denoised`) acts inside the model
+output: x0 = x0_fn((x - sigma eps) / alpha) at every evaluation; DPM-Solver++ uses that x0 (as the
+official ``correcting_x0_fn``), DPM-Solver the noise re-derived from it, eps = (x - alpha x0) / sigma.
+
 Golden pin (``uvit_reference.pt`` key ``dpm_solver``, the official U-ViT evaluation): matched by
 ``DPMSolver(denoiser, schedule)`` (``predict_x0=False``, ``solver_type="dpm_solver"``) with
 ``sample(x, steps, t_end=eps)`` defaults: ``method="fast"``, ``skip_type="logSNR"`` -- the K + 1
@@ -88,6 +92,7 @@ class DPMSolver:
         schedule: the noise schedule (gives log alpha, sigma, lambda and its inverse).
         predict_x0: False -> DPM-Solver (noise prediction); True -> DPM-Solver++ (data prediction).
         solver_type: ``"dpm_solver"`` or ``"taylor"`` (see the module docstring).
+        x0_fn: correction of each evaluation's denoised estimate (see above); None: none.
     """
 
     def __init__(
@@ -97,7 +102,11 @@ class DPMSolver:
         predict_x0: bool = False,
         solver_type: str = "dpm_solver",
         fused: bool = False,
+        x0_fn: Optional[Callable[[Tensor], Tensor]] = None,
     ):
+        if x0_fn is not None and not callable(x0_fn):
+            raise TypeError(f"x0_fn must be callable or None, got {type(x0_fn).__name__}")
+        self.x0_fn = x0_fn
         if not callable(denoiser):
             raise TypeError(f"denoiser must be callable, got {type(denoiser).__name__}")
         if not isinstance(schedule, NoiseSchedule):
@@ -130,10 +139,14 @@ class DPMSolver:
         """The solver's model output at time t: eps, or x0 = (x - sigma eps) / alpha for DPM-Solver++."""
         self.nfe += 1
         eps = call_denoiser(self.denoiser, x, t, y)
-        if not self.predict_x0:
+        if not self.predict_x0 and self.x0_fn is None:
             return eps
         alpha, sigma = math.exp(self._log_alpha(t)), self._sigma(t)
-        return (x - sigma * eps) / alpha
+        x0 = (x - sigma * eps) / alpha
+        if self.x0_fn is None:
+            return x0
+        x0 = self.x0_fn(x0)
+        return x0 if self.predict_x0 else (x - alpha * x0) / sigma
 
     # ---- time grids ----------------------------------------------------------------------------
     def time_steps(self, skip_type: str, t_T: float, t_0: float, n: int) -> List[float]:
@@ -327,6 +340,8 @@ class DPMSolver:
             eps = call_denoiser(self.denoiser, x, t_end, y)
             self.nfe += 1
             x = (x - self._sigma(t_end) * eps) / math.exp(self._log_alpha(t_end))
+            if self.x0_fn is not None:
+                x = self.x0_fn(x)
         return x
 
     def _sample_multistep(self, x, steps, y, t_start, t_end, order, skip_type, lower_order_final, callback):
@@ -365,6 +380,7 @@ def dpm_solver_sample(
     lower_order_final: bool = True,
     denoise_to_zero: bool = False,
     callback: Optional[OuterCallback] = None,
+    x0_fn: Optional[Callable[[Tensor], Tensor]] = None,
 ) -> Tensor:
     """Functional form of :class:`DPMSolver` (deterministic: ``noise_source`` is unused).
 
@@ -372,7 +388,7 @@ def dpm_solver_sample(
     prediction) given the same ``num_steps`` and ``t_end``.
     """
     check_solver_inputs(x_T, y, noise_source)
-    solver = DPMSolver(denoiser, schedule, predict_x0=predict_x0, solver_type=solver_type)
+    solver = DPMSolver(denoiser, schedule, predict_x0=predict_x0, solver_type=solver_type, x0_fn=x0_fn)
     return solver.sample(
         x_T,
         steps=num_steps,

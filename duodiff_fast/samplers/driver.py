@@ -16,6 +16,7 @@ from ..validation import inputs_validated
 from ..schedules import NoiseSchedule
 from .ddim import DDIMSampler
 from .ddpm import DDPMSampler, alpha_bar_grid, check_num_steps
+from .denoised import denoised_correction
 from .dpm_solver import DPMSolver, fast_orders
 from .noise import NoiseSource, seeds_for
 
@@ -68,28 +69,32 @@ def _build(
     predict_x0: bool,
     t_end: Optional[float],
     fused: bool = False,
+    x0_fn=None,
 ):
-    """Return (run(x_T, y, noise_source, callback) -> x_0, number of progress steps)."""
+    """Return (run(x_T, y, noise_source, callback) -> x_0, number of progress steps).
+
+    ``x0_fn``: correction of the denoised estimate at each step (see :mod:`.denoised`), or None.
+    """
     if solver in ("ddpm", "ddim") and getattr(denoiser, "uses_improved_ddpm", False):
-        return _build_improved(solver, denoiser, schedule, num_steps, eta, variance, spacing, fused)
+        return _build_improved(solver, denoiser, schedule, num_steps, eta, variance, spacing, fused, x0_fn)
     if num_steps is None:
         num_steps = DEFAULT_NUM_STEPS[solver]
     if solver == "ddpm":
         grid = alpha_bar_grid(schedule)[0].numel()
         num_steps = grid if num_steps is None else check_num_steps(num_steps, grid)
-        s = DDPMSampler(schedule, num_steps, variance, spacing or "linspace", fused=fused)
+        s = DDPMSampler(schedule, num_steps, variance, spacing or "linspace", fused=fused, x0_fn=x0_fn)
         return (lambda x, y, ns, cb: s.sample(denoiser, x, y, ns, cb)), num_steps
     if solver == "ddim":
         grid = alpha_bar_grid(schedule)[0].numel()
         check_num_steps(num_steps, grid)
-        s = DDIMSampler(schedule, num_steps, eta, spacing or "uniform", fused=fused)
+        s = DDIMSampler(schedule, num_steps, eta, spacing or "uniform", fused=fused, x0_fn=x0_fn)
         return (lambda x, y, ns, cb: s.sample(denoiser, x, y, ns, cb)), num_steps
     # dpm_solver
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps must be a positive int for dpm_solver, got {num_steps!r}")
     if t_end is not None:
         schedule.check_t(torch.tensor(float(t_end), dtype=torch.float64), "t_end")
-    solver_obj = DPMSolver(denoiser, schedule, predict_x0=predict_x0, fused=fused)
+    solver_obj = DPMSolver(denoiser, schedule, predict_x0=predict_x0, fused=fused, x0_fn=x0_fn)
     if method == "multistep":
         n_outer = num_steps
     elif method == "singlestep_fixed":
@@ -106,9 +111,10 @@ def _build(
 
 
 def _build_improved(solver: str, denoiser, schedule: NoiseSchedule, num_steps, eta: float, variance: str,
-                    spacing: Optional[str], fused: bool):
+                    spacing: Optional[str], fused: bool, x0_fn=None):
     """DDPM/DDIM of a DiT: the improved-DDPM diffusion respaced to ``num_steps`` (DiT's
-    ``space_timesteps``; ddpm default 250, ddim 50) with the learned variance."""
+    ``space_timesteps``; ddpm default 250, ddim 50) with the learned variance. ``x0_fn`` corrects
+    the predicted x_0 at each step (clipping or dynamic thresholding), as ADM's ``clip_denoised``."""
     from .improved_ddpm import DEFAULT_RESPACING, ImprovedDiffusion, denoiser_model_fn
 
     if variance != "beta":
@@ -126,8 +132,8 @@ def _build_improved(solver: str, denoiser, schedule: NoiseSchedule, num_steps, e
     def run(x, y, ns, cb):
         model_fn = denoiser_model_fn(denoiser, y, diffusion.original_num_steps)
         if solver == "ddpm":
-            return diffusion.p_sample_loop(model_fn, x, ns, callback=cb)
-        return diffusion.ddim_sample_loop(model_fn, x, eta, ns, callback=cb)
+            return diffusion.p_sample_loop(model_fn, x, ns, clip_denoised=x0_fn or False, callback=cb)
+        return diffusion.ddim_sample_loop(model_fn, x, eta, ns, clip_denoised=x0_fn or False, callback=cb)
 
     return run, diffusion.num_timesteps
 
@@ -157,6 +163,10 @@ def sample(
     callback: Optional[Callable[[int, Tensor, Tensor], None]] = None,
     noise: str = "torch",
     fused: bool = False,
+    clip_denoised: bool = False,
+    thresholding: bool = False,
+    thresholding_ratio: float = 0.995,
+    thresholding_max_value: float = 1.0,
 ) -> Tensor:
     """Draw one batch of samples.
 
@@ -185,6 +195,11 @@ def sample(
             (counter-based, drawn on ``device``: :class:`~duodiff_fast.samplers.philox.PhiloxNoise`;
             what the CUDA-graph sampler uses).
         fused: fuse each DDPM/DDIM/first-order DPM-Solver update into one op (native with ``_C``).
+        clip_denoised: clip every step's denoised estimate x0 to [-1, 1] (ADM's ``clip_denoised``,
+            diffusers' ``clip_sample``); default off, as the papers' samplers.
+        thresholding: dynamic thresholding of x0 instead (Imagen / DPM-Solver): per sample s = the
+            ``thresholding_ratio`` quantile of |x0|, at least ``thresholding_max_value``; x0 is
+            clamped to [-s, s] and divided by s. See :mod:`duodiff_fast.samplers.denoised`.
     Returns:
         x_0 of ``shape`` on ``device`` in ``dtype``.
     """
@@ -215,9 +230,10 @@ def sample(
         noise_source = NoiseSource(seeds, device=device, dtype=dtype)
     if len(noise_source) != B:
         raise ValueError(f"seeds must hold one seed per sample ({B}), got {len(noise_source)}")
+    x0_fn = denoised_correction(clip_denoised, thresholding, thresholding_ratio, thresholding_max_value)
     run, n_steps = _build(
         solver, denoiser, schedule, num_steps, eta, order, variance, spacing, method, skip_type, predict_x0, t_end,
-        fused,
+        fused, x0_fn,
     )
     if x_T is None:
         x_T = noise_source.initial(shape)

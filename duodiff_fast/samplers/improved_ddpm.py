@@ -145,7 +145,8 @@ class ImprovedDiffusion:
             model_fn: ``model_fn(x, original_timesteps) -> (B, 2C or C, H, W)``.
             x: (B, C, H, W) sample at respaced step ``k``.
             k: (B,) long respaced indices.
-            clip_denoised: clamp the predicted x_0 to [-1, 1] (DiT's latents: False).
+            clip_denoised: clamp the predicted x_0 to [-1, 1] (DiT's latents: False), or a callable
+                correcting it (:mod:`.denoised`: clipping or dynamic thresholding).
         Returns:
             {"mean", "log_variance", "pred_xstart", "model_output"} shaped like x (model_output as returned).
         """
@@ -165,7 +166,9 @@ class ImprovedDiffusion:
                              f"(expected {c}, or {2 * c} with a learned variance)")
         pred_xstart = self._coef(self.sqrt_recip_alphas_cumprod, k, x) * x \
             - self._coef(self.sqrt_recipm1_alphas_cumprod, k, x) * eps
-        if clip_denoised:
+        if callable(clip_denoised):
+            pred_xstart = clip_denoised(pred_xstart)
+        elif clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean = self._coef(self.posterior_mean_coef1, k, x) * pred_xstart + self._coef(self.posterior_mean_coef2, k, x) * x
         return {"mean": mean, "log_variance": log_variance, "pred_xstart": pred_xstart, "model_output": out}

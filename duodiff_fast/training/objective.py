@@ -4,7 +4,10 @@ An objective is any callable ``loss, metrics = objective(model, x0, y, generator
     model      the (possibly DDP-wrapped) network; call it as ``model(x_t, timesteps, y)`` so
                DistributedDataParallel sees the forward.
     x0         (B, C, H, W) float clean data on the training device.
-    y          (B,) int64 class ids, or None for unconditional models.
+    y          (B,) int64 class ids, or None for unconditional models. Under the Trainer these are
+               the labels the network must see: the Trainer has already replaced each by the null
+               class at rate ``TrainConfig.p_uncond`` (classifier-free guidance), the same way for
+               every objective, so an objective passes them on unchanged.
     generator  a torch.Generator on x0's device; every random draw must use it (that is what
                makes resumed runs bit-identical).
 It returns a scalar loss to backpropagate and a dict of scalar metrics (tensors or floats) to log.
@@ -44,21 +47,24 @@ class DiffusionObjective:
     """Noise-prediction loss L_simple = mean ||eps_theta(x_t, t, y) - eps||^2.
 
     t is drawn by ``schedule.sample_training_t``, x_t by ``schedule.add_noise`` and the network is
-    fed ``schedule.model_input(t)``; for conditional models labels are dropped to the null class
-    at rate ``p_uncond``.
+    fed ``schedule.model_input(t)``.
 
     Args:
         schedule: a noise schedule from ``duodiff_fast.schedules``.
-        num_classes: the model's label count including the null class (<= 0: unconditional).
-        p_uncond: label drop rate for classifier-free guidance.
+        num_classes: None (default): the labels are passed to the network as they come (under the
+            Trainer: already label-dropped, None for unconditional models). For use outside the
+            Trainer: the model's label count including the null class (<= 0: unconditional).
+        p_uncond: None (default): no label dropout here (the Trainer applies ``TrainConfig.p_uncond``).
+            Outside the Trainer, with ``num_classes`` > 0: drop labels to the null class at this rate.
+            The Trainer refuses an objective that drops labels itself (they would be dropped twice).
     """
 
-    def __init__(self, schedule, num_classes: int = 0, p_uncond: float = 0.1):
-        if not 0.0 <= p_uncond <= 1.0:
+    def __init__(self, schedule, num_classes: Optional[int] = None, p_uncond: Optional[float] = None):
+        if p_uncond is not None and not 0.0 <= p_uncond <= 1.0:
             raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
         self.schedule = schedule
-        self.num_classes = int(num_classes)
-        self.p_uncond = float(p_uncond)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.p_uncond = None if p_uncond is None else float(p_uncond)
 
     def sample(self, x0: torch.Tensor, generator: Optional[torch.Generator]) -> Tuple[torch.Tensor, ...]:
         """Draw (t (B,), noise like x0, x_t like x0) for a batch of clean data."""
@@ -69,12 +75,17 @@ class DiffusionObjective:
         return t, noise, x_t
 
     def training_labels(self, y: Optional[torch.Tensor], generator: Optional[torch.Generator]) -> Optional[torch.Tensor]:
-        """The labels the network sees in training: (B,) int64 with the null class at rate
-        ``p_uncond``, or None for an unconditional model (a conditional one without labels is an error)."""
+        """The labels the network sees in training: ``y`` as it came (``num_classes`` None: the
+        Trainer prepared it), else (B,) int64 with the null class at rate ``p_uncond`` or None for
+        an unconditional model (a conditional one without labels is an error)."""
+        if self.num_classes is None:
+            return y
         if self.num_classes <= 0:
             return None
         if y is None:
             raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) but no labels came")
+        if self.p_uncond is None:
+            return y
         return drop_labels(y, self.p_uncond, self.num_classes - 1, generator)
 
     def network_timesteps(self, t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -101,7 +112,7 @@ class HybridObjective(DiffusionObjective):
         num_classes, p_uncond: as :class:`DiffusionObjective`.
     """
 
-    def __init__(self, schedule, num_classes: int = 0, p_uncond: float = 0.1):
+    def __init__(self, schedule, num_classes: Optional[int] = None, p_uncond: Optional[float] = None):
         super().__init__(schedule, num_classes, p_uncond)
         from ..samplers.improved_ddpm import ImprovedDiffusion
 

@@ -34,7 +34,7 @@ from .config import TrainConfig
 from .data import StepSampler, _mix_seed, build_dataset, check_dataset, default_hflip, iterate_batches
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed
 from .ema import EMA, unwrap_model
-from .objective import DiffusionObjective, HybridObjective
+from .objective import DiffusionObjective, HybridObjective, drop_labels
 from .optim import build_lr_scheduler, build_optimizer, clip_gradients, trainable_parameters
 
 LossFn = Callable[[nn.Module, torch.Tensor, Optional[torch.Tensor], Optional[torch.Generator]],
@@ -161,6 +161,34 @@ def export_spec(cfg: TrainConfig, model: nn.Module, time_input: str):
                       source=f"trained by duodiff-fast from {base.name}" if cfg.model_name else base.source)
 
 
+def _objectives_of(loss_fn: Any) -> List[Any]:
+    """The loss function and the objective it wraps (``.base``), when it has one."""
+    out = [loss_fn]
+    base = getattr(loss_fn, "base", None)
+    if base is not None:
+        out.append(base)
+    return out
+
+
+def check_objective_labels(loss_fn: Any, num_classes: int) -> None:
+    """Refuse an objective that would drop labels a second time or disagrees on conditioning.
+
+    The Trainer drops labels itself (``TrainConfig.p_uncond``) for every objective; an objective
+    built with its own ``p_uncond`` would drop them again, and one built for another label count
+    would feed the network wrong labels (or none).
+    """
+    for obj in _objectives_of(loss_fn):
+        p = getattr(obj, "p_uncond", None)
+        if p is not None:
+            raise ValueError(
+                f"{type(obj).__name__} was built with p_uncond={p}: the Trainer drops labels itself "
+                "(TrainConfig.p_uncond) for every objective; build the objective without p_uncond")
+        n = getattr(obj, "num_classes", None)
+        if n is not None and (n > 0) != (num_classes > 0) or (n is not None and n > 0 and n != num_classes):
+            raise ValueError(f"{type(obj).__name__} was built for num_classes={n} but the model has "
+                             f"num_classes={num_classes}; leave num_classes unset (the Trainer passes the labels)")
+
+
 def _plain_config(model: nn.Module) -> Optional[Dict[str, Any]]:
     """The model's constructor keywords when they are plain data (stored in checkpoints)."""
     config = getattr(model, "config", None)
@@ -220,11 +248,14 @@ class Trainer:
 
             self.schedule = make_schedule(resolve_schedule_name(cfg), self.time_input)
             objective = HybridObjective if getattr(self.model, "learn_sigma", False) else DiffusionObjective
-            loss_fn = objective(self.schedule, self.num_classes, cfg.resolved_p_uncond())
+            loss_fn = objective(self.schedule)
         if hasattr(self.model, "label_dropout_in_forward"):
-            # DiT drops labels inside its forward in training; the objective already drops them
+            # DiT drops labels inside its forward in training; the Trainer already drops them
             # (p_uncond) from the run's generator, so that resumed runs repeat the same draws.
             self.model.label_dropout_in_forward = False
+        check_objective_labels(loss_fn, self.num_classes)
+        # Labels and their dropout are the Trainer's, the same for every objective (train_step).
+        self.p_uncond = cfg.resolved_p_uncond() if self.num_classes > 0 else 0.0
         self.loss_fn = loss_fn
         # Carried by the model, so that save_weights / export_weights keep the convention.
         self.model.time_input = self.time_input
@@ -302,8 +333,7 @@ class Trainer:
             x: (b, C, H, W) float clean data on the device; y: (b,) int64 labels or None.
         """
         self.net.train()
-        if self.num_classes <= 0:
-            y = None
+        y = self.training_labels(y)
         on_step = getattr(self.loss_fn, "on_step", None)
         if callable(on_step):  # randomness shared by every rank at this step (e.g. the multistage stage)
             on_step(self.step, self.cfg.seed)
@@ -323,6 +353,17 @@ class Trainer:
         if grad_norm is not None:
             out["grad_norm"] = grad_norm.detach().float()
         return out
+
+    def training_labels(self, y: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The labels every objective hands the network: None for an unconditional model, else
+        (b,) int64 with each replaced by the null class (``num_classes - 1``) at rate
+        ``TrainConfig.p_uncond``, drawn from the per-rank generator."""
+        if self.num_classes <= 0:
+            return None
+        if y is None:
+            raise ValueError(f"the model is class-conditional (num_classes={self.num_classes}) "
+                             "but the data has no labels")
+        return drop_labels(y, self.p_uncond, self.num_classes - 1, self.generator)
 
     # ---------------------------------------------------------------------------------- loop
     def batches(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:

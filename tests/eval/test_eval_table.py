@@ -30,7 +30,7 @@ def test_eval_grid_end_to_end(tmp_path, capsys):
             "--methods", "base,duodiff:500,adadiff:0.5,ase:D3,multistage", "--reference", str(tmp_path / "ref.npz"),
             "--stats-cache", str(tmp_path / "cache"), "--n-samples", "2", "--batch-size", "2", "--solver", "ddim",
             "--steps", "2", "--timing-repeats", "1", "--timing-warmup", "0", "--device", "cpu", "--no-progress",
-            "--out", str(out)]
+            "--clip-denoised", "--out", str(out)]
     assert main(args) == 0
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
@@ -47,6 +47,7 @@ def test_eval_grid_end_to_end(tmp_path, capsys):
     assert res["smoke_check"] and res["inception"] == "random-seed0" and res["reference"]["count"] == 3
     assert set(res["manifests"]) == {r["method"] for r in rows}
     assert res["manifests"]["ase D3"]["settings"]["ase_kept"] == [2, 1, 1, 1, 1]
+    assert res["denoised"] == "clip" and all(m["settings"]["denoised"] == "clip" for m in res["manifests"].values())
     from PIL import Image
 
     assert Image.open(out / "fid_vs_time.png").size[0] > 300

@@ -228,10 +228,26 @@ def test_graph_sampler_duodiff_cpu():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kw", [{"clip_denoised": True}, {"thresholding": True, "thresholding_ratio": 0.9}])
+@pytest.mark.parametrize("solver", ["ddpm", "ddim", "dpm_solver"])
+def test_capture_body_applies_the_x0_correction(solver, kw):
+    """The loop the GPU captures (``_body``) takes the x0 options as the plain loop does (run on the CPU)."""
+    gs = GraphSampler(_den, linear_ddpm(), (3, 4, 4), solver=solver, num_steps=4, **kw)
+    seeds = [3, 4]
+    with torch.no_grad():
+        body = gs._body(torch.tensor(seeds), None)
+    plain = gs.plain(seeds)
+    torch.testing.assert_close(body, plain, rtol=1e-5, atol=1e-5)
+    off = GraphSampler(_den, linear_ddpm(), (3, 4, 4), solver=solver, num_steps=4).plain(seeds)
+    assert not torch.allclose(plain, off)  # the option changed the samples
+
+
 @needs_cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("solver,kw", [("ddim", {"num_steps": 10, "eta": 0.5}), ("ddim", {"num_steps": 8, "eta": 0.0}),
-                                       ("dpm_solver", {"num_steps": 9})])
+                                       ("dpm_solver", {"num_steps": 9}),
+                                       ("ddpm", {"num_steps": 10, "clip_denoised": True}),
+                                       ("dpm_solver", {"num_steps": 9, "thresholding": True})])
 def test_captured_equals_uncaptured_gpu(solver, kw):
     duo = _duodiff(t_s=400)
     duo.shallow.cuda(), duo.full.cuda()
