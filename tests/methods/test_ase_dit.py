@@ -106,7 +106,7 @@ def test_cli_ase_on_tiny_dit(tmp_path):
 
 def test_finetune_ase_on_dit_with_the_hybrid_loss(tmp_path):
     from duodiff_fast.methods import ASEDiT
-    from duodiff_fast.methods.ase import ASEObjective, ase_finetune_config, finetune_ase
+    from duodiff_fast.methods.ase_training import ASEObjective, ase_finetune_config, finetune_ase
     from duodiff_fast.training import dit_train_config
 
     m = _dit(depth=4)

@@ -83,7 +83,22 @@ def test_learn_sigma_false_and_no_null_class():
     m = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2,
             class_dropout_prob=0.0, num_classes=5, learn_sigma=False)
     assert m.out_channels == 3 and m.num_classes == 5 and m.null_class is None
-    assert infer_dit_config(m.state_dict())["learn_sigma"] is False
+    assert infer_dit_config(m.state_dict(), num_heads=2)["learn_sigma"] is False
+
+
+def test_unregistered_dit_width_needs_its_head_count():
+    """The head count changes no weight shape: a DiT of a width no registered size has is refused
+    without num_heads (never guessed), and a registered width takes the official head count."""
+    from duodiff_fast.models import CheckpointError, load_model
+
+    m = DiT(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2, num_classes=5)
+    with pytest.raises(CheckpointError, match="head count cannot be told"):
+        infer_dit_config(m.state_dict())
+    with pytest.raises(CheckpointError, match="num_heads="):
+        load_model(m.state_dict())
+    assert load_model(m.state_dict(), num_heads=2).config["num_heads"] == 2
+    s = DiT(input_size=8, patch_size=4, in_channels=4, hidden_size=384, depth=1, num_heads=6, num_classes=5)
+    assert infer_dit_config(s.state_dict())["num_heads"] == 6  # DiT-S's width: its 6 heads
 
 
 def test_fresh_dit_outputs_zeros_and_pos_embed_is_sincos():
