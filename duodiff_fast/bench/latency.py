@@ -66,7 +66,7 @@ PAPER_SECONDS: Dict[tuple, float] = {
     ("imagenet256-l2", "ddim", 0): 0.55, ("imagenet256-l2", "ddim", 300): 0.41,
 }
 
-SOLVERS = ("ddpm", "ddim")
+SOLVERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++")
 # AdaDiff per-sample seconds of the DuoDiff paper's Table 2 (DDPM; * = its linear estimate from the
 # mean exit layer). Keys: (config, theta). CelebA used thetas 0.06/0.07/0.08.
 PAPER_ADADIFF_SECONDS: Dict[tuple, float] = {
@@ -85,14 +85,14 @@ ADADIFF_NOTE = ("random backbone weights; UEM weights PROGRAMMED by set_syntheti
 # ------------------------------------------------------------------------------------ settings
 # Defaults per device type; a preset overrides them; an option given on the command line wins.
 DEFAULTS: Dict[str, dict] = {
-    "cpu": dict(configs="tiny", batch_size=2, solvers="ddpm,ddim", ddpm_steps=50, ddim_steps=20,
+    "cpu": dict(configs="tiny", batch_size=2, solvers="ddpm,ddim", ddpm_steps=50, ddim_steps=20, dpm_steps=20,
                 backends="reference", t_s="0,300,400,500", repeats=11, warmup=1, threads=1,
                 adadiff_thetas="0.07", adadiff_backends="reference", adadiff_solvers="ddim",
                 methods="ase,multistage", method_backends="reference", method_solvers="ddim",
                 ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="", graph_batches=None, graph_t_s="0,300",
                 graph_dpm_steps=20, budget=0.0),
     "cuda": dict(configs=",".join(PAPER_CONFIGS), batch_size=128, solvers="ddpm,ddim", ddpm_steps=1000,
-                 ddim_steps=50, backends=None, t_s="0,300,400,500", repeats=5, warmup=1, threads=None,
+                 ddim_steps=50, dpm_steps=20, backends=None, t_s="0,300,400,500", repeats=5, warmup=1, threads=None,
                  adadiff_thetas="0.05,0.07,0.09", adadiff_backends="reference,eager-bf16", adadiff_solvers=None,
                  methods="ase,multistage", method_backends="reference,eager-bf16", method_solvers=None,
                  ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver", graph_batches=None,
@@ -120,6 +120,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=None, help="batch size (default 2 on CPU, 128 on CUDA)")
     a("--ddpm-steps", type=int, default=None, help="DDPM steps (default 50 on CPU, 1000 on CUDA)")
     a("--ddim-steps", type=int, default=None, help="DDIM steps (default 20 on CPU, 50 on CUDA)")
+    a("--dpm-steps", type=int, default=None, help="DPM-Solver and DPM-Solver++ NFE (default 20; their default "
+      "splits: DPM-Solver-fast, DPM-Solver++ 2M)")
     a("--repeats", type=int, default=None, help="timed rounds per group (default 11 on CPU, 5 on CUDA)")
     a("--warmup", type=int, default=None, help="untimed (separately reported) runs per row before timing (default 1)")
     a("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU: steadier timings on a shared "
@@ -189,7 +191,7 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
         args.clock = "process" if device.type == "cpu" and single else "wall"
     if args.clock == "process" and device.type != "cpu":
         raise SystemExit("--clock process measures CPU seconds: use it only with --device cpu")
-    for name in ("batch_size", "ddpm_steps", "ddim_steps", "repeats", "warmup", "graph_dpm_steps"):
+    for name in ("batch_size", "ddpm_steps", "ddim_steps", "dpm_steps", "repeats", "warmup", "graph_dpm_steps"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {getattr(args, name)}")
     if args.backends is None:
@@ -231,6 +233,8 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
 
 
 def steps_of(args, solver: str) -> int:
+    if solver.startswith("dpm_solver"):
+        return args.dpm_steps
     return args.ddpm_steps if solver == "ddpm" else args.ddim_steps
 
 

@@ -119,7 +119,14 @@ def _solver_kwargs(args) -> Dict[str, object]:
         return {"eta": args.eta}
     if args.solver == "ddpm":
         return {"variance": args.variance}
-    return {"order": args.order, "method": args.dpm_method}
+    from ..samplers.driver import DPM_DEFAULTS
+
+    order, method, _ = DPM_DEFAULTS[args.solver]
+    method = args.dpm_method or method
+    allowed = ("fast", "singlestep") if args.solver == "dpm_solver" else ("multistep", "singlestep")
+    if method not in allowed:
+        raise ValueError(f"--dpm-method {method} does not apply to --solver {args.solver}; choose among {allowed}")
+    return {"order": args.order or order, "method": method}
 
 
 class SampleJob:

@@ -2,6 +2,7 @@
 from .ddim import DDIMSampler, ddim_sample
 from .ddpm import DDPMSampler, alpha_bar_grid, ddpm_sample, respaced_indices
 from .dpm_solver import DPMSolver, dpm_solver_sample, fast_orders
+from .dpm_solver_pp import DPMSolverPP, dpm_solver_pp_sample
 from .driver import SOLVERS, generate, sample
 from .guidance import ClassifierFreeGuidance
 from .noise import NoiseSource, mix_seed, seeds_for
@@ -11,6 +12,7 @@ __all__ = [
     "DDIMSampler",
     "DDPMSampler",
     "DPMSolver",
+    "DPMSolverPP",
     "ClassifierFreeGuidance",
     "NoiseSource",
     "SOLVERS",
@@ -18,6 +20,7 @@ __all__ = [
     "ddim_sample",
     "ddpm_sample",
     "dpm_solver_sample",
+    "dpm_solver_pp_sample",
     "fast_orders",
     "generate",
     "load_npz",
