@@ -10,7 +10,8 @@ resumes), scores them against the reference statistics, and times the sampling l
 on the same device with the benchmark's timer (``bench.common.time_call``: warm-up, then the
 median of ``--timing-repeats`` runs; time per sample = batch time / batch size). It writes
 ``results.csv``, ``results.md``, ``fid_vs_time.png`` and ``results.json`` (with every method's
-sample manifest). With ``--random-inception`` (or ``--random-weights``) the outputs are labelled
+sample manifest and the FID protocol of :mod:`duodiff_fast.eval.protocol`, which is also printed
+above the table). With ``--random-inception`` (or ``--random-weights``) the outputs are labelled
 a smoke check: the plumbing runs, the FID values mean nothing.
 """
 from __future__ import annotations
@@ -80,9 +81,10 @@ def cmd_eval(args) -> int:
     from ..io_utils import atomic_write_json
     from ..methods.factory import parse_method_grid
     from . import fid as fidlib
-    from .sample_cmd import SampleJob, device_for, run_sample
+    from .protocol import build_protocol, checkpoints_of, format_protocol, reference_info
+    from .sample_cmd import SampleJob, _solver_kwargs, device_for, run_sample
     from .sharding import dist_info
-    from .table import add_speedups, write_csv, write_markdown, write_plot
+    from .table import add_speedups, write_csv, write_plot
 
     t0 = time.perf_counter()
     specs = parse_method_grid(args.methods, adadiff_mode=args.adadiff_mode)
@@ -103,6 +105,8 @@ def cmd_eval(args) -> int:
         else:
             extractor = fidlib.InceptionFeatures.from_file(args.inception_weights, device, args.inception_batch_size)
         reference = fidlib.reference_stats(args.reference, extractor, args.stats_cache, progress=not args.no_progress)
+        ref_info = reference_info(args.reference)
+        ref_info["count"] = reference.count or ref_info.get("images")
     smoke = [why for flag, why in ((args.random_inception, "random Inception weights"),
                                    (args.random_weights, "random model weights")) if flag]
     rows: List[Dict[str, object]] = []
@@ -135,19 +139,25 @@ def cmd_eval(args) -> int:
                      f"{fidlib.INCEPTION_FILENAME}: FID values are not comparable with published ones.")
     notes.append(f"{args.config}, {args.solver} {args.steps or 'default'} steps, {args.n_samples} samples per "
                  f"method, reference {args.reference}, device {device}, backend {args.backend}.")
+    protocol = build_protocol(args, device, extractor.weights_id, ref_info, checkpoints_of(manifests),
+                              _solver_kwargs(args))
+    protocol_text = format_protocol(protocol)
     title = f"FID vs time per sample: {args.config}"
     write_csv(os.path.join(args.out, "results.csv"), rows)
-    write_markdown(os.path.join(args.out, "results.md"), rows, notes, title)
+    from ..io_utils import atomic_write_text
+    from .table import markdown_table
+
+    atomic_write_text(os.path.join(args.out, "results.md"),
+                      markdown_table(rows, notes, title) + "\n```\n" + protocol_text + "\n```\n")
     write_plot(os.path.join(args.out, "fid_vs_time.png"), rows, title, notes[0] if smoke else None)
     from .manifest import environment
 
     atomic_write_json(os.path.join(args.out, "results.json"), {
-        "smoke_check": bool(smoke), "notes": notes, "rows": rows, "inception": extractor.weights_id,
+        "smoke_check": bool(smoke), "protocol": protocol, "notes": notes, "rows": rows, "inception": extractor.weights_id,
         "reference": {"source": args.reference, "count": reference.count, "meta": reference.meta},
         "environment": environment(device), "wall_time_s": time.perf_counter() - t0, "manifests": manifests,
     })
-    from .table import markdown_table
-
+    print(protocol_text + "\n")
     print(markdown_table(rows, notes))
     print(f"wrote results.csv, results.md, results.json and fid_vs_time.png to {args.out}/")
     return 0
