@@ -27,7 +27,8 @@ __all__ = ["add_eval_parser", "cmd_eval", "SMOKE_NOTE"]
 SMOKE_NOTE = "SMOKE CHECK of the plumbing: {why}; the FID values are meaningless."
 # sample options that eval sets itself (per method, or fixed)
 _NOT_FROM_SAMPLE = {"help", "method", "theta", "ase_schedule", "t_s", "no_float", "out", "adadiff_checkpoint",
-                    "adadiff_mode", "ase_checkpoint", "multistage_checkpoint"}
+                    "adadiff_mode", "ase_checkpoint", "multistage_checkpoint", "cache_interval", "tome_ratio",
+                    "l2c_router"}
 
 
 def add_eval_parser(sub) -> None:
@@ -44,7 +45,9 @@ def add_eval_parser(sub) -> None:
     add_method_options(p)
     p.add_argument("--methods", required=True,
                    help="method grid, comma-separated: base, duodiff:<t_s>[/<t_s>...], adadiff:<theta>[/...], "
-                        "ase:<D1..D6>[/...] or ase:all, multistage; e.g. base,duodiff:300/400,ase:all")
+                        "ase:<D1..D6>[/...] or ase:all, multistage, and the training-free deepcache[:<interval>], "
+                        "fora[:<interval>], tome[:<ratio>], l2c:<router file>, each optionally @<t_s> after "
+                        "DuoDiff's shallow phase; e.g. base,duodiff:300/400,ase:all,fora:2,tome:0.5@300")
     p.add_argument("--reference", required=True,
                    help="FID reference: a stats .npz (mu, sigma; U-ViT's fid_stats_*.npz), an image .npz (arr_0 "
                         "uint8) or an image folder (its statistics are computed once and cached)")
@@ -87,7 +90,10 @@ def cmd_eval(args) -> int:
     from .table import add_speedups, write_csv, write_plot
 
     t0 = time.perf_counter()
-    specs = parse_method_grid(args.methods, adadiff_mode=args.adadiff_mode)
+    from .sample_cmd import caching_options_from_args
+
+    specs = parse_method_grid(args.methods, adadiff_mode=args.adadiff_mode,
+                              caching_options=caching_options_from_args(args))
     for name in ("timing_repeats", "inception_batch_size", "n_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
