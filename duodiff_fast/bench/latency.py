@@ -67,6 +67,7 @@ PAPER_SECONDS: Dict[tuple, float] = {
 }
 
 SOLVERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++")
+CACHING_ROWS = ("deepcache", "fora", "tome", "l2c")  # training-free rows (duodiff_fast.methods.caching, tome)
 # AdaDiff per-sample seconds of the DuoDiff paper's Table 2 (DDPM; * = its linear estimate from the
 # mean exit layer). Keys: (config, theta). CelebA used thetas 0.06/0.07/0.08.
 PAPER_ADADIFF_SECONDS: Dict[tuple, float] = {
@@ -141,7 +142,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     a("--adadiff-backends", default=None, help="backends of the AdaDiff rows (default reference on CPU, "
       "reference,eager-bf16 on CUDA; never torch.compile: the shrinking batch changes shapes every layer)")
     a("--adadiff-solvers", default=None, help="solvers of the AdaDiff rows (default ddim on CPU, every solver on CUDA)")
-    a("--methods", default=None, help="extra method rows: 'ase' (D1..D6 block dropping) and/or 'multistage'; '' for none")
+    a("--methods", default=None, help="extra method rows: 'ase' (D1..D6 block dropping), 'multistage', and the "
+      "training-free 'deepcache', 'fora', 'tome', 'l2c' (needs --l2c-router); '' for none")
+    a("--cache-interval", type=int, default=None, help="deepcache/fora rows: full step every N evaluations "
+      "(default deepcache 3, fora 2)")
+    a("--tome-ratio", type=float, default=0.5, help="tome row: fraction of patch tokens merged (default 0.5)")
+    a("--l2c-router", default=None, help="l2c row: a Learning-to-Cache router file ('<step>.prob' logits)")
+    a("--l2c-threshold", type=float, default=0.1, help="l2c row: router threshold (default 0.1)")
     a("--ase-schedules", default=None, help="ASE dropping schedules (the paper's Table 2 names; default D1..D6)")
     a("--method-backends", default=None, help="backends of the ASE/multistage rows (default reference on CPU, "
       "reference,eager-bf16 on CUDA; never torch.compile: these forwards bypass the compiled forward)")
@@ -210,8 +217,12 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
         if s not in ("ddim", "dpm_solver"):
             raise SystemExit(f"unknown graph solver {s!r}; choose among ddim, dpm_solver")
     for m in _split(args.methods):
-        if m not in ("ase", "multistage"):
-            raise SystemExit(f"unknown --methods entry {m!r}; choose among ase, multistage")
+        if m not in ("ase", "multistage") + CACHING_ROWS:
+            raise SystemExit(f"unknown --methods entry {m!r}; choose among ase, multistage, {', '.join(CACHING_ROWS)}")
+    if "l2c" in _split(args.methods) and not args.l2c_router:
+        raise SystemExit("--methods l2c needs --l2c-router (a Learning-to-Cache router file)")
+    if args.l2c_router and not os.path.isfile(args.l2c_router):
+        raise SystemExit(f"--l2c-router: no such file: {args.l2c_router}")
     for c in _split(args.configs):
         get_spec(c)  # unknown config: ValueError naming the known ones
     try:
@@ -262,6 +273,14 @@ def plan(args, device_type: str) -> List[dict]:
                     groups.append(dict(kind="ase", config=config, backend=backend, solver=solver,
                                        steps=steps_of(args, solver),
                                        rows=["base"] + [f"ASE {n}" for n in _split(args.ase_schedules)]))
+        caching = [m for m in methods if m in CACHING_ROWS]
+        if caching:
+            for backend in _split(args.method_backends):
+                for solver in _split(args.method_solvers):
+                    if backend not in ("reference", "eager-bf16"):
+                        continue  # the caching forward runs the model's modules eagerly
+                    groups.append(dict(kind="caching", config=config, backend=backend, solver=solver,
+                                       steps=steps_of(args, solver), rows=["base"] + caching))
         if device_type == "cuda":
             for solver in _split(args.graph_solvers):
                 steps = args.graph_dpm_steps if solver == "dpm_solver" else args.ddim_steps
@@ -557,6 +576,33 @@ class Runner:
                      layer_bound_saving_pct=100.0 * float((n_out - kept).mean()) / model.num_layers,
                      paper_speedup_pct=PAPER_SPEEDUP_PCT.get(key),
                      paper_speedup_note="ASE Table 2: U-ViT-S/4 CelebA64, EM-1000 (time saved, %)")
+        return list(rows.values())
+
+    # ---- training-free caching and ToMe against the base model ---------------------------------------
+    def group_caching(self, g: dict) -> List[dict]:
+        from ..methods.caching import CachingDenoiser
+        from ..methods.factory import MethodSpec
+
+        args, dev = self.args, self.device
+        schedule, full_ref, _ = self.config_models(g["config"])
+        model = prepare_model(full_ref, g["backend"], compile_mode=args.compile_mode)
+        B = args.batch_size
+        shape = (B, full_ref.in_chans, full_ref.img_size, full_ref.img_size)
+        y = self.labels(full_ref, B)
+        values = {"deepcache": args.cache_interval or 3, "fora": args.cache_interval or 2, "tome": args.tome_ratio,
+                  "l2c": args.l2c_router}
+        options = {"l2c": (("threshold", args.l2c_threshold),)}
+        dens, extra = {"base": ModelDenoiser(model, schedule)}, {"base": {}}
+        for m in g["rows"][1:]:
+            spec = MethodSpec(m, value=str(values[m]), options=options.get(m, ()))
+            policy = spec.policy()
+            dens[m] = CachingDenoiser(model, schedule, policy)
+            extra[m] = dict(policy.details(), method_label=spec.label)
+        fns = {k: _sampler(d, schedule, shape, g["solver"], g["steps"], y, dev) for k, d in dens.items()}
+        timing = self._time(g, fns)
+        rows = {k: _row(g, extra[k].get("method_label", k), args, timing[k], B, t_s=None, paper_per_sample_s=None,
+                        **{n: v for n, v in extra[k].items() if n != "method_label"}) for k in dens}
+        _add_speedups(list(rows.values()), rows["base"])
         return list(rows.values())
 
     # ---- CUDA-graph-captured sampler against the same loop uncaptured ------------------------------

@@ -249,7 +249,9 @@ class SampleJob:
             "config": a.config, **self.spec.settings(), **self.built.details,
             "checkpoints": {r: c["sha256"] for r, c in self.checkpoints.items()},
             "random_weights": bool(a.random_weights), "use_ema": bool(a.use_ema), "weights_seed": a.seed,
-            "schedule": self.schedule_name, "time_input": self.time_input, "solver": a.solver, "steps": a.steps, **self.solver_kwargs,
+            "schedule": self.schedule_name, "time_input": self.time_input, "solver": a.solver, "steps": a.steps,
+            # the DPM-Solver step split is "solver_method": "method" names the acceleration method
+            **{("solver_method" if k == "method" else k): v for k, v in self.solver_kwargs.items()},
             "cfg_scale": a.cfg_scale, "class_labels": a.class_labels or "random", "seed": a.seed,
             "backend": a.backend, "output": "uint8" if self.as_uint8 else "latent-float32",
         }
