@@ -207,7 +207,9 @@ class BlockCachePolicy(_BranchCache):
 def load_router(path: str) -> Tensor:
     """Learning-to-Cache router logits from a state dict of ``"<step>.prob"`` tensors -> (S, 2 L) float.
 
-    Read with ``weights_only=True``; a DiT router file (a dict with ``"routers"``) is read from that key.
+    Read with ``weights_only=True``. A dict holding them under ``"routers"`` is read from that key (the
+    published DiT router files also pickle an ``argparse.Namespace``, which weights-only loading refuses:
+    reading those is left to the DiT support).
     """
     from ..models.checkpoint import read_checkpoint_file
 
