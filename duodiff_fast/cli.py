@@ -24,7 +24,7 @@ import os
 import sys
 from typing import List, Optional
 
-SOLVERS = ("ddpm", "ddim", "dpm_solver")
+SOLVERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++")
 # The same names as duodiff_fast.backends.BACKEND_CHOICES (kept literal so that --help needs no torch
 # import; tests/test_cli.py checks they agree).
 BACKEND_NAMES = ("reference", "eager-bf16", "torch.compile", "triton", "auto")
@@ -62,13 +62,15 @@ def _add_sample_parser(sub) -> None:
                    help="sampling solver (default ddim); heun: EDM's sampler for the EDM U-Nets (--config "
                         "edm-*/multistage-*-ddpmpp or auto)")
     p.add_argument("--steps", type=int, default=None,
-                   help="solver steps (default: ddpm 1000, ddim 50, dpm_solver 20, heun 18 = 35 evaluations)")
+                   help="solver steps (default: ddpm 1000, ddim 50, dpm_solver and dpm_solver++ 20, heun 18 = 35 evaluations)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
     p.add_argument("--variance", default="beta", choices=("beta", "beta_tilde"),
                    help="DDPM ancestral variance (default beta)")
-    p.add_argument("--order", type=int, default=3, choices=(1, 2, 3), help="DPM-Solver order (default 3)")
-    p.add_argument("--dpm-method", default="fast", choices=("singlestep", "fast"),
-                   help="DPM-Solver step split: fixed-order singlestep, or the 'fast' mixed-order variant (default fast)")
+    p.add_argument("--order", type=int, default=None, choices=(1, 2, 3),
+                   help="DPM-Solver order (default: dpm_solver 3, dpm_solver++ 2)")
+    p.add_argument("--dpm-method", default=None, choices=("singlestep", "fast", "multistep"),
+                   help="DPM-Solver step split: dpm_solver: 'fast' (mixed orders, default) or 'singlestep'; "
+                        "dpm_solver++: 'multistep' (2M/3M, default) or 'singlestep' (2S)")
     p.add_argument("--clip-denoised", action="store_true",
                    help="clip each step's denoised estimate x0 to [-1, 1], every solver (ADM's clip_denoised, "
                         "diffusers' clip_sample); default off, as the papers' samplers")

@@ -69,7 +69,8 @@ PAPER_SECONDS: Dict[tuple, float] = {
     ("imagenet256-l2", "ddim", 0): 0.55, ("imagenet256-l2", "ddim", 300): 0.41,
 }
 
-SOLVERS = ("ddpm", "ddim")
+SOLVERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++")
+CACHING_ROWS = ("deepcache", "fora", "tome", "l2c")  # training-free rows (duodiff_fast.methods.caching, tome)
 # AdaDiff per-sample seconds of the DuoDiff paper's Table 2 (DDPM; * = its linear estimate from the
 # mean exit layer). Keys: (config, theta). CelebA used thetas 0.06/0.07/0.08.
 PAPER_ADADIFF_SECONDS: Dict[tuple, float] = {
@@ -88,14 +89,14 @@ ADADIFF_NOTE = ("random backbone weights; UEM weights PROGRAMMED by set_syntheti
 # ------------------------------------------------------------------------------------ settings
 # Defaults per device type; a preset overrides them; an option given on the command line wins.
 DEFAULTS: Dict[str, dict] = {
-    "cpu": dict(configs="tiny", batch_size=2, solvers="ddpm,ddim", ddpm_steps=50, ddim_steps=20,
+    "cpu": dict(configs="tiny", batch_size=2, solvers="ddpm,ddim", ddpm_steps=50, ddim_steps=20, dpm_steps=20,
                 backends="reference", t_s="0,300,400,500", repeats=11, warmup=1, threads=1,
                 adadiff_thetas="0.07", adadiff_backends="reference", adadiff_solvers="ddim",
                 methods="ase,multistage", method_backends="reference", method_solvers="ddim",
                 ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="", graph_batches=None, graph_t_s="0,300",
                 graph_dpm_steps=20, budget=0.0),
     "cuda": dict(configs=",".join(PAPER_CONFIGS), batch_size=128, solvers="ddpm,ddim", ddpm_steps=1000,
-                 ddim_steps=50, backends=None, t_s="0,300,400,500", repeats=5, warmup=1, threads=None,
+                 ddim_steps=50, dpm_steps=20, backends=None, t_s="0,300,400,500", repeats=5, warmup=1, threads=None,
                  adadiff_thetas="0.05,0.07,0.09", adadiff_backends="reference,auto", adadiff_solvers=None,
                  methods="ase,multistage", method_backends="reference,auto", method_solvers=None,
                  ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver", graph_batches=None,
@@ -137,6 +138,8 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=None, help="batch size (default 2 on CPU, 128 on CUDA)")
     a("--ddpm-steps", type=int, default=None, help="DDPM steps (default 50 on CPU, 1000 on CUDA)")
     a("--ddim-steps", type=int, default=None, help="DDIM steps (default 20 on CPU, 50 on CUDA)")
+    a("--dpm-steps", type=int, default=None, help="DPM-Solver and DPM-Solver++ NFE (default 20; their default "
+      "splits: DPM-Solver-fast, DPM-Solver++ 2M)")
     a("--repeats", type=int, default=None, help="timed rounds per group (default 11 on CPU, 5 on CUDA)")
     a("--warmup", type=int, default=None, help="untimed (separately reported) runs per row before timing (default 1)")
     a("--threads", type=int, default=None, help="torch CPU threads (default 1 on CPU: steadier timings on a shared "
@@ -157,7 +160,13 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
       "reference,auto on CUDA; never torch.compile, also when auto picks it: the shrinking batch changes shapes "
       "every layer)")
     a("--adadiff-solvers", default=None, help="solvers of the AdaDiff rows (default ddim on CPU, every solver on CUDA)")
-    a("--methods", default=None, help="extra method rows: 'ase' (D1..D6 block dropping) and/or 'multistage'; '' for none")
+    a("--methods", default=None, help="extra method rows: 'ase' (D1..D6 block dropping), 'multistage', and the "
+      "training-free 'deepcache', 'fora', 'tome', 'l2c' (needs --l2c-router); '' for none")
+    a("--cache-interval", type=int, default=None, help="deepcache/fora rows: full step every N evaluations "
+      "(default deepcache 3, fora 2)")
+    a("--tome-ratio", type=float, default=0.5, help="tome row: fraction of patch tokens merged (default 0.5)")
+    a("--l2c-router", default=None, help="l2c row: a Learning-to-Cache router file ('<step>.prob' logits)")
+    a("--l2c-threshold", type=float, default=0.1, help="l2c row: router threshold (default 0.1)")
     a("--ase-schedules", default=None, help="ASE dropping schedules (the paper's Table 2 names; default D1..D6)")
     a("--method-backends", default=None, help="backends of the ASE/multistage rows (default reference on CPU, "
       "reference,auto on CUDA; never torch.compile, also when auto picks it: these forwards bypass the compiled "
@@ -213,7 +222,7 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
         args.clock = "process" if device.type == "cpu" and single else "wall"
     if args.clock == "process" and device.type != "cpu":
         raise SystemExit("--clock process measures CPU seconds: use it only with --device cpu")
-    for name in ("batch_size", "ddpm_steps", "ddim_steps", "repeats", "warmup", "graph_dpm_steps"):
+    for name in ("batch_size", "ddpm_steps", "ddim_steps", "dpm_steps", "repeats", "warmup", "graph_dpm_steps"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             raise SystemExit(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {getattr(args, name)}")
     if args.backends is None:
@@ -232,8 +241,12 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
         if s not in ("ddim", "dpm_solver"):
             raise SystemExit(f"unknown graph solver {s!r}; choose among ddim, dpm_solver")
     for m in _split(args.methods):
-        if m not in ("ase", "multistage"):
-            raise SystemExit(f"unknown --methods entry {m!r}; choose among ase, multistage")
+        if m not in ("ase", "multistage") + CACHING_ROWS:
+            raise SystemExit(f"unknown --methods entry {m!r}; choose among ase, multistage, {', '.join(CACHING_ROWS)}")
+    if "l2c" in _split(args.methods) and not args.l2c_router:
+        raise SystemExit("--methods l2c needs --l2c-router (a Learning-to-Cache router file)")
+    if args.l2c_router and not os.path.isfile(args.l2c_router):
+        raise SystemExit(f"--l2c-router: no such file: {args.l2c_router}")
     for c in _split(args.configs):
         get_spec(c)  # unknown config: ValueError naming the known ones
     try:
@@ -255,6 +268,8 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
 
 
 def steps_of(args, solver: str) -> int:
+    if solver.startswith("dpm_solver"):
+        return args.dpm_steps
     return args.ddpm_steps if solver == "ddpm" else args.ddim_steps
 
 
@@ -324,6 +339,14 @@ def plan(args, device_type: str) -> List[dict]:
                                        steps=steps_of(args, solver),
                                        backend_choice=_choice_of(args, backend, config, args.method_backends),
                                        rows=["base"] + [f"ASE {n}" for n in names]))
+        caching = [m for m in methods if m in CACHING_ROWS]
+        if caching:
+            for backend in _split(args.method_backends):
+                for solver in _split(args.method_solvers):
+                    if backend not in ("reference", "eager-bf16"):
+                        continue  # the caching forward runs the model's modules eagerly
+                    groups.append(dict(kind="caching", config=config, backend=backend, solver=solver,
+                                       steps=steps_of(args, solver), rows=["base"] + caching))
         if device_type == "cuda" and not dit:  # the captured sampler runs U-ViT configs
             for solver in _split(args.graph_solvers):
                 steps = args.graph_dpm_steps if solver == "dpm_solver" else args.ddim_steps
@@ -654,6 +677,33 @@ class Runner:
                      layer_bound_saving_pct=100.0 * float((n - kept).mean()) / n,
                      paper_speedup_pct=PAPER_DIT_SPEEDUP_PCT.get(k.split()[1].upper().replace("-DIT", "")),
                      paper_speedup_note="ASE Table 2: DiT-XL/2 ImageNet 256, DDPM (time saved, %)")
+        return list(rows.values())
+
+    # ---- training-free caching and ToMe against the base model ---------------------------------------
+    def group_caching(self, g: dict) -> List[dict]:
+        from ..methods.caching import CachingDenoiser
+        from ..methods.factory import MethodSpec
+
+        args, dev = self.args, self.device
+        schedule, full_ref, _ = self.config_models(g["config"])
+        model = prepare_model(full_ref, g["backend"], compile_mode=args.compile_mode)
+        B = args.batch_size
+        shape = (B, full_ref.in_chans, full_ref.img_size, full_ref.img_size)
+        y = self.labels(full_ref, B)
+        values = {"deepcache": args.cache_interval or 3, "fora": args.cache_interval or 2, "tome": args.tome_ratio,
+                  "l2c": args.l2c_router}
+        options = {"l2c": (("threshold", args.l2c_threshold),)}
+        dens, extra = {"base": ModelDenoiser(model, schedule)}, {"base": {}}
+        for m in g["rows"][1:]:
+            spec = MethodSpec(m, value=str(values[m]), options=options.get(m, ()))
+            policy = spec.policy()
+            dens[m] = CachingDenoiser(model, schedule, policy)
+            extra[m] = dict(policy.details(), method_label=spec.label)
+        fns = {k: _sampler(d, schedule, shape, g["solver"], g["steps"], y, dev) for k, d in dens.items()}
+        timing = self._time(g, fns)
+        rows = {k: _row(g, extra[k].get("method_label", k), args, timing[k], B, t_s=None, paper_per_sample_s=None,
+                        **{n: v for n, v in extra[k].items() if n != "method_label"}) for k in dens}
+        _add_speedups(list(rows.values()), rows["base"])
         return list(rows.values())
 
     # ---- CUDA-graph-captured sampler against the same loop uncaptured ------------------------------

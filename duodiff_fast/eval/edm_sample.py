@@ -78,6 +78,8 @@ class EDMSampleJob:
                                              ("--shallow-checkpoint", args.shallow_checkpoint),
                                              ("--cfg-scale", args.cfg_scale), ("--autoencoder", args.autoencoder),
                                              ("--schedule", args.schedule), ("--use-ema", args.use_ema),
+                                             ("--clip-denoised", getattr(args, "clip_denoised", False)),
+                                             ("--thresholding", getattr(args, "thresholding", False)),
                                              ("--method", getattr(args, "method", None) not in (None, "base"))) if on]
         if unsupported:
             raise ValueError(f"{', '.join(unsupported)} do not apply to EDM models (--solver heun)")

@@ -24,8 +24,9 @@ from ..methods.factory import METHODS, MethodSpec, MethodWeights, parse_ase_chec
 from .edm_sample import is_edm_run
 from .sharding import ShardPlan
 
-__all__ = ["add_method_options", "add_sample_options", "method_spec_from_args", "weights_from_args",
-           "sample_labels", "device_for", "resolve_model_spec", "resolve_backend_arg", "SampleJob", "run_sample", "cmd_sample"]
+__all__ = ["add_method_options", "add_caching_options", "caching_options_from_args", "add_sample_options",
+           "method_spec_from_args", "weights_from_args", "sample_labels", "device_for", "resolve_model_spec",
+           "resolve_backend_arg", "SampleJob", "run_sample", "cmd_sample"]
 
 DEFAULT_SHARD_SIZE = 1000
 LABEL_STREAM = 1 << 64  # added to the seed: labels draw from a stream apart from the noise
@@ -45,6 +46,23 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
                    help="multistage model file written by duodiff_fast.methods.save_multistage")
 
 
+def add_caching_options(p: argparse.ArgumentParser) -> None:
+    """Further options of the caching methods (shared by sample and eval)."""
+    p.add_argument("--deepcache-depth", type=int, default=None,
+                   help="deepcache: in/out-block pairs run on cache steps (default 1)")
+    p.add_argument("--fora-layers", default=None, help="fora: layer indices that cache, '/'-separated (default all)")
+    p.add_argument("--tome-stride", type=int, default=None, help="tome: destination grid cell side (default 2)")
+    p.add_argument("--l2c-threshold", type=float, default=None,
+                   help="l2c: recompute a branch when sigmoid(router logit) > this (default 0.1)")
+
+
+def caching_options_from_args(args) -> Dict[str, Dict[str, object]]:
+    """{method: {option: value}} of the caching options given on the command line."""
+    given = {"deepcache": {"depth": args.deepcache_depth}, "fora": {"layers": args.fora_layers},
+             "tome": {"stride": args.tome_stride}, "l2c": {"threshold": args.l2c_threshold}}
+    return {m: {k: v for k, v in o.items() if v is not None} for m, o in given.items()}
+
+
 def add_sample_options(p: argparse.ArgumentParser) -> None:
     """The method and sharding options of ``sample`` (added to the existing parser)."""
     p.add_argument("--method", default=None, choices=METHODS,
@@ -53,6 +71,12 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ase-schedule", default=None,
                    help="ASE dropping schedule D1..D6 (--method ase; the ASE paper's Table 2)")
     add_method_options(p)
+    p.add_argument("--cache-interval", type=int, default=None,
+                   help="--method deepcache/fora: full step every N evaluations (default deepcache 3, fora 2)")
+    p.add_argument("--tome-ratio", type=float, default=None, help="--method tome: fraction of patch tokens merged (default 0.5)")
+    p.add_argument("--l2c-router", default=None,
+                   help="--method l2c: Learning-to-Cache router file (a state dict of '<step>.prob' logits)")
+    add_caching_options(p)
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                    help=f"samples per shard file; a restart redraws only missing shards (default {DEFAULT_SHARD_SIZE}; "
                         "keep it fixed across restarts)")
@@ -61,9 +85,25 @@ def add_sample_options(p: argparse.ArgumentParser) -> None:
 
 
 def method_spec_from_args(args) -> MethodSpec:
+    from ..methods.factory import CACHING_METHODS
+
     method = args.method or ("duodiff" if args.t_s else "base")
+    values = {"deepcache": args.cache_interval, "fora": args.cache_interval, "tome": args.tome_ratio,
+              "l2c": args.l2c_router}
+    given = {"--cache-interval": args.cache_interval, "--tome-ratio": args.tome_ratio, "--l2c-router": args.l2c_router}
+    for flag, v in given.items():
+        owners = {"--cache-interval": ("deepcache", "fora"), "--tome-ratio": ("tome",), "--l2c-router": ("l2c",)}[flag]
+        if v is not None and method not in owners:
+            raise ValueError(f"{flag} applies to --method {'/'.join(owners)}, not {method}")
+    if method in CACHING_METHODS:
+        if args.theta is not None or args.ase_schedule is not None:
+            raise ValueError(f"--method {method} does not combine with AdaDiff or ASE settings")
+        value = values[method]
+        return MethodSpec(method, t_s=args.t_s, value=None if value is None else str(value),
+                          options=tuple(caching_options_from_args(args)[method].items()))
     if args.t_s and method != "duodiff":
-        raise ValueError(f"--t-s is DuoDiff's switch point; it does not apply to --method {method}")
+        raise ValueError(f"--t-s is DuoDiff's switch point; it applies to --method duodiff and the caching methods "
+                         f"({', '.join(CACHING_METHODS)}), not to --method {method}")
     if method == "duodiff" and not args.t_s:
         raise ValueError("--method duodiff needs --t-s > 0 (steps on the 1000-step axis run by the shallow model)")
     if (args.theta is not None) != (method == "adadiff"):
@@ -146,7 +186,40 @@ def _solver_kwargs(args) -> Dict[str, object]:
         return {"eta": args.eta}
     if args.solver == "ddpm":
         return {"variance": args.variance}
-    return {"order": args.order, "method": args.dpm_method}
+    from ..samplers.driver import DPM_DEFAULTS
+
+    order, method, _ = DPM_DEFAULTS[args.solver]
+    method = args.dpm_method or method
+    allowed = ("fast", "singlestep") if args.solver == "dpm_solver" else ("multistep", "singlestep")
+    if method not in allowed:
+        raise ValueError(f"--dpm-method {method} does not apply to --solver {args.solver}; choose among {allowed}")
+    return {"order": args.order or order, "method": method}
+
+
+L2C_TRAINED_FOR = ("dpm_solver++", "singlestep", 2)  # the published U-ViT-H/2 routers' solver (20 and 50 NFE)
+
+
+def router_mismatch_warning(router_steps: int, solver: str, steps, solver_kwargs: Dict[str, object]) -> Optional[str]:
+    """Warn (and return the text) when a run's solver or step count differs from what Learning-to-Cache
+    routers are trained for: one router step per network evaluation of 2nd-order singlestep DPM-Solver++."""
+    import warnings
+
+    from ..samplers.driver import DEFAULT_NUM_STEPS
+
+    nfe = steps if steps is not None else DEFAULT_NUM_STEPS[solver]
+    problems = []
+    if nfe != router_steps:
+        problems.append(f"the router has {router_steps} steps, this run makes {nfe} network evaluations")
+    run = (solver, solver_kwargs.get("method"), solver_kwargs.get("order"))
+    if run != L2C_TRAINED_FOR:
+        problems.append(f"Learning-to-Cache's U-ViT routers go with 2nd-order singlestep DPM-Solver++ "
+                        f"(--solver dpm_solver++ --dpm-method singlestep --order 2); this run uses {solver} "
+                        f"{solver_kwargs.get('method') or ''} order {solver_kwargs.get('order') or '-'}")
+    if not problems:
+        return None
+    text = "l2c: " + "; ".join(problems) + ": the cached layers were chosen for other steps"
+    warnings.warn(text, stacklevel=2)
+    return text
 
 
 def resolve_model_spec(args):
@@ -210,6 +283,8 @@ class SampleJob:
             args.checkpoint, args.shallow_checkpoint if spec.method == "duodiff" else None])
         self.schedule = self.model_spec.make_schedule(args.schedule, self.time_input)
         built = build_method(spec, self.model_spec, weights_from_args(args), self.schedule, device, args.backend)
+        if spec.method == "l2c":
+            router_mismatch_warning(built.denoiser.policy.num_steps, args.solver, args.steps, _solver_kwargs(args))
         self.built = built
         model = built.model
         self.num_classes = int(model.num_classes) if getattr(model, "is_conditional", False) else 0
@@ -248,7 +323,9 @@ class SampleJob:
             **self.spec.settings(), **self.built.details,
             "checkpoints": {r: c["sha256"] for r, c in self.checkpoints.items()},
             "random_weights": bool(a.random_weights), "use_ema": bool(a.use_ema), "weights_seed": a.seed,
-            "schedule": self.schedule_name, "time_input": self.time_input, "solver": a.solver, "steps": a.steps, **self.solver_kwargs,
+            "schedule": self.schedule_name, "time_input": self.time_input, "solver": a.solver, "steps": a.steps,
+            # the DPM-Solver step split is "solver_method": "method" names the acceleration method
+            **{("solver_method" if k == "method" else k): v for k, v in self.solver_kwargs.items()},
             "denoised": denoised_setting(self.denoised_kwargs),
             "cfg_scale": a.cfg_scale, "class_labels": a.class_labels or "random", "seed": a.seed,
             "backend": a.backend, "output": "uint8" if self.as_uint8 else "latent-float32",

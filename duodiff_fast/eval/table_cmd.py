@@ -10,7 +10,8 @@ resumes), scores them against the reference statistics, and times the sampling l
 on the same device with the benchmark's timer (``bench.common.time_call``: warm-up, then the
 median of ``--timing-repeats`` runs; time per sample = batch time / batch size). It writes
 ``results.csv``, ``results.md``, ``fid_vs_time.png`` and ``results.json`` (with every method's
-sample manifest); a grid with ASE rows also gets ``table1_ase.md``, the ASE paper's Table 1 layout
+sample manifest and the FID protocol of :mod:`duodiff_fast.eval.protocol`, which is also printed
+above the table); a grid with ASE rows also gets ``table1_ase.md``, the ASE paper's Table 1 layout
 (base and D-n rows, FID and the acceleration in time saved; "DiT" / "D3-DiT" labels for DiT configs). With ``--random-inception`` (or ``--random-weights``) the outputs are labelled
 a smoke check: the plumbing runs, the FID values mean nothing.
 """
@@ -27,7 +28,8 @@ __all__ = ["add_eval_parser", "cmd_eval", "SMOKE_NOTE"]
 SMOKE_NOTE = "SMOKE CHECK of the plumbing: {why}; the FID values are meaningless."
 # sample options that eval sets itself (per method, or fixed)
 _NOT_FROM_SAMPLE = {"help", "method", "theta", "ase_schedule", "t_s", "no_float", "out", "adadiff_checkpoint",
-                    "adadiff_mode", "ase_checkpoint", "multistage_checkpoint"}
+                    "adadiff_mode", "ase_checkpoint", "multistage_checkpoint", "cache_interval", "tome_ratio",
+                    "l2c_router"}
 
 
 def add_eval_parser(sub) -> None:
@@ -44,7 +46,9 @@ def add_eval_parser(sub) -> None:
     add_method_options(p)
     p.add_argument("--methods", required=True,
                    help="method grid, comma-separated: base, duodiff:<t_s>[/<t_s>...], adadiff:<theta>[/...], "
-                        "ase:<D1..D6>[/...] or ase:all, multistage; e.g. base,duodiff:300/400,ase:all")
+                        "ase:<D1..D6>[/...] or ase:all, multistage, and the training-free deepcache[:<interval>], "
+                        "fora[:<interval>], tome[:<ratio>], l2c:<router file>, each optionally @<t_s> after "
+                        "DuoDiff's shallow phase; e.g. base,duodiff:300/400,ase:all,fora:2,tome:0.5@300")
     p.add_argument("--reference", required=True,
                    help="FID reference: a stats .npz (mu, sigma; U-ViT's fid_stats_*.npz), an image .npz (arr_0 "
                         "uint8) or an image folder (its statistics are computed once and cached)")
@@ -105,9 +109,10 @@ def cmd_eval(args) -> int:
     from ..io_utils import atomic_write_json
     from ..methods.factory import parse_method_grid
     from . import fid as fidlib
-    from .sample_cmd import SampleJob, device_for, resolve_backend_arg, run_sample
+    from .protocol import build_protocol, checkpoints_of, format_protocol, reference_info
+    from .sample_cmd import SampleJob, _solver_kwargs, caching_options_from_args, device_for, resolve_backend_arg, run_sample
     from .sharding import dist_info
-    from .table import COLUMNS, EDM_COLUMNS, EDM_MD_COLUMNS, add_speedups, write_csv, write_markdown, write_plot
+    from .table import COLUMNS, EDM_COLUMNS, EDM_MD_COLUMNS, add_speedups, write_csv, write_plot
 
     t0 = time.perf_counter()
     from .edm_sample import is_edm_run
@@ -116,7 +121,8 @@ def cmd_eval(args) -> int:
     if edm and args.methods != "edm":
         raise ValueError("an EDM model (--solver heun) is evaluated with --methods edm: one row per model "
                          "(run eval once per checkpoint, e.g. EDM and multistage EDM)")
-    specs = [None] if edm else parse_method_grid(args.methods, adadiff_mode=args.adadiff_mode)
+    specs = [None] if edm else parse_method_grid(args.methods, adadiff_mode=args.adadiff_mode,
+                                                 caching_options=caching_options_from_args(args))
     for name in ("timing_repeats", "inception_batch_size", "n_samples", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -137,6 +143,8 @@ def cmd_eval(args) -> int:
         else:
             extractor = fidlib.InceptionFeatures.from_file(args.inception_weights, device, args.inception_batch_size)
         reference = fidlib.reference_stats(args.reference, extractor, args.stats_cache, progress=not args.no_progress)
+        ref_info = reference_info(args.reference)
+        ref_info["count"] = reference.count or ref_info.get("images")
     smoke = [why for flag, why in ((args.random_inception, "random Inception weights"),
                                    (args.random_weights, "random model weights")) if flag]
     rows: List[Dict[str, object]] = []
@@ -180,9 +188,17 @@ def cmd_eval(args) -> int:
     notes.append(f"{config_name}, {args.solver} {args.steps or 'default'} steps, {args.n_samples} samples per "
                  f"method, reference {args.reference}, device {device}, backend {args.backend}, "
                  f"denoised estimate: {denoised if isinstance(denoised, str) else 'dynamic thresholding'}.")
+    protocol = build_protocol(args, device, extractor.weights_id, ref_info, checkpoints_of(manifests),
+                              _solver_kwargs(args))
+    protocol_text = format_protocol(protocol)
     title = f"FID vs time per sample: {config_name}"
     write_csv(os.path.join(args.out, "results.csv"), rows, EDM_COLUMNS if edm else COLUMNS)
-    write_markdown(os.path.join(args.out, "results.md"), rows, notes, title, EDM_MD_COLUMNS if edm else None)
+    from ..io_utils import atomic_write_text
+    from .table import markdown_table
+
+    md_columns = EDM_MD_COLUMNS if edm else None
+    atomic_write_text(os.path.join(args.out, "results.md"),
+                      markdown_table(rows, notes, title, md_columns) + "\n```\n" + protocol_text + "\n```\n")
     write_plot(os.path.join(args.out, "fid_vs_time.png"), rows, title, notes[0] if smoke else None)
     if any(str(r["method"]).startswith("ase ") for r in rows):  # the ASE paper's Table 1 layout
         from ..models import get_spec
@@ -194,13 +210,15 @@ def cmd_eval(args) -> int:
     from .manifest import environment
 
     atomic_write_json(os.path.join(args.out, "results.json"), {
-        "smoke_check": bool(smoke), "notes": notes, "rows": rows, "denoised": denoised, "inception": extractor.weights_id,
+        "smoke_check": bool(smoke), "protocol": protocol, "notes": notes, "rows": rows, "denoised": denoised,
+        "inception": extractor.weights_id,
         "reference": {"source": args.reference, "count": reference.count, "meta": reference.meta},
         "backend": args.backend, "backend_choice": args.backend_choice,
         "environment": environment(device), "wall_time_s": time.perf_counter() - t0, "manifests": manifests,
     })
     from .table import markdown_table
 
+    print(protocol_text + "\n")
     print(markdown_table(rows, notes, columns=EDM_MD_COLUMNS if edm else None))
     print(f"wrote results.csv, results.md, results.json and fid_vs_time.png to {args.out}/")
     return 0

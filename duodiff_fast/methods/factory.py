@@ -27,14 +27,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["METHODS", "MethodSpec", "MethodWeights", "BuiltMethod", "parse_method", "parse_method_grid",
+__all__ = ["METHODS", "CACHING_METHODS", "MethodSpec", "MethodWeights", "BuiltMethod", "parse_method", "parse_method_grid",
            "parse_ase_checkpoints", "build_method"]
 
-METHODS = ("base", "duodiff", "adadiff", "ase", "multistage")
+METHODS = ("base", "duodiff", "adadiff", "ase", "multistage", "deepcache", "fora", "tome", "l2c")
+# Training-free methods on the full U-ViT (duodiff_fast.methods.caching / tome); each composes with
+# DuoDiff's shallow phase (t_s > 0: the shallow backbone serves the noisiest steps uncached).
+CACHING_METHODS = ("deepcache", "fora", "tome", "l2c")
+# The grid value of each: deepcache:<interval>, fora:<interval>, tome:<ratio>, l2c:<router file>
+CACHING_DEFAULT_VALUE = {"deepcache": "3", "fora": "2", "tome": "0.5"}
 ASE_NAMES = ("D1", "D2", "D3", "D4", "D5", "D6")
 PAPER_OUT_BLOCKS = 6  # the ASE paper's D1..D6 count kept blocks of U-ViT-S/4's 6 out-blocks
 
@@ -49,6 +54,10 @@ class MethodSpec:
         theta: AdaDiff exit threshold in [0, 1] (adadiff only).
         ase_schedule: ASE dropping schedule name "D1".."D6" (ase only).
         adadiff_mode: "shrinking" (real early exit) or "simulated" (every layer, then pick).
+        value: a caching method's main setting as text: deepcache/fora interval, tome ratio, l2c
+            router file.
+        options: further caching options as sorted (name, value) pairs: ``depth`` (deepcache),
+            ``layers`` (fora, "0/3/5"), ``stride`` (tome), ``threshold`` (l2c).
     """
 
     method: str
@@ -56,11 +65,20 @@ class MethodSpec:
     theta: Optional[float] = None
     ase_schedule: Optional[str] = None
     adadiff_mode: str = "shrinking"
+    value: Optional[str] = None
+    options: Tuple[Tuple[str, object], ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.method == "duodiff":
+        if self.method in CACHING_METHODS:
+            self._check_caching()
+        elif self.value is not None or self.options:
+            raise ValueError(f"method {self.method!r} takes no caching value/options")
+        if self.method in CACHING_METHODS and self.t_s:
+            if isinstance(self.t_s, bool) or not isinstance(self.t_s, int) or self.t_s < 0:
+                raise ValueError(f"the DuoDiff switch point of {self.method} must be an int >= 0, got {self.t_s!r}")
+        elif self.method == "duodiff":
             if isinstance(self.t_s, bool) or not isinstance(self.t_s, int) or self.t_s <= 0:
                 raise ValueError(f"duodiff needs an integer t_s > 0 (steps on the 1000-step axis), got {self.t_s!r}")
         elif self.t_s:
@@ -81,9 +99,55 @@ class MethodSpec:
         elif self.ase_schedule is not None:
             raise ValueError(f"an ASE schedule is an ASE setting; method {self.method!r} takes none")
 
+    def _check_caching(self) -> None:
+        value = self.value if self.value is not None else CACHING_DEFAULT_VALUE.get(self.method)
+        if value is None:
+            raise ValueError("l2c needs its router file: l2c:<path> (a state dict of '<step>.prob' logits)")
+        object.__setattr__(self, "value", str(value))
+        object.__setattr__(self, "options", tuple(sorted(dict(self.options).items())))
+        self.policy()  # bad values raise here, before any weights load
+
+    def option(self, name: str, default=None):
+        return dict(self.options).get(name, default)
+
+    def policy(self):
+        """A fresh caching policy of this spec (caching methods only)."""
+        from .caching import BlockCachePolicy, DeepCachePolicy, RouterPolicy, load_router
+        from .tome import ToMePolicy
+
+        def number(kind, text):
+            try:
+                return kind(text)
+            except (TypeError, ValueError):
+                raise ValueError(f"{self.method}: {text!r} is not a valid {kind.__name__}") from None
+
+        if self.method == "deepcache":
+            return DeepCachePolicy(number(int, self.value), number(int, self.option("depth", 1)))
+        if self.method == "fora":
+            layers = self.option("layers")
+            if layers is not None:
+                layers = [number(int, v) for v in str(layers).split("/") if v.strip()]
+            return BlockCachePolicy(number(int, self.value), layers)
+        if self.method == "tome":
+            return ToMePolicy(number(float, self.value), number(int, self.option("stride", 2)))
+        if self.method == "l2c":
+            import os
+
+            if not os.path.isfile(self.value):
+                raise ValueError(f"l2c: router file not found: {self.value}")
+            return RouterPolicy(load_router(self.value), number(float, self.option("threshold", 0.1)), self.value)
+        raise ValueError(f"{self.method} is not a caching method")
+
     @property
     def label(self) -> str:
-        """Short row label: ``base``, ``duodiff t_s=300``, ``adadiff theta=0.05``, ``ase D3``, ``multistage``."""
+        """Short row label: ``base``, ``duodiff t_s=300``, ``adadiff theta=0.05``, ``ase D3``, ``multistage``,
+        ``fora 2``, ``tome 0.5``, ``l2c router.pth``, with `` +duodiff t_s=300`` when composed."""
+        if self.method in CACHING_METHODS:
+            import os
+
+            text = os.path.basename(self.value) if self.method == "l2c" else self.value
+            extra = "".join(f" {k}={v}" for k, v in self.options)
+            return f"{self.method} {text}{extra}" + (f" +duodiff t_s={self.t_s}" if self.t_s else "")
         if self.method == "duodiff":
             return f"duodiff t_s={self.t_s}"
         if self.method == "adadiff":
@@ -95,6 +159,8 @@ class MethodSpec:
     @property
     def slug(self) -> str:
         """File-name-safe form of :attr:`label` (``duodiff-ts300``, ``adadiff-theta0.05``, ``ase-D3``)."""
+        if self.method in CACHING_METHODS:
+            return "".join(c if c.isalnum() or c in ".=" else "-" for c in self.label)
         if self.method == "duodiff":
             return f"duodiff-ts{self.t_s}"
         if self.method == "adadiff":
@@ -112,16 +178,33 @@ class MethodSpec:
             out.update(theta=self.theta, adadiff_mode=self.adadiff_mode)
         if self.method == "ase":
             out["ase_schedule"] = self.ase_schedule
+        if self.method in CACHING_METHODS:
+            out.update(value=self.value, **dict(self.options), t_s=self.t_s)
         return out
 
 
-def parse_method(text: str, adadiff_mode: str = "shrinking") -> List[MethodSpec]:
+def parse_method(text: str, adadiff_mode: str = "shrinking",
+                 caching_options: Optional[Mapping[str, Mapping[str, object]]] = None) -> List[MethodSpec]:
     """Specs from one grid entry: ``base``, ``duodiff:300``, ``adadiff:0.05``, ``ase:D3``, ``ase:all``
-    (D1..D6), ``multistage``. Values may be joined with ``/``: ``duodiff:300/400/500``."""
+    (D1..D6), ``multistage``. Values may be joined with ``/``: ``duodiff:300/400/500``.
+
+    Caching methods take one value and an optional DuoDiff switch point after ``@``: ``deepcache``,
+    ``deepcache:3`` (interval), ``fora:2@300`` (interval 2 after 300 shallow steps), ``tome:0.5``
+    (ratio), ``l2c:routers.pth`` (router file). ``caching_options``: per method, its further options
+    (e.g. {"deepcache": {"depth": 2}}).
+    """
     name, _, values = text.strip().partition(":")
     name = name.strip().lower()
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r} in {text!r}; choose one of {', '.join(METHODS)}")
+    if name in CACHING_METHODS:
+        value, at, t_s = values.strip().rpartition("@") if "@" in values else (values.strip(), "", "")
+        try:
+            t_s = int(t_s) if at else 0
+        except ValueError:
+            raise ValueError(f"bad DuoDiff switch point {t_s!r} in {text!r} (write {name}:<value>@<t_s>)") from None
+        opts = tuple(dict((caching_options or {}).get(name, {})).items())
+        return [MethodSpec(name, t_s=t_s, value=value or None, options=opts)]
     vals = [v.strip() for v in values.split("/") if v.strip()]
     if name in ("base", "multistage"):
         if vals:
@@ -149,7 +232,8 @@ def parse_method(text: str, adadiff_mode: str = "shrinking") -> List[MethodSpec]
     return out
 
 
-def parse_method_grid(text: str, adadiff_mode: str = "shrinking") -> List[MethodSpec]:
+def parse_method_grid(text: str, adadiff_mode: str = "shrinking",
+                      caching_options: Optional[Mapping[str, Mapping[str, object]]] = None) -> List[MethodSpec]:
     """A comma-separated grid, e.g. ``"base,duodiff:300/400,adadiff:0.05,ase:all,multistage"``.
 
     Duplicates are an error (two rows with the same label would be ambiguous in a table).
@@ -157,7 +241,7 @@ def parse_method_grid(text: str, adadiff_mode: str = "shrinking") -> List[Method
     specs: List[MethodSpec] = []
     for part in text.split(","):
         if part.strip():
-            specs.extend(parse_method(part, adadiff_mode))
+            specs.extend(parse_method(part, adadiff_mode, caching_options))
     if not specs:
         raise ValueError(f"the method grid is empty: {text!r}")
     labels = [s.label for s in specs]
@@ -325,6 +409,8 @@ def build_method(
     def prep(m):
         return prepare_model(m.to(device), backend)
 
+    if spec.method in CACHING_METHODS:
+        return _build_caching(spec, config, weights, schedule, backend, prep)
     if spec.method in ("base", "duodiff"):
         full = prep(_uvit(config, weights.full, weights, f"the full backbone ({name})", "--checkpoint"))
         if weights.full:
@@ -371,6 +457,31 @@ def build_method(
         raise _missing("the multistage model", "--multistage-checkpoint")
     model = prep(ms)
     return BuiltMethod(spec, MultistageDenoiser(model, schedule), model, checkpoints)
+
+
+def _build_caching(spec: MethodSpec, config: str, weights: MethodWeights, schedule, backend: str, prep) -> BuiltMethod:
+    """A caching method (optionally after DuoDiff's shallow phase) on the full U-ViT."""
+    from ..models import shallow_name
+    from .caching import CACHING_BACKENDS, CachingDenoiser
+
+    if backend not in CACHING_BACKENDS:
+        raise ValueError(f"{spec.method} runs the U-ViT's modules layer by layer and cannot use backend {backend!r}; "
+                         f"choose one of {', '.join(CACHING_BACKENDS)}")
+    checkpoints: Dict[str, str] = {}
+    full = prep(_uvit(config, weights.full, weights, f"the full backbone ({config})", "--checkpoint"))
+    if weights.full:
+        checkpoints["full"] = weights.full
+    shallow = None
+    if spec.t_s:
+        shallow = prep(_uvit(shallow_name(config), weights.shallow, weights,
+                             f"DuoDiff's shallow backbone ({shallow_name(config)})", "--shallow-checkpoint"))
+        if weights.shallow:
+            checkpoints["shallow"] = weights.shallow
+    policy = spec.policy()
+    if spec.method == "l2c":
+        checkpoints["router"] = spec.value
+    denoiser = CachingDenoiser(full, schedule, policy, shallow=shallow, t_s=spec.t_s)
+    return BuiltMethod(spec, denoiser, full, checkpoints, dict(policy.details()))
 
 
 def parse_ase_checkpoints(items: Optional[Sequence[str]]) -> Dict[str, str]:

@@ -298,8 +298,8 @@ class GraphSampler:
 
         o = self.options
         run, _ = _build(self.solver, self.denoiser, self.schedule, self.num_steps,
-                        o.get("eta", 0.0), o.get("order", 3), o.get("variance", "beta"), o.get("spacing"),
-                        o.get("method", "fast"), o.get("skip_type", "logSNR"), o.get("predict_x0", False),
+                        o.get("eta", 0.0), o.get("order"), o.get("variance", "beta"), o.get("spacing"),
+                        o.get("method"), o.get("skip_type"), o.get("predict_x0"),
                         o.get("t_end"), True, denoised_correction(
                             o.get("clip_denoised", False), o.get("thresholding", False),
                             o.get("thresholding_ratio", 0.995), o.get("thresholding_max_value", 1.0)))

@@ -3,6 +3,7 @@ from .ddim import DDIMSampler, ddim_sample
 from .ddpm import DDPMSampler, alpha_bar_grid, ddpm_sample, respaced_indices
 from .denoised import DenoisedCorrection, denoised_correction
 from .dpm_solver import DPMSolver, dpm_solver_sample, fast_orders
+from .dpm_solver_pp import DPMSolverPP, dpm_solver_pp_sample
 from .driver import SOLVERS, generate, sample
 from .guidance import ClassifierFreeGuidance, DiTGuidance, make_guidance
 from .improved_ddpm import ImprovedDiffusion, space_timesteps
@@ -14,6 +15,7 @@ __all__ = [
     "DDPMSampler",
     "DenoisedCorrection",
     "DPMSolver",
+    "DPMSolverPP",
     "ClassifierFreeGuidance",
     "DiTGuidance",
     "ImprovedDiffusion",
@@ -24,6 +26,7 @@ __all__ = [
     "denoised_correction",
     "ddpm_sample",
     "dpm_solver_sample",
+    "dpm_solver_pp_sample",
     "fast_orders",
     "generate",
     "load_npz",

@@ -18,12 +18,16 @@ from .ddim import DDIMSampler
 from .ddpm import DDPMSampler, alpha_bar_grid, check_num_steps
 from .denoised import denoised_correction
 from .dpm_solver import DPMSolver, fast_orders
+from .dpm_solver_pp import DPMSolverPP, pp_outer_steps
 from .noise import NoiseSource, seeds_for
 
 __all__ = ["SOLVERS", "DEFAULT_NUM_STEPS", "sample", "generate"]
 
-SOLVERS = ("ddpm", "ddim", "dpm_solver")
-DEFAULT_NUM_STEPS = {"ddpm": None, "ddim": 50, "dpm_solver": 20}  # None: the full grid
+SOLVERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++")
+DEFAULT_NUM_STEPS = {"ddpm": None, "ddim": 50, "dpm_solver": 20, "dpm_solver++": 20}  # None: the full grid
+# (order, method, skip_type) when not given: the official U-ViT DPM-Solver-fast, and the official
+# DPM-Solver++ sample() defaults (2M, time-uniform steps).
+DPM_DEFAULTS = {"dpm_solver": (3, "fast", "logSNR"), "dpm_solver++": (2, "multistep", "time_uniform")}
 
 
 def _check_shape(shape) -> tuple:
@@ -61,11 +65,11 @@ def _build(
     schedule: NoiseSchedule,
     num_steps,
     eta: float,
-    order: int,
+    order: Optional[int],
     variance: str,
     spacing: Optional[str],
-    method: str,
-    skip_type: str,
+    method: Optional[str],
+    skip_type: Optional[str],
     predict_x0: bool,
     t_end: Optional[float],
     fused: bool = False,
@@ -89,12 +93,27 @@ def _build(
         check_num_steps(num_steps, grid)
         s = DDIMSampler(schedule, num_steps, eta, spacing or "uniform", fused=fused, x0_fn=x0_fn)
         return (lambda x, y, ns, cb: s.sample(denoiser, x, y, ns, cb)), num_steps
-    # dpm_solver
+    # dpm_solver, dpm_solver++
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive int for dpm_solver, got {num_steps!r}")
+        raise ValueError(f"num_steps must be a positive int for {solver}, got {num_steps!r}")
     if t_end is not None:
         schedule.check_t(torch.tensor(float(t_end), dtype=torch.float64), "t_end")
-    solver_obj = DPMSolver(denoiser, schedule, predict_x0=predict_x0, fused=fused, x0_fn=x0_fn)
+    d_order, d_method, d_skip = DPM_DEFAULTS[solver]
+    order = d_order if order is None else order
+    method = d_method if method is None else method
+    skip_type = d_skip if skip_type is None else skip_type
+    if solver == "dpm_solver++":
+        if predict_x0 is not None and not predict_x0:
+            raise ValueError("dpm_solver++ always predicts x0; predict_x0=False is DPM-Solver (solver='dpm_solver')")
+        pp = DPMSolverPP(denoiser, schedule, fused=fused, x0_fn=x0_fn)
+        n_outer = pp_outer_steps(method, num_steps, order)  # also rejects methods DPM-Solver++ lacks
+
+        def run_pp(x, y, ns, cb):
+            return pp.sample(x, steps=num_steps, y=y, t_end=t_end, order=order, skip_type=skip_type, method=method,
+                             callback=cb)
+
+        return run_pp, n_outer
+    solver_obj = DPMSolver(denoiser, schedule, predict_x0=bool(predict_x0), fused=fused, x0_fn=x0_fn)
     if method == "multistep":
         n_outer = num_steps
     elif method == "singlestep_fixed":
@@ -149,12 +168,12 @@ def sample(
     seeds=None,
     base_seed: int = 0,
     eta: float = 0.0,
-    order: int = 3,
+    order: Optional[int] = None,
     variance: str = "beta",
     spacing: Optional[str] = None,
-    method: str = "fast",
-    skip_type: str = "logSNR",
-    predict_x0: bool = False,
+    method: Optional[str] = None,
+    skip_type: Optional[str] = None,
+    predict_x0: Optional[bool] = None,
     t_end: Optional[float] = None,
     x_T: Optional[Tensor] = None,
     device=None,
@@ -175,9 +194,10 @@ def sample(
             ``ModelDenoiser`` or a ``ClassifierFreeGuidance`` around one).
         schedule: the noise schedule the denoiser was trained with.
         shape: (B, C, H, W) of the batch.
-        solver: ``"ddpm"``, ``"ddim"`` or ``"dpm_solver"``.
+        solver: ``"ddpm"``, ``"ddim"``, ``"dpm_solver"`` or ``"dpm_solver++"`` (data prediction,
+            as the official DPM-Solver++ code: :class:`~duodiff_fast.samplers.dpm_solver_pp.DPMSolverPP`).
         num_steps: solver steps (network evaluations for DDPM/DDIM, NFE for DPM-Solver); default
-            ddpm: the full grid (1000), ddim: 50, dpm_solver: 20. A DiT denoiser
+            ddpm: the full grid (1000), ddim: 50, dpm_solver and dpm_solver++: 20. A DiT denoiser
             (``uses_improved_ddpm``) runs DDPM/DDIM as DiT does: the improved-DDPM diffusion
             respaced to ``num_steps`` (ddpm default 250) with its learned variance.
         y: (B,) integer class ids or None.
@@ -185,8 +205,10 @@ def sample(
             ``seeds_for(base_seed, 0, B)``.
         eta: DDIM stochasticity. variance: DDPM ``"beta"`` / ``"beta_tilde"``.
         spacing: DDPM/DDIM step spacing (default ddpm "linspace", ddim "uniform").
-        order, method, skip_type, predict_x0, t_end: DPM-Solver options (defaults: the official
-            U-ViT DPM-Solver-fast; t_end defaults to ``schedule.t_min``).
+        order, method, skip_type, predict_x0, t_end: DPM-Solver options; None takes the solver's
+            default (dpm_solver: order 3, "fast", "logSNR", noise prediction -- the official U-ViT
+            DPM-Solver-fast; dpm_solver++: order 2, "multistep", "time_uniform"); t_end defaults to
+            ``schedule.t_min``.
         x_T: optional starting noise (B, ...); when given, only step noise comes from the seeds.
         device, dtype: where and in which float dtype the sample is computed.
         progress: show a tqdm bar over the solver steps.

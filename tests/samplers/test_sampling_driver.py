@@ -86,7 +86,7 @@ def test_bad_arguments():
     den, sched = CountingDenoiser(), linear_ddpm()
     with pytest.raises(ValueError, match="ddpm.*ddim.*dpm_solver"):
         sample(den, sched, SHAPE, solver="euler", progress=False)
-    assert SOLVERS == ("ddpm", "ddim", "dpm_solver")
+    assert SOLVERS == ("ddpm", "ddim", "dpm_solver", "dpm_solver++")
     for bad in (0, -3, 1001):
         with pytest.raises(ValueError, match="num_steps"):
             sample(den, sched, SHAPE, solver="ddim", num_steps=bad, progress=False)

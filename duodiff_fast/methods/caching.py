@@ -1,0 +1,324 @@
+"""Training-free feature caching on U-ViT: DeepCache-style skip caching, FORA-style block caching and
+Learning-to-Cache routers, as denoisers the solvers call.
+
+All three run the U-ViT's own modules layer by layer (:func:`run_uvit`: embed -> in-blocks ->
+mid-block -> out-blocks with the long skips -> final layer) and decide per network evaluation
+("step" k = 0, 1, ... of one sampling trajectory) what to recompute:
+
+* :class:`DeepCachePolicy` (DeepCache, Ma et al. 2024, with U-ViT's long skips in the U-Net's role):
+  step k is a full step when ``k % interval == 0``; it stores the input of out-block ``n - depth``
+  (the output of the inner layers). A cache step runs only the outer ``depth`` in-blocks and their
+  ``depth`` out-blocks and takes the inner output from the cache.
+* :class:`BlockCachePolicy` (FORA, Selvaraju et al. 2024): on full steps (``k % interval == 0``)
+  every chosen layer stores its attention and MLP branch outputs; on the other steps those layers add
+  the stored outputs instead of computing them.
+* :class:`RouterPolicy` (Learning-to-Cache, Ma et al. 2024): a router file holds per step k a logit
+  per attention and per MLP of every layer (index 2 i: attention of layer i, 2 i + 1: its MLP; layers
+  numbered in-blocks, mid-block, out-blocks). Step 0 computes everything; at step k > 0 a branch whose
+  sigmoid(logit) exceeds the threshold is recomputed, the others reuse their output of step k - 1.
+
+A trajectory starts when the time does not decrease from the previous call (or the batch size
+changes): the caches are then cleared and k restarts at 0. The caching denoiser composes with DuoDiff:
+the shallow backbone serves the noisiest steps uncached and the caching runs in the full phase
+(k counts the full backbone's evaluations).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..samplers.constants import host_time
+from .duodiff import DuoDiff
+
+__all__ = ["run_uvit", "DeepCachePolicy", "BlockCachePolicy", "RouterPolicy", "CachingDenoiser",
+           "load_router", "CACHING_BACKENDS"]
+
+# The caching forward runs the model's nn.Modules eagerly; fused / compiled forwards are not hooked.
+CACHING_BACKENDS = ("reference", "eager-bf16")
+
+BlockFn = Callable[[int, torch.nn.Module, Tensor], Tensor]
+
+
+def _check_uvit(model) -> None:
+    for attr in ("in_blocks", "mid_block", "out_blocks", "embed", "decode"):
+        if not hasattr(model, attr):
+            raise TypeError(f"caching methods need a U-ViT (in_blocks, mid_block, out_blocks, embed, decode); "
+                            f"{type(model).__name__} has no {attr!r}")
+
+
+def plain_block(i: int, blk, h: Tensor) -> Tensor:
+    """Block i's attention and MLP branches (the U-ViT's own ``transform``)."""
+    return blk.transform(h)
+
+
+def run_uvit(model, x: Tensor, timesteps: Tensor, y: Optional[Tensor], block_fn: BlockFn = plain_block,
+             start: int = 0, h: Optional[Tensor] = None, skips: Optional[List[Tensor]] = None,
+             stop: Optional[int] = None, on_layer: Optional[Callable[[int, Tensor], None]] = None) -> Tensor:
+    """The U-ViT forward written out layer by layer with ``block_fn`` for each layer's branches.
+
+    x (B, C, H, W), timesteps (B,) network input, y (B,) or None -> eps (B, C, H, W); with ``stop``
+    the (B, N, D) tokens entering layer ``stop`` instead. ``start``/``h``/``skips`` resume at layer
+    ``start`` with those tokens and pending skips (DeepCache's cache steps). ``on_layer(i, h)`` sees
+    the tokens entering layer i.
+    """
+    n_in = len(model.in_blocks)
+    layers = model.layers()
+    if h is None:
+        h = model.embed(x, timesteps, y)
+        skips = []
+    skips = list(skips or [])
+    for i in range(start, len(layers)):
+        if stop is not None and i == stop:
+            return h
+        blk = layers[i]
+        if i > n_in:
+            h = blk.merge_skip(h, skips.pop())
+        if on_layer is not None:
+            on_layer(i, h)
+        h = block_fn(i, blk, h)
+        if i < n_in:
+            skips.append(h)
+    return model.decode(h)
+
+
+class _Policy:
+    """What one trajectory step recomputes; subclasses keep their caches between steps."""
+
+    name = "policy"
+
+    def reset(self) -> None:
+        pass
+
+    def forward(self, model, x: Tensor, timesteps: Tensor, y: Optional[Tensor], step: int) -> Tensor:
+        raise NotImplementedError
+
+    def details(self) -> Dict[str, object]:
+        return {}
+
+
+def _check_interval(interval) -> int:
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"cache interval must be an int >= 1, got {interval!r}")
+    return interval
+
+
+class DeepCachePolicy(_Policy):
+    """Skip caching for U-ViT: full steps every ``interval`` steps, cache steps run the outer
+    ``depth`` in/out-block pairs only.
+
+    Args:
+        interval: N; steps k with k % N == 0 are full steps (N = 1: no caching).
+        depth: in/out-block pairs kept on cache steps, 1 <= depth <= number of in-blocks.
+    """
+
+    name = "deepcache"
+
+    def __init__(self, interval: int = 3, depth: int = 1):
+        self.interval = _check_interval(interval)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"deepcache depth (in/out-block pairs kept) must be an int >= 1, got {depth!r}")
+        self.depth = depth
+        self.reset()
+
+    def reset(self) -> None:
+        self.inner: Optional[Tensor] = None
+
+    def is_full(self, step: int) -> bool:
+        return step % self.interval == 0 or self.inner is None
+
+    def forward(self, model, x, timesteps, y, step):
+        n_in = len(model.in_blocks)
+        if self.depth > n_in:
+            raise ValueError(f"deepcache depth {self.depth} exceeds the model's {n_in} in-blocks")
+        layers = model.layers()
+        resume = 2 * n_in + 1 - self.depth  # layer index of the first kept out-block
+        full = self.is_full(step)
+        h = model.embed(x, timesteps, y)
+        skips: List[Tensor] = []
+        for i in range(n_in if full else self.depth):
+            h = layers[i].transform(h)
+            skips.append(h)
+        if full:
+            h = layers[n_in].transform(h)
+            for i in range(n_in + 1, resume):
+                h = layers[i].transform(layers[i].merge_skip(h, skips.pop()))
+            self.inner = h  # tokens entering out-block n - depth (before its skip merge)
+        else:
+            h = self.inner
+        for i in range(resume, 2 * n_in + 1):
+            h = layers[i].transform(layers[i].merge_skip(h, skips.pop()))
+        return model.decode(h)
+
+    def details(self):
+        return {"cache_interval": self.interval, "deepcache_depth": self.depth}
+
+
+class _BranchCache(_Policy):
+    """Shared step of FORA and Learning-to-Cache: per layer, compute or reuse the attention and MLP
+    branch outputs as :meth:`plan` says, keeping the latest of each."""
+
+    def reset(self) -> None:
+        self.attn: Dict[int, Tensor] = {}
+        self.mlp: Dict[int, Tensor] = {}
+
+    def plan(self, step: int, layer: int):
+        """(recompute attention, recompute MLP) of ``layer`` at ``step``."""
+        raise NotImplementedError
+
+    def forward(self, model, x, timesteps, y, step):
+        def block(i, blk, h):
+            do_attn, do_mlp = self.plan(step, i)
+            if do_attn or i not in self.attn:
+                self.attn[i] = blk.attn(blk.norm1(h))
+            h = h + self.attn[i]
+            if do_mlp or i not in self.mlp:
+                self.mlp[i] = blk.mlp(blk.norm2(h))
+            return h + self.mlp[i]
+
+        return run_uvit(model, x, timesteps, y, block)
+
+
+class BlockCachePolicy(_BranchCache):
+    """FORA-style block caching: layers in ``layers`` (None: all) reuse their attention and MLP outputs
+    for ``interval - 1`` steps after each full step (k % interval == 0)."""
+
+    name = "fora"
+
+    def __init__(self, interval: int = 2, layers: Optional[Sequence[int]] = None):
+        self.interval = _check_interval(interval)
+        if layers is not None:
+            layers = sorted({int(v) for v in layers})
+            if not layers or layers[0] < 0:
+                raise ValueError(f"fora layers must be non-negative layer indices, got {layers!r}")
+        self.layers = layers
+        self.reset()
+
+    def plan(self, step, layer):
+        cached = self.layers is None or layer in self.layers
+        full = step % self.interval == 0 or not cached
+        return full, full
+
+    def details(self):
+        return {"cache_interval": self.interval, "fora_layers": "all" if self.layers is None else list(self.layers)}
+
+
+def load_router(path: str) -> Tensor:
+    """Learning-to-Cache router logits from a state dict of ``"<step>.prob"`` tensors -> (S, 2 L) float.
+
+    Read with ``weights_only=True``. A dict holding them under ``"routers"`` is read from that key (the
+    published DiT router files also pickle an ``argparse.Namespace``, which weights-only loading refuses:
+    reading those is left to the DiT support).
+    """
+    from ..models.checkpoint import read_checkpoint_file
+
+    sd = read_checkpoint_file(path)
+    if isinstance(sd, dict) and "routers" in sd and isinstance(sd["routers"], dict):
+        sd = sd["routers"]
+    if not isinstance(sd, dict):
+        raise ValueError(f"{path}: a Learning-to-Cache router file is a state dict of '<step>.prob' tensors, "
+                         f"got {type(sd).__name__}")
+    steps = {}
+    for key, value in sd.items():
+        idx, _, leaf = str(key).partition(".")
+        if leaf != "prob" or not idx.isdigit() or not isinstance(value, Tensor) or value.dim() != 1:
+            raise ValueError(f"{path}: unexpected router entry {key!r}; expected '<step>.prob' 1-D tensors")
+        steps[int(idx)] = value.detach().float().cpu()
+    if not steps or sorted(steps) != list(range(len(steps))):
+        raise ValueError(f"{path}: router steps must be 0..S-1, got {sorted(steps)}")
+    widths = {v.numel() for v in steps.values()}
+    if len(widths) != 1 or next(iter(widths)) % 2:
+        raise ValueError(f"{path}: every step needs the same even number of logits (2 per layer), got {sorted(widths)}")
+    return torch.stack([steps[k] for k in range(len(steps))])
+
+
+class RouterPolicy(_BranchCache):
+    """Learning-to-Cache: at step k > 0, layer i recomputes its attention when
+    sigmoid(logits[k, 2 i]) > threshold and its MLP when sigmoid(logits[k, 2 i + 1]) > threshold;
+    otherwise it reuses the branch output of step k - 1. Step 0 computes everything.
+
+    Args:
+        logits: (S, 2 L) router logits (:func:`load_router`).
+        threshold: in [0, 1].
+    """
+
+    name = "l2c"
+
+    def __init__(self, logits: Tensor, threshold: float = 0.1, source: str = ""):
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] % 2:
+            raise ValueError(f"router logits must be (steps, 2 * layers), got "
+                             f"{tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+            raise ValueError(f"router threshold must lie in [0, 1], got {threshold!r}")
+        self.recompute = torch.sigmoid(logits.double()) > threshold  # (S, 2 L) bool, on the host
+        self.threshold = float(threshold)
+        self.source = source
+        self.reset()
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.recompute.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.recompute.shape[1]) // 2
+
+    def plan(self, step, layer):
+        if step == 0:
+            return True, True
+        if step >= self.num_steps:
+            raise ValueError(f"the router has {self.num_steps} steps; this run asked for step {step}: run with the "
+                             "step count the router was trained for")
+        return bool(self.recompute[step, 2 * layer]), bool(self.recompute[step, 2 * layer + 1])
+
+    def forward(self, model, x, timesteps, y, step):
+        if model.num_layers != self.num_layers:
+            raise ValueError(f"the router has logits for {self.num_layers} layers, the model has {model.num_layers}")
+        return super().forward(model, x, timesteps, y, step)
+
+    def details(self):
+        ran = self.recompute[1:].double().mean().item() if self.num_steps > 1 else 1.0
+        return {"router": self.source, "router_steps": self.num_steps, "router_threshold": self.threshold,
+                "router_recomputed_fraction": ran}
+
+
+class CachingDenoiser(DuoDiff):
+    """A denoiser running ``policy`` on the full U-ViT, optionally after DuoDiff's shallow phase.
+
+    Args:
+        full: the U-ViT. schedule: its noise schedule. policy: a caching policy.
+        shallow, t_s: DuoDiff's shallow backbone and switch point (None, 0: no shallow phase).
+    """
+
+    def __init__(self, full, schedule, policy: _Policy, shallow=None, t_s: int = 0):
+        _check_uvit(full)
+        super().__init__(full if shallow is None else shallow, full, schedule, t_s)
+        if shallow is None and t_s:
+            raise ValueError("a DuoDiff switch point t_s needs the shallow backbone")
+        self.policy = policy
+        self.step = 0
+        self._last_t: Optional[float] = None
+        self._last_b: Optional[int] = None
+        self.steps_run: List[int] = []  # the step index of each full-backbone evaluation (for tests/bench)
+
+    def _advance(self, t: Tensor, batch: int) -> int:
+        host = host_time(t)
+        now = float(t.reshape(-1)[0]) if host is None else float(host)
+        if self._last_t is None or now >= self._last_t or batch != self._last_b:
+            self.policy.reset()
+            self.step = 0
+        else:
+            self.step += 1
+        self._last_t, self._last_b = now, batch
+        return self.step
+
+    def _run(self, model, x, t, y):
+        if model is not self.full:
+            return super()._run(model, x, t, y)
+        from ..backends import model_dtype
+
+        step = self._advance(t, x.shape[0])
+        self.steps_run.append(step)
+        timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
+        return self.policy.forward(model, x.to(model_dtype(model)), timesteps, y, step).to(x.dtype)

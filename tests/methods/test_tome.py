@@ -1,0 +1,105 @@
+"""ToMe on U-ViT attention: stride-grid destinations, bipartite matching, merge/unmerge against
+hand-written per-token loops, and the whole merged forward against a loop over the blocks."""
+import pytest
+import torch
+
+from duodiff_fast.methods.caching import CachingDenoiser
+from duodiff_fast.methods.tome import (ToMePolicy, bipartite_plan, merge, stride_destinations, unmerge)
+from duodiff_fast.models import create_model
+from duodiff_fast.schedules import linear_ddpm
+
+
+def test_stride_destinations_one_per_cell():
+    g = torch.Generator().manual_seed(3)
+    dst = stride_destinations(5, 4, 2, g)  # 2 x 2 whole cells; the 5th row has none
+    assert dst.numel() == 4
+    for idx in dst.tolist():
+        r, c = divmod(idx, 4)
+        assert r < 4
+    cells = {(divmod(i, 4)[0] // 2, divmod(i, 4)[1] // 2) for i in dst.tolist()}
+    assert cells == {(0, 0), (0, 1), (1, 0), (1, 1)}
+    with pytest.raises(ValueError, match="stride"):
+        stride_destinations(2, 2, 3)
+
+
+def _reference(x, dst, r):
+    """Per-token loops: match, merge (mean with the destination), unmerge (copy the destination)."""
+    B, T, D = x.shape
+    merged_all, unmerged_all, maps = [], [], []
+    for b in range(B):
+        src = [i for i in range(T) if i not in dst]
+        best = []
+        for i in src:
+            sims = [float(torch.nn.functional.cosine_similarity(x[b, i], x[b, j], dim=0)) for j in dst]
+            j = max(range(len(dst)), key=lambda q: sims[q])  # first maximum, as argmax/max
+            best.append((sims[j], i, j))
+        order = sorted(range(len(best)), key=lambda q: -best[q][0])  # stable: ties keep source order
+        chosen = [best[q] for q in order[:r]]
+        kept = [best[q][1] for q in order[r:]]
+        groups = {j: [dst[j]] for j in range(len(dst))}
+        for _, i, j in chosen:
+            groups[j].append(i)
+        tokens = [x[b, i] for i in kept] + [torch.stack([x[b, i] for i in groups[j]]).mean(0) for j in range(len(dst))]
+        merged_all.append(torch.stack(tokens))
+        owner = {}
+        for pos, i in enumerate(kept):
+            owner[i] = pos
+        for j in range(len(dst)):
+            for i in groups[j]:
+                owner[i] = len(kept) + j
+        maps.append(owner)
+    return torch.stack(merged_all), maps
+
+
+@pytest.mark.parametrize("r", [0, 3, 12])
+def test_merge_unmerge_against_loops(r):
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 5, dtype=torch.float64)
+    dst = stride_destinations(4, 4, 2, torch.Generator().manual_seed(1))
+    plan = bipartite_plan(x, dst, r)
+    merged = merge(x, plan)
+    ref, maps = _reference(x, dst.tolist(), r)
+    torch.testing.assert_close(merged, ref)
+    assert merged.shape[1] == 16 - r
+    y = torch.randn_like(merged)
+    out = unmerge(y, plan)
+    for b in range(2):
+        for i in range(16):
+            torch.testing.assert_close(out[b, i], y[b, maps[b][i]])
+
+
+def test_tome_forward_against_block_loop():
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    schedule = linear_ddpm()
+    ratio, stride = 0.5, 2
+    den = CachingDenoiser(model, schedule, ToMePolicy(ratio, stride, seed=5))
+    x = torch.randn(2, model.in_chans, model.img_size, model.img_size)
+    t = torch.full((2,), 0.6)
+    with torch.no_grad():
+        got = den(x, t, None)
+        side, e = model.img_size // model.patch_size, model.extras
+        g = torch.Generator().manual_seed(5)
+        ts = schedule.model_input(t).float()
+        h = model.embed(x, ts, None)
+        skips, n = [], len(model.in_blocks)
+        for i, blk in enumerate([*model.in_blocks, model.mid_block, *model.out_blocks]):
+            if i > n:
+                h = blk.skip_linear(torch.cat([h, skips.pop()], -1))
+            a = blk.norm1(h)
+            dst = stride_destinations(side, side, stride, g)
+            ref, maps = _reference(a[:, e:].double(), dst.tolist(), int(ratio * side * side))
+            att = blk.attn(torch.cat([a[:, :e], ref.float()], 1))
+            back = torch.stack([torch.stack([att[b, e + maps[b][j]] for j in range(side * side)]) for b in range(2)])
+            h = h + torch.cat([att[:, :e], back], 1)
+            h = h + blk.mlp(blk.norm2(h))
+            if i < n:
+                skips.append(h)
+        torch.testing.assert_close(got, model.decode(h), rtol=1e-4, atol=1e-5)
+        # ratio 0: the plain model
+        plain = CachingDenoiser(model, schedule, ToMePolicy(0.0, stride))(x, t, None)
+        torch.testing.assert_close(plain, model(x, ts, None), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="ratio"):
+        ToMePolicy(1.0)
