@@ -22,8 +22,8 @@ Defaults by machine (an option given on the command line always wins):
 * CUDA: the DuoDiff paper's four configs at batch 128, DDPM-1000 and DDIM-50, every backend that can
   run (``triton`` included), plus CUDA-graph-captured sampler rows. This takes hours.
 * ``--preset dit-cpu`` / ``--preset dit-xl2``: the DiT rows (a tiny DiT on a CPU; DiT-XL/2 at 256,
-  batch 32, DDPM-250 and DDIM-50 on a GPU): base, DuoDiff's 3-block twin, AdaDiff and ASE
-  D1/D3/D4/D6-DiT.
+  batch 32, DDPM-250 and DDIM-50 on a GPU, backends reference, eager-bf16, triton and auto, the
+  methods on eager-bf16 and triton): base, DuoDiff's 3-block twin, AdaDiff and ASE D1/D3/D4/D6-DiT.
 * ``--preset gpu-suite``: the narrowed GPU plan of ``benchmarks/gpu_suite.sh`` (cifar10-s2, batch 64,
   DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows, a 200 s budget).
 
@@ -109,9 +109,9 @@ PRESETS: Dict[str, dict] = {
                     adadiff_solvers="ddim", methods="ase", method_backends="reference", method_solvers="ddim",
                     ase_schedules="D1,D3,D4,D6", graph_solvers=""),
     "dit-xl2": dict(configs="dit-xl2-256", batch_size=32, solvers="ddpm,ddim", ddpm_steps=250, ddim_steps=50,
-                    backends="reference,eager-bf16", t_s="0,300,500", repeats=3, adadiff_thetas="0.07",
-                    adadiff_backends="eager-bf16", adadiff_solvers="ddim", methods="ase",
-                    method_backends="eager-bf16", method_solvers="ddpm,ddim", ase_schedules="D1,D3,D4,D6",
+                    backends="reference,eager-bf16,triton,auto", t_s="0,300,500", repeats=3, adadiff_thetas="0.07",
+                    adadiff_backends="eager-bf16,triton", adadiff_solvers="ddim", methods="ase",
+                    method_backends="eager-bf16,triton", method_solvers="ddpm,ddim", ase_schedules="D1,D3,D4,D6",
                     graph_solvers=""),
     # benchmarks/gpu_suite.sh: a few minutes on an H100 (the whole suite must end in < 9 minutes)
     "gpu-suite": dict(configs="cifar10-s2", batch_size=64, solvers="ddim", ddim_steps=50, backends=None,

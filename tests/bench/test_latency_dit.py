@@ -28,3 +28,17 @@ def test_dit_ase_rows_run_and_record_the_schedule(tmp_path):
     assert rows["ASE D1"]["ase_schedule"] == [4, 4, 3, 3, 3] and rows["ASE D1"]["paper_speedup_pct"] == 16.63
     assert rows["ASE D6"]["num_blocks"] == 4 and 0 < rows["ASE D6"]["layer_bound_saving_pct"] < 100
     assert all(r["status"] == "ok" for r in res["rows"])
+
+
+def test_dit_xl2_preset_times_the_triton_backend_and_auto():
+    args = latency.resolve(latency.parse_args(["--preset", "dit-xl2"]), torch.device("cuda:0"))
+    groups = latency.plan(args, "cuda")
+    main = {g["backend"] for g in groups if g["kind"] == "main"}
+    assert main == {"reference", "eager-bf16", "triton", "auto"}
+    assert {g["backend"] for g in groups if g["kind"] == "ase"} == {"eager-bf16", "triton"}
+    adadiff = {g["backend"] for g in groups if g["kind"] == "main" and any(r.startswith("AdaDiff") for r in g["rows"])}
+    assert adadiff == {"eager-bf16", "triton"}
+    # auto resolved to triton (what a GPU picks): one triton group per solver, not two
+    args.auto_choices = {"dit-xl2-256": ("triton", "auto: triton passed self-check")}
+    main = [g for g in latency.plan(args, "cuda") if g["kind"] == "main"]
+    assert sorted(g["backend"] for g in main) == sorted(["reference", "eager-bf16", "triton"] * 2)
