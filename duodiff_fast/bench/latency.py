@@ -23,7 +23,8 @@ Defaults by machine (an option given on the command line always wins):
   run (``triton`` included), plus CUDA-graph-captured sampler rows. This takes hours.
 * ``--preset dit-cpu`` / ``--preset dit-xl2``: the DiT rows (a tiny DiT on a CPU; DiT-XL/2 at 256,
   batch 32, DDPM-250 and DDIM-50 on a GPU, backends reference, eager-bf16, triton and auto, the
-  methods on eager-bf16 and triton): base, DuoDiff's 3-block twin, AdaDiff and ASE D1/D3/D4/D6-DiT.
+  methods on eager-bf16 and triton): base, DuoDiff's 3-block twin, AdaDiff and ASE D1/D3/D4/D6-DiT;
+  on a GPU also the captured sampler (DDIM-50 over DiT's respaced steps) against its plain loop.
 * ``--preset gpu-suite``: the narrowed GPU plan of ``benchmarks/gpu_suite.sh`` (cifar10-s2, batch 64,
   DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows, a 200 s budget).
 
@@ -112,7 +113,7 @@ PRESETS: Dict[str, dict] = {
                     backends="reference,eager-bf16,triton,auto", t_s="0,300,500", repeats=3, adadiff_thetas="0.07",
                     adadiff_backends="eager-bf16,triton", adadiff_solvers="ddim", methods="ase",
                     method_backends="eager-bf16,triton", method_solvers="ddpm,ddim", ase_schedules="D1,D3,D4,D6",
-                    graph_solvers=""),
+                    graph_solvers="ddim", graph_batches="1,32", graph_t_s="0,300"),
     # benchmarks/gpu_suite.sh: a few minutes on an H100 (the whole suite must end in < 9 minutes)
     "gpu-suite": dict(configs="cifar10-s2", batch_size=64, solvers="ddim", ddim_steps=50, backends=None,
                       t_s="0,300,500", repeats=5, warmup=1, adadiff_thetas="0.07", adadiff_backends="auto",
@@ -324,7 +325,7 @@ def plan(args, device_type: str) -> List[dict]:
                                        steps=steps_of(args, solver),
                                        backend_choice=_choice_of(args, backend, config, args.method_backends),
                                        rows=["base"] + [f"ASE {n}" for n in names]))
-        if device_type == "cuda" and not dit:  # the captured sampler runs U-ViT configs
+        if device_type == "cuda":  # the captured sampler (U-ViT and DiT configs)
             for solver in _split(args.graph_solvers):
                 steps = args.graph_dpm_steps if solver == "dpm_solver" else args.ddim_steps
                 for t_s in [int(v) for v in _split(args.graph_t_s)]:
@@ -694,7 +695,8 @@ class Runner:
         timing = self._time(g, {"eager": eager, "graph": graph})
         label = "base" if t_s == 0 else f"DuoDiff {t_s}"
         rows = {m: _row(g, f"{label} {m}", args, timing[m], b, t_s=None, duodiff_t_s=t_s,
-                        runtime="cuda-graph" if m == "graph" else "eager-philox-fused", paper_per_sample_s=None)
+                        runtime="cuda-graph" if m == "graph" else ("eager-philox-fused" if gs.fused else "eager-philox"),
+                        paper_per_sample_s=None)
                 for m in ("eager", "graph")}
         _add_speedups([rows["graph"]], rows["eager"], label=f"{label} eager")
         if rows["graph"]["status"] == "ok":
