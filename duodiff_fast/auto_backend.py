@@ -10,8 +10,8 @@ Triton kernels run on the CPU only in Triton's slow interpreter).
 
 A candidate is taken when (a) it is available on the device (:func:`backend_unavailable_reasons`
 lists *every* reason it is not) and (b) it passes a self-check the first time it is used there: a
-forward of a small model of the config (its widths, heads, patch and image size; at most
-:data:`CHECK_DEPTH` layers, random weights from a fixed seed) on a small batch of fresh random
+forward of a small model of the config, U-ViT or DiT (its widths, heads, patch and image size; at most
+:data:`CHECK_DEPTH` layers, random weights from a fixed seed; a DiT's at unit scale, off adaLN-Zero) on a small batch of fresh random
 inputs, compared with the float32 reference; the relative RMS error must stay under
 :data:`TOLERANCE` for the backend's dtype. A candidate that fails the check, or cannot compile,
 is skipped with one warning naming the failure and the next is tried (``reference`` needs no check).
@@ -19,7 +19,7 @@ When ``duodiff_fast._C`` cannot serve the device (not built, or built without CU
 reason says so: the sampler's native ops then run in PyTorch whatever the backend.
 
 The outcome is cached per (device name, compute capability, torch, triton and package version,
-config) in ``backend-choice.json`` of the user cache folder (:func:`cache_dir`), written atomically,
+self-check version :data:`CHECK_VERSION`, config) in ``backend-choice.json`` of the user cache folder (:func:`cache_dir`), written atomically,
 so the check runs once per machine and installation.
 """
 from __future__ import annotations
@@ -44,6 +44,10 @@ TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 CHECK_DEPTH = 4
 CHECK_BATCH = 2
 CACHE_FILE = "backend-choice.json"
+# Part of the cache key: bumped when what the self-check checks changes (2: DiT configs are checked
+# at unit scale (off adaLN-Zero), and the triton backend runs DiT), so choices cached by an
+# older check are made again.
+CHECK_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,11 +119,11 @@ def _device_name(device: torch.device) -> str:
 
 
 def cache_key(device, config: str) -> str:
-    """``NVIDIA H100 ... (sm_90)|torch 2.11.0|triton 3.6.0|duodiff_fast 0.1.0|cifar10-s2``."""
+    """``NVIDIA H100 ... (sm_90)|torch 2.11.0|triton 3.6.0|duodiff_fast 0.1.0|check 2|cifar10-s2``."""
     device = torch.device(device)
     v = _versions()
     return "|".join([_device_name(device), f"torch {v['torch']}", f"triton {v['triton']}",
-                     f"duodiff_fast {v['duodiff_fast']}", config_label(config)])
+                     f"duodiff_fast {v['duodiff_fast']}", f"check {CHECK_VERSION}", config_label(config)])
 
 
 def config_label(config) -> str:
@@ -155,13 +159,31 @@ def _write_cache(path: str, key: str, entry: dict) -> None:
 
 # ------------------------------------------------------------------------------ self-check
 def _check_model(config: str, device: torch.device) -> torch.nn.Module:
+    """A small model of ``config`` (U-ViT or DiT; at most CHECK_DEPTH layers, seeded weights)."""
     from .models import create_model, get_config
 
     depth = min(int(get_config(config)["depth"]), CHECK_DEPTH)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)
         model = create_model(config, depth=depth)
+        if hasattr(model, "t_embedder"):
+            _unit_scale_dit(model)
     return model.to(device).eval()
+
+
+def _unit_scale_dit(model: torch.nn.Module) -> None:
+    """Redraw a DiT's weight matrices at unit scale, in place.
+
+    A fresh DiT is adaLN-Zero (modulation and output layers zero: it outputs zeros whatever its
+    blocks compute), and even off zero its N(0, 0.02) label and time embeddings make c, hence every
+    gate, so small that a wrong block would change the output by less than the bfloat16 tolerance.
+    With every weight matrix N(0, 1/fan_in) and the label table N(0, 1), c and the gates are O(1):
+    on DiT-XL/2 leaving out the last of 4 blocks changes the output by ~40%.
+    """
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and p.requires_grad:  # not the fixed sin-cos pos_embed
+                p.normal_(0.0, 1.0 if "embedding_table" in name else p[0].numel() ** -0.5)
 
 
 def _check_inputs(model, device: torch.device):

@@ -5,9 +5,10 @@ Backends:
     eager-bf16     eager PyTorch with bfloat16 weights and activations, attention in bfloat16.
     torch.compile  the eager-bf16 model compiled with ``torch.compile`` (the usual peer to beat).
     triton         the fused Triton kernels for every model of the package: a plain U-ViT becomes a
-                   ``duodiff_fast.models.fused.FusedUViT``; a method's model (AdaDiffUViT,
-                   MultistageUViT, ...) keeps its class and every U-ViT inside it runs its layer
-                   program on the Triton executor. bfloat16 on CUDA; float32 on the CPU, where it
+                   ``duodiff_fast.models.fused.FusedUViT``; a DiT and a method's model
+                   (AdaDiffUViT, ASEDiT, MultistageUViT, ...) keep their class and every U-ViT or
+                   DiT inside runs its layer program on the Triton executor (DiT: fused adaLN
+                   blocks and final layer, the B-row embedding MLPs in PyTorch). bfloat16 on CUDA; float32 on the CPU, where it
                    runs only in Triton's interpreter (tests).
                    Asking for it where it cannot run raises with the reason
                    (``duodiff_fast.ops.availability.triton_unavailable_reason``).
@@ -92,14 +93,19 @@ def prepare_model(
 
 
 def _prepare_triton(m: torch.nn.Module) -> torch.nn.Module:
-    """``m`` on the Triton kernels (raises BackendUnavailable with the reason if they cannot run)."""
+    """``m`` on the Triton kernels (raises BackendUnavailable with the reason if they cannot run).
+
+    A plain U-ViT becomes a FusedUViT; any other model (a DiT, a method's model) keeps its class and
+    every U-ViT or DiT inside it runs its layer program on the Triton executor.
+    """
+    from .models.dit import DiT
     from .models.fused import FusedUViT
     from .models.uvit import UViT
     from .ops import impl
 
-    uvits = [mod for mod in m.modules() if isinstance(mod, UViT)]
-    if not uvits:
-        raise TypeError(f"the 'triton' backend runs U-ViT models; {type(m).__name__} holds no UViT")
+    backbones = [mod for mod in m.modules() if isinstance(mod, (UViT, DiT))]
+    if not backbones:
+        raise TypeError(f"the 'triton' backend runs U-ViT and DiT models; {type(m).__name__} holds neither")
 
     device = next((p.device for p in m.parameters()), torch.device("cpu"))
     reason = impl.triton_unavailable(device)
@@ -114,8 +120,8 @@ def _prepare_triton(m: torch.nn.Module) -> torch.nn.Module:
     m.requires_grad_(False)
     if isinstance(m, UViT):
         return FusedUViT(m, impl="triton").eval()
-    for uvit in uvits:  # the methods' programs run the op implementation their U-ViT asks for
-        uvit.op_impl = "triton"
+    for backbone in backbones:  # the programs run the op implementation their backbone asks for
+        backbone.op_impl = "triton"
     return m
 
 

@@ -171,3 +171,51 @@ def test_auto_on_a_gpu_picks_the_triton_kernels(cache):
     assert choice.backend == "triton", choice.reason
     assert "passed self-check" in choice.reason and torch.cuda.get_device_name() in choice.reason
     assert ab.choose_backend("cifar10-s2", "cuda").cached
+
+
+def test_the_cache_key_names_the_self_check_version():
+    """Choices cached by an older self-check (before DiT ran on triton) are made again."""
+    key = ab.cache_key("cpu", "dit-tiny")
+    assert f"|check {ab.CHECK_VERSION}|" in key and key.endswith("|dit-tiny")
+
+
+def test_the_dit_check_model_is_off_adaln_zero_so_a_wrong_block_fails(one_thread):
+    """The self-check's DiT is at unit scale: a fresh (adaLN-Zero) DiT would output zeros and pass
+    any backend. Leaving out one block must move its output far beyond the bfloat16 tolerance."""
+    model = ab._check_model("dit-tiny", torch.device("cpu"))
+    assert type(model).__name__ == "DiT" and model.depth == min(ab.CHECK_DEPTH, 4)
+    x, t, y = ab._check_inputs(model, torch.device("cpu"))
+    with torch.no_grad():
+        full = model(x, t, y).double()
+        tokens, c = model.embed(x, t, y)
+        for blk in model.blocks[:-1]:
+            tokens = blk(tokens, c)
+        short = model.decode(tokens, c).double()
+    assert float(full.norm()) > 0
+    assert float((short - full).norm() / full.norm()) > 10 * ab.TOLERANCE[torch.bfloat16]
+
+
+def test_the_triton_self_check_runs_a_dit_and_catches_a_wrong_block(interpreter, monkeypatch, one_thread):
+    """triton passes its self-check on a DiT config; a block kernel that leaves the last block's
+    tokens unchanged (one wrong block of four) fails it."""
+    from duodiff_fast.models.executor import TritonExecutor
+
+    assert ab.self_check("triton", "dit-tiny", "cpu") < ab.TOLERANCE[torch.float32]
+
+    real = TritonExecutor.adaln_block
+
+    def last_block_wrong(self, blk, x, c):
+        out = real(self, blk, x, c)
+        return x if getattr(blk, "wrong_on_purpose", False) else out
+
+    make = ab._check_model
+
+    def check_model(config, device):
+        model = make(config, device)
+        model.blocks[-1].wrong_on_purpose = True  # survives prepare_model's deep copy
+        return model
+
+    monkeypatch.setattr(ab, "_check_model", check_model)
+    monkeypatch.setattr(TritonExecutor, "adaln_block", last_block_wrong)
+    with pytest.raises(AssertionError, match="exceeds"):
+        ab.self_check("triton", "dit-tiny", "cpu")

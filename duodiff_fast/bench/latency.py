@@ -22,8 +22,9 @@ Defaults by machine (an option given on the command line always wins):
 * CUDA: the DuoDiff paper's four configs at batch 128, DDPM-1000 and DDIM-50, every backend that can
   run (``triton`` included), plus CUDA-graph-captured sampler rows. This takes hours.
 * ``--preset dit-cpu`` / ``--preset dit-xl2``: the DiT rows (a tiny DiT on a CPU; DiT-XL/2 at 256,
-  batch 32, DDPM-250 and DDIM-50 on a GPU): base, DuoDiff's 3-block twin, AdaDiff and ASE
-  D1/D3/D4/D6-DiT.
+  batch 32, DDPM-250 and DDIM-50 on a GPU, backends reference, eager-bf16, triton and auto, the
+  methods on eager-bf16 and triton): base, DuoDiff's 3-block twin, AdaDiff and ASE D1/D3/D4/D6-DiT;
+  on a GPU also the captured sampler (DDIM-50 over DiT's respaced steps) against its plain loop.
 * ``--preset gpu-suite``: the narrowed GPU plan of ``benchmarks/gpu_suite.sh`` (cifar10-s2, batch 64,
   DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows, a 200 s budget).
 
@@ -110,10 +111,10 @@ PRESETS: Dict[str, dict] = {
                     adadiff_solvers="ddim", methods="ase", method_backends="reference", method_solvers="ddim",
                     ase_schedules="D1,D3,D4,D6", graph_solvers=""),
     "dit-xl2": dict(configs="dit-xl2-256", batch_size=32, solvers="ddpm,ddim", ddpm_steps=250, ddim_steps=50,
-                    backends="reference,eager-bf16", t_s="0,300,500", repeats=3, adadiff_thetas="0.07",
-                    adadiff_backends="eager-bf16", adadiff_solvers="ddim", methods="ase",
-                    method_backends="eager-bf16", method_solvers="ddpm,ddim", ase_schedules="D1,D3,D4,D6",
-                    graph_solvers=""),
+                    backends="reference,eager-bf16,triton,auto", t_s="0,300,500", repeats=3, adadiff_thetas="0.07",
+                    adadiff_backends="eager-bf16,triton", adadiff_solvers="ddim", methods="ase",
+                    method_backends="eager-bf16,triton", method_solvers="ddpm,ddim", ase_schedules="D1,D3,D4,D6",
+                    graph_solvers="ddim", graph_batches="1,32", graph_t_s="0,300"),
     # benchmarks/gpu_suite.sh: a few minutes on an H100 (the whole suite must end in < 9 minutes)
     "gpu-suite": dict(configs="cifar10-s2", batch_size=64, solvers="ddim", ddim_steps=50, backends=None,
                       t_s="0,300,500", repeats=5, warmup=1, adadiff_thetas="0.07", adadiff_backends="auto",
@@ -347,7 +348,7 @@ def plan(args, device_type: str) -> List[dict]:
                         continue  # the caching forward runs the model's modules eagerly
                     groups.append(dict(kind="caching", config=config, backend=backend, solver=solver,
                                        steps=steps_of(args, solver), rows=["base"] + caching))
-        if device_type == "cuda" and not dit:  # the captured sampler runs U-ViT configs
+        if device_type == "cuda":  # the captured sampler (U-ViT and DiT configs)
             for solver in _split(args.graph_solvers):
                 steps = args.graph_dpm_steps if solver == "dpm_solver" else args.ddim_steps
                 for t_s in [int(v) for v in _split(args.graph_t_s)]:
@@ -744,7 +745,8 @@ class Runner:
         timing = self._time(g, {"eager": eager, "graph": graph})
         label = "base" if t_s == 0 else f"DuoDiff {t_s}"
         rows = {m: _row(g, f"{label} {m}", args, timing[m], b, t_s=None, duodiff_t_s=t_s,
-                        runtime="cuda-graph" if m == "graph" else "eager-philox-fused", paper_per_sample_s=None)
+                        runtime="cuda-graph" if m == "graph" else ("eager-philox-fused" if gs.fused else "eager-philox"),
+                        paper_per_sample_s=None)
                 for m in ("eager", "graph")}
         _add_speedups([rows["graph"]], rows["eager"], label=f"{label} eager")
         if rows["graph"]["status"] == "ok":

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..ops import embedding as ops_embedding
 from ..ops import impl
 from ..ops import triton_ops
+from ..ops.dit_block import dit_block, dit_final_tokens
 from .functional import final_layer, unpatchify
 
 __all__ = ["TorchExecutor", "TritonExecutor", "executor_for", "needs_grad"]
@@ -166,6 +167,30 @@ class TritonExecutor(TorchExecutor):
         img = triton_ops.final_layer(tokens, head.norm.weight, head.norm.bias, head.norm.eps,
                                    head.decoder_pred.weight, head.decoder_pred.bias, extras, channels)
         return head.final_layer(img)
+
+    # ------------------------------------------------------------------------------------ DiT
+    def dit_embed(self, model: nn.Module, x: torch.Tensor, timesteps: torch.Tensor,
+                  y: Optional[torch.Tensor]):
+        """The module's own embedding (patch conv, t- and label MLPs: B rows of the condition, not
+        worth a kernel) on x in the model's dtype: (B, L, D) tokens and c (B, D)."""
+        return super().dit_embed(model, x.to(model.pos_embed.dtype), timesteps, y)
+
+    def adaln_block(self, blk: nn.Module, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """One DiT block in seven fused launches (:func:`duodiff_fast.ops.dit_block.dit_block`); the
+        (B, 6D) modulation comes from the block's own B-row MLP. (B, L, D), (B, D) -> (B, L, D)."""
+        attn, mlp = blk.attn, blk.mlp
+        mod = blk.adaLN_modulation(c)  # (B, 6D), official chunk order
+        return dit_block(x, mod, attn.qkv.weight, attn.qkv.bias, attn.proj.weight, attn.proj.bias,
+                         mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias, attn.num_heads,
+                         eps=blk.norm1.eps, matmul=self.matmul)
+
+    def adaln_final(self, head: nn.Module, tokens: torch.Tensor, c: torch.Tensor, channels: int) -> torch.Tensor:
+        """DiT's final layer (or an AdaDiff exit head of its shape) on the fused adaLN LayerNorm and
+        linear, then unpatchify: (B, L, D), (B, D) -> (B, channels, H, W)."""
+        mod = head.adaLN_modulation(c)  # (B, 2D): shift, scale
+        out = dit_final_tokens(tokens, mod, head.linear.weight, head.linear.bias, head.norm_final.eps,
+                               matmul=self.matmul)
+        return unpatchify(out, channels)
 
 
 def needs_grad(module: nn.Module, x: torch.Tensor) -> bool:

@@ -6,7 +6,8 @@ conditional or not), the complete sampling loop -- starting noise, every denoise
 under classifier-free guidance: the routing of each step is decided on the host while capturing,
 from the step's time), every solver update -- into one
 ``torch.cuda.CUDAGraph``. A call writes new seeds and labels into the graph's static buffers and
-replays it: no recapture. Noise is Philox (:class:`~duodiff_fast.samplers.philox.PhiloxNoise`),
+replays it: no recapture. A DiT's DDPM and DDIM (the improved-DDPM loop: learned variance,
+respaced steps, guidance on the first 3 channels) are captured the same way. Noise is Philox (:class:`~duodiff_fast.samplers.philox.PhiloxNoise`),
 a pure function of (seed, step, element), so the replay draws each sample's own noise and padding a
 batch up to a bucket does not change the real rows. All graphs of a device share one memory pool.
 
@@ -233,7 +234,9 @@ class GraphSampler:
         warmup: eager runs before capture (they also record the step constants).
 
     ``sampler(seeds, y=None)`` -> (B, C, H, W) samples, equal to
-    ``sample(denoiser, schedule, (B, C, H, W), seeds=seeds, y=y, noise="philox", fused=True, ...)``.
+    ``sample(denoiser, schedule, (B, C, H, W), seeds=seeds, y=y, noise="philox", fused=fused, ...)``
+    with ``fused`` True except for a DiT's DDPM/DDIM (:attr:`fused`): its improved-DDPM loop
+    (learned variance, respaced steps, guidance on the first 3 channels) is captured as PyTorch ops.
     """
 
     def __init__(
@@ -280,7 +283,14 @@ class GraphSampler:
         B = len(seeds)
         return sample(self.denoiser, self.schedule, (B, *self.sample_shape), solver=self.solver,
                       num_steps=self.num_steps, y=y, seeds=seeds, device=self.device, dtype=self.dtype,
-                      progress=False, noise="philox", fused=True, **self.options)
+                      progress=False, noise="philox", fused=self.fused, **self.options)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the loop uses the fused solver update: every solver but DiT's improved-DDPM
+        DDPM/DDIM (learned variance), which has none and runs its update in PyTorch ops."""
+        improved = self.solver in ("ddpm", "ddim") and getattr(self.denoiser, "uses_improved_ddpm", False)
+        return not improved
 
     def uses_graphs(self) -> bool:
         return self.device.type == "cuda" and torch.cuda.is_available()
@@ -300,7 +310,7 @@ class GraphSampler:
         run, _ = _build(self.solver, self.denoiser, self.schedule, self.num_steps,
                         o.get("eta", 0.0), o.get("order"), o.get("variance", "beta"), o.get("spacing"),
                         o.get("method"), o.get("skip_type"), o.get("predict_x0"),
-                        o.get("t_end"), True, denoised_correction(
+                        o.get("t_end"), self.fused, denoised_correction(
                             o.get("clip_denoised", False), o.get("thresholding", False),
                             o.get("thresholding_ratio", 0.995), o.get("thresholding_max_value", 1.0)))
         noise = PhiloxNoise(seeds, device=self.device, dtype=self.dtype)

@@ -15,6 +15,14 @@ gets the fixed "large" variance (beta_k, first entry beta~_1).
 Model functions here take ``(x (B, C, H, W), timesteps (B,) long original indices)`` and return the
 network output; :func:`denoiser_model_fn` builds one from a package denoiser that has
 ``output(x, t, y)`` (continuous t = (index + 1) / N, see :class:`~duodiff_fast.methods.DiTDenoiser`).
+
+CUDA graphs (:class:`~duodiff_fast.runtime.graphs.GraphSampler`): inside
+:func:`~duodiff_fast.samplers.constants.static_constants` the loop takes its device tables
+(coefficients, ``timestep_map``) and per-step index vectors from the constant table recorded by the
+warm-up run, so the captured loop makes no host-to-device copy; the step index vector carries its
+host value, which follows to the model's timesteps and the denoiser's time (``host_time``), so
+routed denoisers (DuoDiff, ASE, classifier-free guidance) choose their route on the host. Outside
+that block the loop is unchanged (the tables are copied to the device once per diffusion object).
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..schedules import DiscreteSchedule
+from .constants import cached_time, device_constant, host_time
 
 __all__ = ["space_timesteps", "ImprovedDiffusion", "denoiser_model_fn", "DEFAULT_RESPACING", "normal_kl",
            "discretized_gaussian_log_likelihood", "vb_terms_bpd"]
@@ -129,14 +138,32 @@ class ImprovedDiffusion:
         return cls(schedule.betas, respacing)
 
     # ------------------------------------------------------------------ pieces
-    @staticmethod
-    def _coef(arr: Tensor, k: Tensor, x: Tensor) -> Tensor:
+    def _on(self, arr: Tensor, device: torch.device) -> Tensor:
+        """``arr`` (a table of this diffusion, on the CPU) on ``device``: from the active constant
+        table when one is (graph capture may not copy from the host), else copied once per device."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return arr
+        made = device_constant(tuple(arr.tolist()), device, arr.dtype) if _table_active() else None
+        if made is not None:
+            return made
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = (id(arr), str(device))
+        if key not in cache:
+            cache[key] = arr.to(device)
+        return cache[key]
+
+    def _coef(self, arr: Tensor, k: Tensor, x: Tensor) -> Tensor:
         """arr[k] (float64) rounded to x's dtype, shaped (B, 1, ..., 1) to broadcast against x."""
-        return arr.to(x.device)[k].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+        return self._on(arr, x.device)[k].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
 
     def model_timesteps(self, k: Tensor) -> Tensor:
-        """Original step indices the network is fed for respaced indices ``k`` (B,) long."""
-        return self.timestep_map.to(k.device)[k]
+        """Original step indices the network is fed for respaced indices ``k`` (B,) long (a vector
+        with the host value of the index's step when ``k`` has one, see the module docstring)."""
+        host = host_time(k)
+        if host is not None:
+            return cached_time(float(self.timestep_map[int(host)]), k, torch.long)
+        return self._on(self.timestep_map, k.device)[k]
 
     def p_mean_variance(self, model_fn: ModelFn, x: Tensor, k: Tensor, clip_denoised: bool = False) -> Dict[str, Tensor]:
         """Mean, log variance and predicted x_0 of p(x_{k-1} | x_k).
@@ -177,7 +204,9 @@ class ImprovedDiffusion:
               callback: Optional[StepCallback]) -> Tensor:
         x = x_T
         for s, k in enumerate(reversed(range(self.num_timesteps))):
-            kk = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
+            kk = cached_time(float(k), x, torch.long)  # with its host value inside static_constants
+            if kk is None:
+                kk = torch.full((x.shape[0],), k, dtype=torch.long, device=x.device)
             x = step(x, kk, k > 0)
             if callback is not None:
                 t = (self.timestep_map[k].double() + 1.0) / self.original_num_steps
@@ -223,6 +252,12 @@ class ImprovedDiffusion:
             return mean
 
         return self._loop(x_T, step, callback)
+
+
+def _table_active() -> bool:
+    from .constants import _table
+
+    return _table() is not None
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -271,8 +306,11 @@ def denoiser_model_fn(denoiser, y: Optional[Tensor], num_original_steps: int) ->
                         "learned variance); the improved-DDPM sampler needs one (a DiT denoiser)")
 
     def model_fn(x: Tensor, timesteps: Tensor) -> Tensor:
-        t = (timesteps.to(torch.float64) + 1.0) / num_original_steps
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        host = host_time(timesteps)
+        if host is not None:  # the step is known on the host: so is t (routes decide there)
+            return output(x, cached_time((host + 1.0) / num_original_steps, x, dtype), y)
+        t = (timesteps.to(torch.float64) + 1.0) / num_original_steps
         return output(x, t.to(dtype), y)
 
     return model_fn

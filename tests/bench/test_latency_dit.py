@@ -15,7 +15,7 @@ def test_dit_presets_plan_the_paper_rows():
     gpu = latency.resolve(latency.parse_args(["--preset", "dit-xl2", "--ase-schedules", "D1,D2,D5,D6"]),
                           torch.device("cuda:0"))
     groups = latency.plan(gpu, "cuda")
-    assert {g["config"] for g in groups} == {"dit-xl2-256"} and {g["kind"] for g in groups} == {"main", "ase"}
+    assert {g["config"] for g in groups} == {"dit-xl2-256"} and {g["kind"] for g in groups} == {"main", "ase", "graph"}
     assert [g for g in groups if g["kind"] == "ase"][0]["rows"] == ["base", "ASE D1", "ASE D6"]  # no D2/D5 for DiT
 
 
@@ -28,3 +28,26 @@ def test_dit_ase_rows_run_and_record_the_schedule(tmp_path):
     assert rows["ASE D1"]["ase_schedule"] == [4, 4, 3, 3, 3] and rows["ASE D1"]["paper_speedup_pct"] == 16.63
     assert rows["ASE D6"]["num_blocks"] == 4 and 0 < rows["ASE D6"]["layer_bound_saving_pct"] < 100
     assert all(r["status"] == "ok" for r in res["rows"])
+
+
+def test_dit_xl2_preset_times_the_triton_backend_and_auto():
+    args = latency.resolve(latency.parse_args(["--preset", "dit-xl2"]), torch.device("cuda:0"))
+    groups = latency.plan(args, "cuda")
+    main = {g["backend"] for g in groups if g["kind"] == "main"}
+    assert main == {"reference", "eager-bf16", "triton", "auto"}
+    assert {g["backend"] for g in groups if g["kind"] == "ase"} == {"eager-bf16", "triton"}
+    adadiff = {g["backend"] for g in groups if g["kind"] == "main" and any(r.startswith("AdaDiff") for r in g["rows"])}
+    assert adadiff == {"eager-bf16", "triton"}
+    # auto resolved to triton (what a GPU picks): one triton group per solver, not two
+    args.auto_choices = {"dit-xl2-256": ("triton", "auto: triton passed self-check")}
+    main = [g for g in latency.plan(args, "cuda") if g["kind"] == "main"]
+    assert sorted(g["backend"] for g in main) == sorted(["reference", "eager-bf16", "triton"] * 2)
+
+
+def test_dit_xl2_preset_plans_captured_sampler_rows_on_a_gpu_only():
+    gpu = latency.plan(latency.resolve(latency.parse_args(["--preset", "dit-xl2"]), torch.device("cuda:0")), "cuda")
+    graph = [g for g in gpu if g["kind"] == "graph"]
+    assert {(g["config"], g["solver"], g["steps"], g["t_s"], g["batch_size"]) for g in graph} == {
+        ("dit-xl2-256", "ddim", 50, t_s, b) for t_s in (0, 300) for b in (1, 32)}
+    cpu = latency.plan(latency.resolve(latency.parse_args(["--preset", "dit-cpu"]), torch.device("cpu")), "cpu")
+    assert not [g for g in cpu if g["kind"] == "graph"]
