@@ -309,10 +309,11 @@ def run_sample(args, job: Optional[SampleJob] = None, out: Optional[str] = None)
     if job is None and is_edm_run(args):  # --solver heun: EDM's U-Nets (their own job, no triton)
         from .edm_sample import EDMSampleJob
 
-        resolve_backend_arg(args, None)
+        device = device_for(args.device, dist.local_rank)
+        resolve_backend_arg(args, device)  # auto: the U-Net self-check runs on this device
         if dist.rank == 0:
             print(f"backend: {args.backend} ({args.backend_choice})", flush=True)
-        job = EDMSampleJob(args, device_for(args.device, dist.local_rank))
+        job = EDMSampleJob(args, device)
     if job is None:
         device = device_for(args.device, dist.local_rank)
         resolve_backend_arg(args, device)
