@@ -8,8 +8,8 @@ single U-Net (the group's base, the first ``--configs`` entry) and the multistag
 **interleaved** with :func:`~duodiff_fast.bench.timing.time_interleaved` as the other rows are
 (warm-up timed apart, median and IQR of the per-sample time, the speedup of the multistage net
 over the single U-Net as the median of paired per-round ratios with a bootstrap interval). On a
-CUDA device the preset adds a group of CUDA-graph rows (the whole Heun loop captured,
-:class:`~duodiff_fast.runtime.edm_graphs.EDMGraphSampler`) on the first backend of the list.
+CUDA device the preset adds, per backend, a group of CUDA-graph rows (the whole Heun loop captured,
+:class:`~duodiff_fast.runtime.edm_graphs.EDMGraphSampler`).
 
 Each row also reports the compute of one evaluation, **GFLOPs per evaluation weighted by the steps
 in each stage** (:func:`~duodiff_fast.edm.flops.weighted_gflops`: a multistage net's decoder
@@ -80,11 +80,11 @@ def resolve_edm(args, device: torch.device):
 
 
 def plan_edm(args) -> List[dict]:
-    """The groups: one per backend (kind "edm"), plus the captured group (kind "edm-graph") when on."""
+    """The groups: one per backend (kind "edm"), then one captured group per backend (kind "edm-graph") when on."""
     configs, backends = _split(args.configs), _split(args.backends)
     groups = [dict(id=f"edm/{b}", kind="edm", backend=b, configs=configs) for b in backends]
     if args.graphs:
-        groups.append(dict(id=f"edm-graph/{backends[0]}", kind="edm-graph", backend=backends[0], configs=configs))
+        groups += [dict(id=f"edm-graph/{b}", kind="edm-graph", backend=b, configs=configs) for b in backends]
     return groups
 
 

@@ -161,13 +161,16 @@ def test_captured_heun_equals_eager_gpu(name, mode):
         buf = gs.buffers[(4, False)]
         assert not gs.failed, gs.failed
         assert len(buf.graphs) == (1 if mode == "whole" else 6)
-        ref = heun_sample(net, lat, cfg)
-        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        # the eager loop on the same (padded) batch shape: the same convolution algorithms as the graph
+        padded = lambda z: torch.cat([z, z.new_zeros(4 - z.shape[0], *z.shape[1:])])  # noqa: E731
+        ref = heun_sample(net, padded(lat), cfg)[:3]
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
         lat2 = torch.randn(2, 3, 8, 8, device="cuda", generator=g)
         graphs = list(buf.graphs)
         out2 = gs(lat2)  # replay, no recapture
         assert buf.graphs == graphs
-        torch.testing.assert_close(out2, heun_sample(net, lat2, cfg), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out2, heun_sample(net, padded(lat2), cfg)[:2], rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(out[:2], out2)
 
 
 @needs_cuda
