@@ -82,3 +82,16 @@ def test_a_row_that_fails_says_why_and_bench_exits_1(tmp_path, monkeypatch):
     code = cli.main(["bench", "--preset", "edm-cpu", "--heun-steps", "2", "--repeats", "1", "--warmup", "0",
                      "--backends", "eager-bf16", "--device", "cpu", "--no-progress", "--out", str(tmp_path / "b.json")])
     assert code == 1
+
+
+def test_the_captured_group_code_path_runs(tmp_path):
+    """The edm-graph rows' preparation and timing on a CPU (where the sampler runs its loop eagerly:
+    the code path, not a capture; the capture itself is tested in tests/runtime/test_edm_graphs.py)."""
+    args = _resolved(["--preset", "edm-cpu", "--heun-steps", "2", "--repeats", "1", "--warmup", "0",
+                      "--backends", "reference", "--no-progress"], "cpu")
+    runner = edm_latency._EDMRunner(args, torch.device("cpu"))
+    group = dict(id="edm-graph/reference", kind="edm-graph", backend="reference",
+                 configs=["edm-tiny-ddpmpp", "multistage-tiny-ddpmpp"])
+    rows = runner.run_group(group)
+    assert [r["method"] for r in rows] == ["EDM U-Net (graph)", "multistage U-Net (graph)"]
+    assert all(r["status"] == "ok" for r in rows) and rows[1]["speedup"] is not None
