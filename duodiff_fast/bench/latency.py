@@ -127,7 +127,13 @@ PRESETS: Dict[str, dict] = {
 def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--preset", default=None, choices=sorted(PRESETS), help="a named plan (gpu-suite: the GPU suite's narrowed plan; dit-cpu, dit-xl2: the DiT rows)")
+    from .edm_latency import EDM_PRESETS
+
+    a("--preset", default=None, choices=sorted(PRESETS) + sorted(EDM_PRESETS),
+      help="a named plan (gpu-suite: the GPU suite's narrowed plan; dit-cpu, dit-xl2: the DiT rows; edm-cpu, "
+      "edm-cifar10: EDM's U-Net vs the multistage U-Net under Heun, see duodiff_fast.bench.edm_latency)")
+    a("--heun-steps", type=int, default=None, help="EDM presets: Heun steps N (NFE 2N - 1; default 6 on edm-cpu, "
+      "18 on edm-cifar10: NFE 35)")
     a("--configs", default=None, help="comma-separated model configs: registered names, JSON model config paths or "
       "checkpoint/run folders (default: --checkpoint when it is such a folder, else 'tiny' on CPU, the paper's "
       "four on CUDA)")
@@ -847,6 +853,10 @@ def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> dict:
 
     args = parse_args(argv, prog)
     device = normalize_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .edm_latency import EDM_PRESETS, main_edm
+
+    if args.preset in EDM_PRESETS:  # EDM's U-Nets under Heun: their own rows (duodiff_fast.bench.edm_latency)
+        return main_edm(args, device)
     args = resolve(args, device)
     if args.threads:
         torch.set_num_threads(args.threads)

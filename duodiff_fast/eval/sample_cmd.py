@@ -166,11 +166,16 @@ def resolve_backend_arg(args, device: torch.device) -> str:
     :mod:`duodiff_fast.auto_backend`) and set ``args.backend_choice`` to why; returns the backend."""
     from ..backends import resolve_backend
 
-    if is_edm_run(args):  # EDM U-Nets: no self-check model for them yet (see the README's EDM section)
+    if is_edm_run(args):  # EDM U-Nets: their own candidates and self-check (duodiff_fast.edm.auto_backend)
         if args.backend == "auto":
-            args.backend, args.backend_choice = "reference", (
-                "auto: reference (the self-check covers the transformer backends; EDM U-Nets take "
-                "--backend eager-bf16 or torch.compile explicitly)")
+            from ..edm.auto_backend import choose_edm_backend
+
+            if torch.device(device).type != "cuda":  # reference without a check: no config to read
+                choice = choose_edm_backend({}, device)
+            else:
+                config, name = _edm_config_for_auto(args)
+                choice = choose_edm_backend(config, device, name=name)
+            args.backend, args.backend_choice = choice.backend, choice.reason
         elif getattr(args, "backend_choice", None) is None:
             args.backend_choice = f"requested: {args.backend}"
         return args.backend
@@ -179,6 +184,24 @@ def resolve_backend_arg(args, device: torch.device) -> str:
         config = args.config if args.config else resolve_model_spec(args)
         args.backend, args.backend_choice = resolve_backend(args.backend, config, device)
     return args.backend
+
+
+def _edm_config_for_auto(args):
+    """(config dict, registered name or None) of an EDM run: the named config, else the one a
+    converted --checkpoint records (what ``sample`` will build)."""
+    from ..edm import EDM_CONFIGS, get_edm_config
+
+    if args.config in EDM_CONFIGS:
+        return get_edm_config(args.config), args.config
+    from ..edm.checkpoint import read_edm_file
+
+    if not args.checkpoint:
+        raise ValueError("--config auto reads the EDM config from --checkpoint; pass one")
+    own, _ = read_edm_file(args.checkpoint)
+    if own is None:
+        raise ValueError(f"{args.checkpoint!r} is a bare state dict: name its config or convert it first "
+                         "(duodiff-fast convert)")
+    return own, None
 
 
 def _solver_kwargs(args) -> Dict[str, object]:
@@ -386,10 +409,11 @@ def run_sample(args, job: Optional[SampleJob] = None, out: Optional[str] = None)
     if job is None and is_edm_run(args):  # --solver heun: EDM's U-Nets (their own job, no triton)
         from .edm_sample import EDMSampleJob
 
-        resolve_backend_arg(args, None)
+        device = device_for(args.device, dist.local_rank)
+        resolve_backend_arg(args, device)  # auto: the U-Net self-check runs on this device
         if dist.rank == 0:
             print(f"backend: {args.backend} ({args.backend_choice})", flush=True)
-        job = EDMSampleJob(args, device_for(args.device, dist.local_rank))
+        job = EDMSampleJob(args, device)
     if job is None:
         device = device_for(args.device, dist.local_rank)
         resolve_backend_arg(args, device)
