@@ -209,6 +209,12 @@ def _solver_kwargs(args) -> Dict[str, object]:
         return {"eta": args.eta}
     if args.solver == "ddpm":
         return {"variance": args.variance}
+    if args.solver == "heun":  # EDM's sampler: its noise-level grid and churn settings
+        import dataclasses
+
+        from .edm_sample import heun_config_from_args
+
+        return dataclasses.asdict(heun_config_from_args(args))
     from ..samplers.driver import DPM_DEFAULTS
 
     order, method, _ = DPM_DEFAULTS[args.solver]

@@ -45,6 +45,10 @@ def test_eval_writes_table_rows(tmp_path, capsys, one_thread):
     assert float(r["gflops_per_eval"]) > 0 and float(r["fid"]) >= 0 and float(r["time_per_sample_s"]) > 0
     md = (out / "results.md").read_text()
     assert "| Method | NFE | GFLOPs | FID | Time per sample (s) |" in md
-    assert json.loads((out / "results.json").read_text())["rows"][0]["evals_per_stage"]
+    results = json.loads((out / "results.json").read_text())
+    assert results["rows"][0]["evals_per_stage"]
+    protocol = results["protocol"]  # the Heun grid is part of the recorded protocol
+    assert protocol["solver"] == "heun" and protocol["solver_options"]["num_steps"] == 3
+    assert protocol["cfg"]["formula"].startswith("off") and protocol["backend"] == "reference"
     assert main(args[:5] + ["--methods", "base"] + args[7:]) == 2
     assert "--methods edm" in capsys.readouterr().err
