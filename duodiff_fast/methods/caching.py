@@ -8,7 +8,9 @@ mid-block -> out-blocks with the long skips -> final layer) and decide per netwo
 * :class:`DeepCachePolicy` (DeepCache, Ma et al. 2024, with U-ViT's long skips in the U-Net's role):
   step k is a full step when ``k % interval == 0``; it stores the input of out-block ``n - depth``
   (the output of the inner layers). A cache step runs only the outer ``depth`` in-blocks and their
-  ``depth`` out-blocks and takes the inner output from the cache.
+  ``depth`` out-blocks and takes the inner output from the cache. The paper's non-uniform 1:N
+  strategy (:func:`nonuniform_full_steps`) instead spreads the same number of full steps densely
+  around a centre step, where the features change fastest.
 * :class:`BlockCachePolicy` (FORA, Selvaraju et al. 2024): on full steps (``k % interval == 0``)
   every chosen layer stores its attention and MLP branch outputs; on the other steps those layers add
   the stored outputs instead of computing them.
@@ -32,7 +34,7 @@ from torch import Tensor
 from ..samplers.constants import host_time
 from .duodiff import DuoDiff
 
-__all__ = ["run_uvit", "DeepCachePolicy", "BlockCachePolicy", "RouterPolicy", "CachingDenoiser",
+__all__ = ["run_uvit", "nonuniform_full_steps", "DeepCachePolicy", "BlockCachePolicy", "RouterPolicy", "CachingDenoiser",
            "load_router", "CACHING_BACKENDS"]
 
 # The caching forward runs the model's nn.Modules eagerly; fused / compiled forwards are not hooked.
@@ -104,6 +106,51 @@ def _check_interval(interval) -> int:
     return interval
 
 
+def nonuniform_full_steps(num_steps: int, interval: int, center: float = 0.3, power: float = 1.4) -> List[int]:
+    """DeepCache's non-uniform 1:N choice of full steps among steps 0..S-1 (S = ``num_steps``).
+
+    As many full steps as the uniform 1:N strategy, K = ceil(S / N), but placed along a power curve
+    centred on step c = round(center * (S - 1)): with u_0 .. u_{K-1} evenly spaced from -c^(1/p) to
+    (S - 1 - c)^(1/p), full step j is c + sign(u_j) |u_j|^p rounded to the nearest step (halves up).
+    For p > 1 the curve is flat at c, so full steps crowd around c (where the paper finds the
+    features change fastest) and thin out towards both ends; steps 0 and S - 1 are always full.
+    Where rounding merges two steps, p is lowered by 0.05 (p = 1 is the evenly spaced choice, whose
+    K steps are distinct) until K distinct steps remain. -> sorted list of the K full steps.
+
+    Args:
+        num_steps: S >= 1, the full-backbone evaluations of one trajectory.
+        interval: N >= 1. center: c / (S - 1) in [0, 1]. power: p >= 1.
+    """
+    import math
+
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"deepcache non-uniform steps need the trajectory's step count (an int >= 1), got {num_steps!r}")
+    _check_interval(interval)
+    if isinstance(center, bool) or not isinstance(center, (int, float)) or not 0 <= center <= 1:
+        raise ValueError(f"deepcache center must lie in [0, 1] (a fraction of the trajectory), got {center!r}")
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or power < 1:
+        raise ValueError(f"deepcache power must be >= 1, got {power!r}")
+    S, K = num_steps, -(-num_steps // interval)
+    if K == 1:
+        return [0]
+    c = math.floor(center * (S - 1) + 0.5)
+    p = float(power)
+    while True:
+        lo, hi = -(c ** (1 / p)), (S - 1 - c) ** (1 / p)
+        steps = set()
+        for j in range(K):
+            u = lo + (hi - lo) * j / (K - 1)
+            v = c + math.copysign(abs(u) ** p, u)
+            steps.add(min(S - 1, max(0, math.floor(v + 0.5))))
+        steps |= {0, S - 1}
+        if len(steps) == K or p <= 1:
+            break
+        p = max(1.0, p - 0.05)
+    if len(steps) != K:  # p = 1 spaces K <= S steps at least one apart; a float slip lands here
+        raise AssertionError(f"non-uniform DeepCache chose {sorted(steps)} for S={S}, K={K}")
+    return sorted(steps)
+
+
 class DeepCachePolicy(_Policy):
     """Skip caching for U-ViT: full steps every ``interval`` steps, cache steps run the outer
     ``depth`` in/out-block pairs only.
@@ -111,22 +158,38 @@ class DeepCachePolicy(_Policy):
     Args:
         interval: N; steps k with k % N == 0 are full steps (N = 1: no caching).
         depth: in/out-block pairs kept on cache steps, 1 <= depth <= number of in-blocks.
+        num_steps: with it, the non-uniform strategy: the full steps are
+            :func:`nonuniform_full_steps` (num_steps, interval, center, power), and a trajectory may
+            not run past num_steps full-backbone evaluations.
     """
 
     name = "deepcache"
 
-    def __init__(self, interval: int = 3, depth: int = 1):
+    def __init__(self, interval: int = 3, depth: int = 1, num_steps: Optional[int] = None, center: float = 0.3,
+                 power: float = 1.4):
         self.interval = _check_interval(interval)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"deepcache depth (in/out-block pairs kept) must be an int >= 1, got {depth!r}")
         self.depth = depth
+        self.num_steps, self.center, self.power = num_steps, center, power
+        self.full_steps = (None if num_steps is None
+                           else frozenset(nonuniform_full_steps(num_steps, interval, center, power)))
         self.reset()
 
     def reset(self) -> None:
         self.inner: Optional[Tensor] = None
 
+    def planned_full(self, step: int) -> bool:
+        """Whether ``step`` is a full step by the schedule (uniform k % N == 0, or non-uniform)."""
+        if self.full_steps is None:
+            return step % self.interval == 0
+        if step >= self.num_steps:
+            raise ValueError(f"deepcache non-uniform steps were chosen for {self.num_steps} steps; this "
+                             f"trajectory asked for step {step}")
+        return step in self.full_steps
+
     def is_full(self, step: int) -> bool:
-        return step % self.interval == 0 or self.inner is None
+        return self.planned_full(step) or self.inner is None
 
     def forward(self, model, x, timesteps, y, step):
         n_in = len(model.in_blocks)
@@ -152,7 +215,11 @@ class DeepCachePolicy(_Policy):
         return model.decode(h)
 
     def details(self):
-        return {"cache_interval": self.interval, "deepcache_depth": self.depth}
+        out = {"cache_interval": self.interval, "deepcache_depth": self.depth}
+        if self.full_steps is not None:
+            out.update(deepcache_schedule="nonuniform", deepcache_steps=self.num_steps,
+                       deepcache_center=self.center, deepcache_power=self.power)
+        return out
 
 
 class _BranchCache(_Policy):
