@@ -86,12 +86,45 @@ def run_uvit(model, x: Tensor, timesteps: Tensor, y: Optional[Tensor], block_fn:
 
 
 class _Policy:
-    """What one trajectory step recomputes; subclasses keep their caches between steps."""
+    """What one trajectory step recomputes; subclasses keep their caches between steps.
+
+    Step graphs (:mod:`duodiff_fast.runtime.cache_graphs`): :meth:`pattern` names what a step
+    computes, known on the host before it runs, so one CUDA graph serves every step of a pattern.
+    With ``static`` set the caches are buffers written in place (:meth:`_keep`) that survive
+    :meth:`reset` (a new trajectory only marks them stale), so every graph reads and writes the
+    same memory; :meth:`mark` updates the host's record of fresh caches after a replay.
+    """
 
     name = "policy"
+    static = False
 
     def reset(self) -> None:
         pass
+
+    def pattern(self, model, step: int) -> Optional[tuple]:
+        """What ``step`` computes as a hashable key (one graph per key), or None: not capturable."""
+        return None
+
+    def mark(self, model, pattern: tuple) -> None:
+        """Record on the host the caches a step of ``pattern`` leaves fresh (a replay runs no Python)."""
+
+    def _keep(self, store: Dict, key, value: Tensor) -> Tensor:
+        """``store[key] = value``; with ``static``, copied into the key's buffer (made on first use,
+        outside any capture: a buffer first needed while capturing is a capture failure)."""
+        if not self.static:
+            store[key] = value
+            return value
+        buf = store.get(key)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+            if value.is_cuda and torch.cuda.is_current_stream_capturing():
+                from ..samplers.constants import GraphUnsafe
+
+                raise GraphUnsafe(f"{self.name} cache buffer {key!r} was not made by the warm-up run")
+            from ..runtime.graphs import static_buffer
+
+            buf = store[key] = static_buffer(lambda: torch.empty_like(value))
+        buf.copy_(value)
+        return buf
 
     def forward(self, model, x: Tensor, timesteps: Tensor, y: Optional[Tensor], step: int) -> Tensor:
         raise NotImplementedError
@@ -177,7 +210,21 @@ class DeepCachePolicy(_Policy):
         self.reset()
 
     def reset(self) -> None:
-        self.inner: Optional[Tensor] = None
+        if not self.static or not hasattr(self, "_store"):
+            self._store: Dict[str, Tensor] = {}
+        self._fresh = False  # the cache holds this trajectory's inner output
+
+    @property
+    def inner(self) -> Optional[Tensor]:
+        """(B, N, D) tokens entering out-block n - depth at the latest full step (None: none yet)."""
+        return self._store.get("inner") if self._fresh else None
+
+    def pattern(self, model, step):
+        return ("full",) if self.is_full(step) else ("cache",)
+
+    def mark(self, model, pattern):
+        if pattern == ("full",):
+            self._fresh = True
 
     def planned_full(self, step: int) -> bool:
         """Whether ``step`` is a full step by the schedule (uniform k % N == 0, or non-uniform)."""
@@ -207,7 +254,8 @@ class DeepCachePolicy(_Policy):
             h = layers[n_in].transform(h)
             for i in range(n_in + 1, resume):
                 h = layers[i].transform(layers[i].merge_skip(h, skips.pop()))
-            self.inner = h  # tokens entering out-block n - depth (before its skip merge)
+            self._keep(self._store, "inner", h)  # tokens entering out-block n - depth (before its skip merge)
+            self._fresh = True
         else:
             h = self.inner
         for i in range(resume, 2 * n_in + 1):
@@ -227,8 +275,25 @@ class _BranchCache(_Policy):
     branch outputs as :meth:`plan` says, keeping the latest of each."""
 
     def reset(self) -> None:
-        self.attn: Dict[int, Tensor] = {}
-        self.mlp: Dict[int, Tensor] = {}
+        if not self.static or not hasattr(self, "attn"):
+            self.attn: Dict[int, Tensor] = {}
+            self.mlp: Dict[int, Tensor] = {}
+        self.fresh = set()  # ("attn" | "mlp", layer) holding this trajectory's output
+
+    def pattern(self, model, step):
+        """Per layer: (recompute attention, recompute MLP), stale caches counted as recomputed."""
+        out = []
+        for i in range(model.num_layers):
+            do_attn, do_mlp = self.plan(step, i)
+            out.append((bool(do_attn) or ("attn", i) not in self.fresh, bool(do_mlp) or ("mlp", i) not in self.fresh))
+        return tuple(out)
+
+    def mark(self, model, pattern):
+        for i, (do_attn, do_mlp) in enumerate(pattern):
+            if do_attn:
+                self.fresh.add(("attn", i))
+            if do_mlp:
+                self.fresh.add(("mlp", i))
 
     def plan(self, step: int, layer: int):
         """(recompute attention, recompute MLP) of ``layer`` at ``step``."""
@@ -237,11 +302,13 @@ class _BranchCache(_Policy):
     def forward(self, model, x, timesteps, y, step):
         def block(i, blk, h):
             do_attn, do_mlp = self.plan(step, i)
-            if do_attn or i not in self.attn:
-                self.attn[i] = blk.attn(blk.norm1(h))
+            if do_attn or ("attn", i) not in self.fresh:
+                self._keep(self.attn, i, blk.attn(blk.norm1(h)))
+                self.fresh.add(("attn", i))
             h = h + self.attn[i]
-            if do_mlp or i not in self.mlp:
-                self.mlp[i] = blk.mlp(blk.norm2(h))
+            if do_mlp or ("mlp", i) not in self.fresh:
+                self._keep(self.mlp, i, blk.mlp(blk.norm2(h)))
+                self.fresh.add(("mlp", i))
             return h + self.mlp[i]
 
         return run_uvit(model, x, timesteps, y, block)
@@ -353,10 +420,17 @@ class RouterPolicy(_BranchCache):
 class CachingDenoiser(DuoDiff):
     """A denoiser running ``policy`` on the full U-ViT, optionally after DuoDiff's shallow phase.
 
+    Its calls are not independent (each advances the trajectory's step and its caches), so the
+    per-call :class:`~duodiff_fast.runtime.graphs.GraphDenoiser` calls it directly
+    (``stateful_steps``); step graphs come from :class:`~duodiff_fast.runtime.cache_graphs.CacheStepGraphs`,
+    and :class:`~duodiff_fast.runtime.graphs.GraphSampler` captures the whole loop with it.
+
     Args:
         full: the U-ViT. schedule: its noise schedule. policy: a caching policy.
         shallow, t_s: DuoDiff's shallow backbone and switch point (None, 0: no shallow phase).
     """
+
+    stateful_steps = True
 
     def __init__(self, full, schedule, policy: _Policy, shallow=None, t_s: int = 0):
         _check_uvit(full)
@@ -368,6 +442,9 @@ class CachingDenoiser(DuoDiff):
         self._last_t: Optional[float] = None
         self._last_b: Optional[int] = None
         self.steps_run: List[int] = []  # the step index of each full-backbone evaluation (for tests/bench)
+        # Set by runtime.cache_graphs.CacheStepGraphs.attach: runs each full-backbone step from
+        # the graph of its pattern. The step index advances here, on the host, either way.
+        self.step_runner = None
 
     def _advance(self, t: Tensor, batch: int) -> int:
         host = host_time(t)
@@ -388,4 +465,7 @@ class CachingDenoiser(DuoDiff):
         step = self._advance(t, x.shape[0])
         self.steps_run.append(step)
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
-        return self.policy.forward(model, x.to(model_dtype(model)), timesteps, y, step).to(x.dtype)
+        out_dtype, x = x.dtype, x.to(model_dtype(model))
+        if self.step_runner is not None:
+            return self.step_runner.run(self.policy, model, x, timesteps, y, step).to(out_dtype)
+        return self.policy.forward(model, x, timesteps, y, step).to(out_dtype)

@@ -427,6 +427,10 @@ class GraphDenoiser:
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         if not (x.is_cuda and torch.cuda.is_available()) or torch.cuda.is_current_stream_capturing():
             return self.inner(x, t, y)
+        if getattr(self.inner, "stateful_steps", False):
+            # A call that advances state on the host (a caching denoiser's step and caches) cannot
+            # be replayed from a per-call graph: it captures its own steps (runtime.cache_graphs).
+            return self.inner(x, t, y)
         if not table_active():
             # Outside static_constants the plain loop's time vectors remember their host time
             # (samplers.constants.time_vector), but the constants a routed call makes from it are
