@@ -25,7 +25,8 @@ Defaults by machine (an option given on the command line always wins):
   batch 32, DDPM-250 and DDIM-50 on a GPU): base, DuoDiff's 3-block twin, AdaDiff and ASE
   D1/D3/D4/D6-DiT.
 * ``--preset gpu-suite``: the narrowed GPU plan of ``benchmarks/gpu_suite.sh`` (cifar10-s2, batch 64,
-  DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows, a 200 s budget).
+  DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows of DDIM-50 and
+  DPM-Solver++ (20 NFE, cheaper than DDIM's rows), a 200 s budget).
 
 ``--budget SECONDS``: groups not started within the budget are recorded as skipped (with the reason).
 
@@ -70,6 +71,8 @@ PAPER_SECONDS: Dict[tuple, float] = {
 }
 
 SOLVERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++")
+# Solvers of the captured-sampler rows (fixed-step loops GraphSampler captures whole).
+GRAPH_SOLVERS = ("ddim", "dpm_solver", "dpm_solver++")
 CACHING_ROWS = ("deepcache", "fora", "tome", "l2c")  # training-free rows (duodiff_fast.methods.caching, tome)
 # AdaDiff per-sample seconds of the DuoDiff paper's Table 2 (DDPM; * = its linear estimate from the
 # mean exit layer). Keys: (config, theta). CelebA used thetas 0.06/0.07/0.08.
@@ -99,7 +102,7 @@ DEFAULTS: Dict[str, dict] = {
                  ddim_steps=50, dpm_steps=20, backends=None, t_s="0,300,400,500", repeats=5, warmup=1, threads=None,
                  adadiff_thetas="0.05,0.07,0.09", adadiff_backends="reference,auto", adadiff_solvers=None,
                  methods="ase,multistage", method_backends="reference,auto", method_solvers=None,
-                 ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver", graph_batches=None,
+                 ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver,dpm_solver++", graph_batches=None,
                  graph_t_s="0,300", graph_dpm_steps=20, budget=0.0),
 }
 PRESETS: Dict[str, dict] = {
@@ -118,7 +121,7 @@ PRESETS: Dict[str, dict] = {
     "gpu-suite": dict(configs="cifar10-s2", batch_size=64, solvers="ddim", ddim_steps=50, backends=None,
                       t_s="0,300,500", repeats=5, warmup=1, adadiff_thetas="0.07", adadiff_backends="auto",
                       adadiff_solvers="ddim", methods="ase,multistage", method_backends="auto",
-                      method_solvers="ddim", ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim",
+                      method_solvers="ddim", ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver++",
                       graph_batches="1,64", graph_t_s="0,300", budget=200.0),
 }
 
@@ -181,9 +184,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     a("--multistage-boundaries", default="0.442,0.631", help="multistage stage boundaries on t (default: the paper's CIFAR-10 ones)")
     a("--multistage-widths", default="1.5,1,0.125", help="stage decoder widths as fractions of the shared width, data "
       "side first (default 1.5,1,0.125: the paper's 192/128/16 decoders over a 128 encoder)")
-    a("--graph-solvers", default=None, help="solvers of the CUDA-graph-captured sampler rows (CUDA only; default "
-      "ddim,dpm_solver; '' for none). They run on the fastest backend of the main rows")
-    a("--graph-dpm-steps", type=int, default=None, help="DPM-Solver NFE of the graph rows (default 20)")
+    a("--graph-solvers", default=None, help="solvers of the CUDA-graph-captured sampler rows among "
+      f"{', '.join(GRAPH_SOLVERS)} (CUDA only; default ddim,dpm_solver,dpm_solver++, gpu-suite ddim,dpm_solver++; "
+      "'' for none). They run on the fastest backend of the main rows")
+    a("--graph-dpm-steps", type=int, default=None, help="DPM-Solver and DPM-Solver++ NFE of the graph rows (default 20)")
     a("--graph-batches", default=None, help="batch sizes of the graph rows (default '1,<batch-size>')")
     a("--graph-t-s", default=None, help="base (0) and DuoDiff switch points of the graph rows (default 0,300)")
     a("--nvtx", action="store_true", help="emit NVTX ranges (also DUODIFF_NVTX=1) for nsys")
@@ -238,8 +242,8 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
         if s not in SOLVERS:
             raise SystemExit(f"unknown solver {s!r}; latency.py times {', '.join(SOLVERS)}")
     for s in _split(args.graph_solvers):
-        if s not in ("ddim", "dpm_solver"):
-            raise SystemExit(f"unknown graph solver {s!r}; choose among ddim, dpm_solver")
+        if s not in GRAPH_SOLVERS:
+            raise SystemExit(f"unknown graph solver {s!r}; choose among {', '.join(GRAPH_SOLVERS)}")
     for m in _split(args.methods):
         if m not in ("ase", "multistage") + CACHING_ROWS:
             raise SystemExit(f"unknown --methods entry {m!r}; choose among ase, multistage, {', '.join(CACHING_ROWS)}")
@@ -349,7 +353,7 @@ def plan(args, device_type: str) -> List[dict]:
                                        steps=steps_of(args, solver), rows=["base"] + caching))
         if device_type == "cuda" and not dit:  # the captured sampler runs U-ViT configs
             for solver in _split(args.graph_solvers):
-                steps = args.graph_dpm_steps if solver == "dpm_solver" else args.ddim_steps
+                steps = args.graph_dpm_steps if solver.startswith("dpm_solver") else args.ddim_steps
                 for t_s in [int(v) for v in _split(args.graph_t_s)]:
                     for b in [int(v) for v in _split(args.graph_batches)]:
                         groups.append(dict(kind="graph", config=config, backend="fastest", solver=solver,
