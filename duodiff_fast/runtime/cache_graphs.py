@@ -12,9 +12,9 @@ buffers, a cache-step graph reads them.
 (``CacheStepGraphs().attach(denoiser)``); the denoiser still advances its step index on the host
 each call and the runner replays the step's graph (capturing it the first time: eager warm-up on a
 side stream, which also makes the cache buffers, then capture, then replay) and updates the host's
-record of fresh caches (``policy.mark``). It also runs the step eagerly -- on a CPU, while a whole
-loop is being captured (:class:`~duodiff_fast.runtime.graphs.GraphSampler` then records every step
-into its one graph), for a policy without patterns (ToMe draws new destinations each step), or
+record of fresh caches (``policy.mark``). It also runs the step eagerly -- on a CPU, inside
+:class:`~duodiff_fast.runtime.graphs.GraphSampler`'s warm-up and capture (its static-constants block:
+the whole loop, every step's pattern included, becomes its one graph), for a policy without patterns (ToMe draws new destinations each step), or
 after a capture failure (one warning per key). ``log`` records (step, pattern, how it ran) for each
 call: "replay", "capture" (captured, then replayed) or "eager".
 
@@ -32,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..samplers.constants import table_active
 from ..validation import inputs_validated
 from .graphs import capture_failure, capture_stream, graph_pool, on_device, static_buffer
 
@@ -81,7 +82,7 @@ class CacheStepGraphs:
             self.signature = signature
         pattern_of = getattr(policy, "pattern", None)
         pattern = None if pattern_of is None else pattern_of(model, step)
-        if (pattern is None or not (x.is_cuda and torch.cuda.is_available())
+        if (pattern is None or not (x.is_cuda and torch.cuda.is_available()) or table_active()
                 or torch.cuda.is_current_stream_capturing()):
             self.log.append((step, pattern, "eager"))
             return policy.forward(model, x, timesteps, y, step)

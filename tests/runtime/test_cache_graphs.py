@@ -205,3 +205,19 @@ def test_whole_loop_capture_of_a_caching_denoiser(model):
     assert sampler.graphs and not sampler.failed
     torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, got, rtol=0, atol=0)
+
+
+def test_steps_inside_the_whole_loop_runtime_run_eagerly(model, monkeypatch):
+    """Inside GraphSampler's static-constants block the whole loop is one graph: no step graphs."""
+    from duodiff_fast.runtime import ConstantTable, static_constants
+
+    schedule = linear_ddpm()
+    runner = CacheStepGraphs()
+    den = runner.attach(CachingDenoiser(model, schedule, DeepCachePolicy(2)))
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # as if on a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    x = torch.randn(2, model.in_chans, model.img_size, model.img_size)
+    with torch.no_grad(), static_constants(ConstantTable(), recording=True):
+        den(x, torch.full((2,), 0.9), None)
+    assert runner.log == [(0, ("full",), "eager")] and not runner.graphs
