@@ -28,6 +28,10 @@ Defaults by machine (an option given on the command line always wins):
   DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows of DDIM-50 and
   DPM-Solver++ (20 NFE, cheaper than DDIM's rows), a 200 s budget).
 
+``--methods deepcache,fora,l2c`` on CUDA with graph rows asked for (``--graph-solvers``) also times
+each of them three ways (group ``caching_graph``): the plain loop, the plain loop replaying one
+graph per step pattern (``runtime.cache_graphs``), and the whole loop captured (``GraphSampler``).
+
 ``--budget SECONDS``: groups not started within the budget are recorded as skipped (with the reason).
 
     python benchmarks/latency.py                         # defaults for the machine
@@ -351,6 +355,7 @@ def plan(args, device_type: str) -> List[dict]:
                         continue  # the caching forward runs the model's modules eagerly
                     groups.append(dict(kind="caching", config=config, backend=backend, solver=solver,
                                        steps=steps_of(args, solver), rows=["base"] + caching))
+        groups += _caching_graph_groups(args, config, device_type, dit, caching)
         if device_type == "cuda" and not dit:  # the captured sampler runs U-ViT configs
             for solver in _split(args.graph_solvers):
                 steps = args.graph_dpm_steps if solver.startswith("dpm_solver") else args.ddim_steps
@@ -360,6 +365,30 @@ def plan(args, device_type: str) -> List[dict]:
                                            backend_choice="the backend of the fastest base row timed",
                                            steps=steps, t_s=t_s, batch_size=b, rows=["eager", "graph"]))
     return groups
+
+
+def _caching_graph_groups(args, config: str, device_type: str, dit: bool, caching: List[str]) -> List[dict]:
+    """CUDA only, U-ViT, when graph rows are asked for (--graph-solvers): each caching method with a
+    step pattern (not ToMe) timed three ways on the caching group's backends and solvers: the plain
+    loop, the plain loop with one graph per step pattern (runtime.cache_graphs), the whole loop
+    captured (GraphSampler)."""
+    methods = [m for m in caching if m != "tome"]
+    if device_type != "cuda" or dit or not methods or not _split(args.graph_solvers):
+        return []
+    groups = []
+    for backend in _split(args.method_backends):
+        if backend not in ("reference", "eager-bf16"):
+            continue  # the caching forward runs the model's modules eagerly
+        for solver in _split(args.method_solvers):
+            if solver == "ddpm":
+                continue  # GraphSampler's rows cover the fixed-step DDIM / DPM loops
+            groups.append(dict(kind="caching_graph", config=config, backend=backend, solver=solver,
+                               steps=steps_of(args, solver),
+                               rows=[f"{m} {how}" for m in methods for how in CACHING_GRAPH_MODES]))
+    return groups
+
+
+CACHING_GRAPH_MODES = ("eager", "step-graphs", "graph")
 
 
 # ------------------------------------------------------------------------------ running groups
@@ -710,6 +739,42 @@ class Runner:
         _add_speedups(list(rows.values()), rows["base"])
         return list(rows.values())
 
+    # ---- caching methods: plain loop, per-pattern step graphs, whole loop captured ----------------------
+    def group_caching_graph(self, g: dict) -> List[dict]:
+        from ..methods.caching import CachingDenoiser
+        from ..methods.factory import MethodSpec
+        from ..runtime.cache_graphs import CacheStepGraphs
+        from ..runtime.graphs import GraphSampler
+
+        args, dev = self.args, self.device
+        schedule, full_ref, _ = self.config_models(g["config"])
+        model = prepare_model(full_ref, g["backend"], compile_mode=args.compile_mode)
+        B = args.batch_size
+        sample_shape = (full_ref.in_chans, full_ref.img_size, full_ref.img_size)
+        y = self.labels(full_ref, B)
+        seeds = list(range(B))
+        values = {"deepcache": args.cache_interval or 3, "fora": args.cache_interval or 2, "l2c": args.l2c_router}
+        options = {"l2c": (("threshold", args.l2c_threshold),)}
+        fns, extra, methods = {}, {}, []
+        for name in g["rows"]:
+            m, how = name.rsplit(" ", 1)
+            spec = MethodSpec(m, value=str(values[m]), options=options.get(m, ()))
+            # each way its own denoiser: a caching denoiser keeps its trajectory's step and caches
+            den = CachingDenoiser(model, schedule, spec.policy())
+            if how == "step-graphs":
+                CacheStepGraphs().attach(den)
+            gs = GraphSampler(den, schedule, sample_shape, solver=g["solver"], num_steps=g["steps"], device=dev)
+            fns[name] = _caching_graph_fn(gs, how, seeds, y)
+            extra[name] = dict(den.policy.details(), runtime={"eager": "eager-philox-fused", "step-graphs":
+                                                              "cuda-graph per step pattern", "graph": "cuda-graph"}[how])
+            if how == "eager":
+                methods.append(m)
+        timing = self._time(g, fns)
+        rows = {k: _row(g, k, args, timing[k], B, t_s=None, paper_per_sample_s=None, **extra[k]) for k in fns}
+        for m in methods:
+            _add_speedups([rows[f"{m} step-graphs"], rows[f"{m} graph"]], rows[f"{m} eager"], label=f"{m} eager")
+        return list(rows.values())
+
     # ---- CUDA-graph-captured sampler against the same loop uncaptured ------------------------------
     def fastest_backend(self, config: str) -> str:
         """The backend whose base row was fastest (stable or not) for ``config``; else the first."""
@@ -760,6 +825,18 @@ class Runner:
                 rows["graph"].update(kernel_seconds=None, kernel_seconds_error=error_text(exc))
                 self.say(f"  kernel time of the captured loop not measured: {error_text(exc)}")
         return list(rows.values())
+
+
+def _caching_graph_fn(gs, how: str, seeds: List[int], y) -> Callable[[], object]:
+    """One way of the caching-graph group: ``gs.plain`` (the plain loop, with or without step graphs
+    attached to its denoiser) or the whole captured loop, which must have captured."""
+    def run():
+        with torch.inference_mode():  # the static buffers take either mode
+            out = gs.plain(seeds, y) if how != "graph" else gs(seeds, y)
+        if how == "graph" and not gs.graphs:
+            raise RuntimeError(f"CUDA graph capture failed: {next(iter(gs.failed.values()), '?')}")
+        return out
+    return run
 
 
 class _Skip(Exception):
