@@ -155,6 +155,11 @@ def test_per_call_graph_denoiser_leaves_caching_steps_alone(model):
         for k in range(3):
             wrapped(x, torch.full((2,), 0.9 - 0.1 * k), None)
     assert den.steps_run == [0, 1, 2] and not wrapped.graphs
+    from duodiff_fast.runtime.graphs import has_stateful_steps
+    from duodiff_fast.samplers.guidance import ClassifierFreeGuidance
+
+    assert has_stateful_steps(ClassifierFreeGuidance(den, 1.5, null_class=3))
+    assert not has_stateful_steps(ClassifierFreeGuidance(lambda x, t, y: x, 1.5, null_class=3))
     with pytest.raises(TypeError, match="CachingDenoiser"):
         CacheStepGraphs().attach(object())
     with pytest.raises(ValueError, match="warmup"):
