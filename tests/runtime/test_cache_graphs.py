@@ -226,3 +226,28 @@ def test_steps_inside_the_whole_loop_runtime_run_eagerly(model, monkeypatch):
     with torch.no_grad(), static_constants(ConstantTable(), recording=True):
         den(x, torch.full((2,), 0.9), None)
     assert runner.log == [(0, ("full",), "eager")] and not runner.graphs
+
+
+def test_static_buffers_compute_what_the_plain_policies_do(model):
+    """L2C and DeepCache with their caches in static buffers (the runner's mode) against the plain
+    policies, over two trajectories; composed with DuoDiff the runner sees the full phase only."""
+    schedule = linear_ddpm()
+    L = model.num_layers
+    logits = torch.randn(STEPS, 2 * L, generator=torch.Generator().manual_seed(9))
+    torch.manual_seed(1)
+    shallow = create_model("tiny", depth=2).eval()
+    cases = [(lambda: RouterPolicy(logits, 0.5), {}), (lambda: DeepCachePolicy(2, 2), {}),
+             (lambda: DeepCachePolicy(2, 1), {"shallow": shallow, "t_s": 300})]
+    for make, duo in cases:
+        runner = CacheStepGraphs()
+        den = runner.attach(CachingDenoiser(model, schedule, make(), **duo))
+        plain = CachingDenoiser(model, schedule, make(), **duo)
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for _ in range(2):
+                for k in range(STEPS):
+                    x = torch.randn(2, model.in_chans, model.img_size, model.img_size, generator=g)
+                    t = torch.full((2,), 0.9 - 0.1 * k)
+                    torch.testing.assert_close(den(x, t, None), plain(x, t, None), rtol=0, atol=0)
+        assert [k for k, _, _ in runner.log] == den.steps_run == plain.steps_run
+    assert den.steps_run[:5] == [0, 1, 2, 3, 4]  # t = 0.9, 0.8: the shallow phase, not cached
