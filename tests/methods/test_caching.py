@@ -339,3 +339,22 @@ def test_factory_nonuniform_deepcache_and_tome_layers():
     assert parse_method_grid("tome", caching_options={"tome": {"max_level": 2}})[0].policy().max_level == 2
     with pytest.raises(ValueError, match="not both"):
         parse_method_grid("tome", caching_options={"tome": {"max_level": 2, "schedule": "F2"}})
+
+
+def test_sample_cli_nonuniform_deepcache_and_tome_layers():
+    from duodiff_fast.cli import build_parser
+    from duodiff_fast.eval.sample_cmd import method_spec_from_args
+
+    def spec(*extra):
+        return method_spec_from_args(build_parser().parse_args(["sample", "--config", "tiny", *extra]))
+
+    dc = spec("--method", "deepcache", "--cache-interval", "2", "--deepcache-steps", "10", "--deepcache-center",
+              "0.5", "--deepcache-power", "1.4").policy()
+    from duodiff_fast.methods.caching import nonuniform_full_steps
+
+    assert sorted(dc.full_steps) == nonuniform_full_steps(10, 2, 0.5, 1.4) and dc.num_steps == 10
+    assert spec("--method", "deepcache").policy().full_steps is None  # uniform by default
+    assert spec("--method", "tome", "--tome-max-level", "1").policy().max_level == 1
+    assert spec("--method", "tome", "--tome-schedule", "B4").policy().schedule == "B4"
+    with pytest.raises(ValueError, match="power"):
+        spec("--method", "deepcache", "--deepcache-steps", "10", "--deepcache-power", "0.5")
