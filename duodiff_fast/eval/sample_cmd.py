@@ -187,10 +187,10 @@ def resolve_backend_arg(args, device: torch.device) -> str:
             args.backend, args.backend_choice = "reference", (
                 "auto: reference (the self-check covers the transformer backends; EDM U-Nets take "
                 "--backend eager-bf16 or torch.compile explicitly)")
-        elif args.backend_choice is None:
+        elif getattr(args, "backend_choice", None) is None:
             args.backend_choice = f"requested: {args.backend}"
         return args.backend
-    if args.backend_choice is None or args.backend == "auto":
+    if getattr(args, "backend_choice", None) is None or args.backend == "auto":
         # --config may be left out when the checkpoint records its config: self-check that one
         config = args.config if args.config else resolve_model_spec(args)
         args.backend, args.backend_choice = resolve_backend(args.backend, config, device)
