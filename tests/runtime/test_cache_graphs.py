@@ -60,8 +60,8 @@ def _deepcache_reference(model, schedule, full_steps, depth=1):
     return eps
 
 
-@pytest.mark.parametrize("nonuniform", [False, True])
-def test_sampler_fallback_equals_a_hand_written_loop(model, nonuniform):
+@pytest.mark.parametrize("nonuniform,solver", [(False, "ddim"), (True, "ddim"), (False, "dpm_solver++")])
+def test_sampler_fallback_equals_a_hand_written_loop(model, nonuniform, solver):
     schedule = linear_ddpm()
     if nonuniform:
         policy = DeepCachePolicy(3, 1, num_steps=STEPS, center=0.5, power=1.4)
@@ -71,10 +71,10 @@ def test_sampler_fallback_equals_a_hand_written_loop(model, nonuniform):
     runner = CacheStepGraphs()
     den = runner.attach(CachingDenoiser(model, schedule, policy))
     shape = (model.in_chans, model.img_size, model.img_size)
-    sampler = GraphSampler(den, schedule, shape, solver="ddim", num_steps=STEPS, device="cpu")
+    sampler = GraphSampler(den, schedule, shape, solver=solver, num_steps=STEPS, device="cpu")
     with torch.no_grad():
         got = sampler([3, 11])
-        ref = sample(_deepcache_reference(model, schedule, full), schedule, (2, *shape), solver="ddim",
+        ref = sample(_deepcache_reference(model, schedule, full), schedule, (2, *shape), solver=solver,
                      num_steps=STEPS, seeds=[3, 11], device="cpu", progress=False, noise="philox", fused=True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     # the pattern each step would replay (eager on a CPU)
