@@ -166,6 +166,8 @@ def nonuniform_full_steps(num_steps: int, interval: int, center: float = 0.3, po
     S, K = num_steps, -(-num_steps // interval)
     if K == 1:
         return [0]
+    if K == S:  # 1:1, every step full
+        return list(range(S))
     c = math.floor(center * (S - 1) + 0.5)
     p = float(power)
     while True:
@@ -406,9 +408,16 @@ class RouterPolicy(_BranchCache):
                              "step count the router was trained for")
         return bool(self.recompute[step, 2 * layer]), bool(self.recompute[step, 2 * layer + 1])
 
-    def forward(self, model, x, timesteps, y, step):
+    def _check_model(self, model) -> None:
         if model.num_layers != self.num_layers:
             raise ValueError(f"the router has logits for {self.num_layers} layers, the model has {model.num_layers}")
+
+    def pattern(self, model, step):
+        self._check_model(model)
+        return super().pattern(model, step)
+
+    def forward(self, model, x, timesteps, y, step):
+        self._check_model(model)
         return super().forward(model, x, timesteps, y, step)
 
     def details(self):

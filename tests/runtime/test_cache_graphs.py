@@ -105,6 +105,9 @@ def test_patterns_of_fora_and_l2c(model):
     rows = torch.sigmoid(logits.double()) > 0.5
     want = [full] + [tuple((bool(rows[k, 2 * i]), bool(rows[k, 2 * i + 1])) for i in range(L)) for k in (1, 2)]
     assert [p for _, p, _ in runner.log] == want
+    short = CacheStepGraphs().attach(CachingDenoiser(model, schedule, RouterPolicy(logits[:, :4], 0.5)))
+    with torch.no_grad(), pytest.raises(ValueError, match="logits for 2 layers"):
+        short(x, torch.full((2,), 0.9), None)
 
     # ToMe has no patterns (new destinations every step): eager, pattern None
     runner = CacheStepGraphs()
