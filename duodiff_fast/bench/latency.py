@@ -26,7 +26,12 @@ Defaults by machine (an option given on the command line always wins):
   methods on eager-bf16 and triton): base, DuoDiff's 3-block twin, AdaDiff and ASE D1/D3/D4/D6-DiT;
   on a GPU also the captured sampler (DDIM-50 over DiT's respaced steps) against its plain loop.
 * ``--preset gpu-suite``: the narrowed GPU plan of ``benchmarks/gpu_suite.sh`` (cifar10-s2, batch 64,
-  DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows, a 200 s budget).
+  DDIM-50, every backend, AdaDiff/ASE/multistage on eager-bf16, captured-sampler rows of DDIM-50 and
+  DPM-Solver++ (20 NFE, cheaper than DDIM's rows), a 200 s budget).
+
+``--methods deepcache,fora,l2c`` on CUDA with graph rows asked for (``--graph-solvers``) also times
+each of them three ways (group ``caching_graph``): the plain loop, the plain loop replaying one
+graph per step pattern (``runtime.cache_graphs``), and the whole loop captured (``GraphSampler``).
 
 ``--budget SECONDS``: groups not started within the budget are recorded as skipped (with the reason).
 
@@ -71,6 +76,8 @@ PAPER_SECONDS: Dict[tuple, float] = {
 }
 
 SOLVERS = ("ddpm", "ddim", "dpm_solver", "dpm_solver++")
+# Solvers of the captured-sampler rows (fixed-step loops GraphSampler captures whole).
+GRAPH_SOLVERS = ("ddim", "dpm_solver", "dpm_solver++")
 CACHING_ROWS = ("deepcache", "fora", "tome", "l2c")  # training-free rows (duodiff_fast.methods.caching, tome)
 # AdaDiff per-sample seconds of the DuoDiff paper's Table 2 (DDPM; * = its linear estimate from the
 # mean exit layer). Keys: (config, theta). CelebA used thetas 0.06/0.07/0.08.
@@ -100,7 +107,7 @@ DEFAULTS: Dict[str, dict] = {
                  ddim_steps=50, dpm_steps=20, backends=None, t_s="0,300,400,500", repeats=5, warmup=1, threads=None,
                  adadiff_thetas="0.05,0.07,0.09", adadiff_backends="reference,auto", adadiff_solvers=None,
                  methods="ase,multistage", method_backends="reference,auto", method_solvers=None,
-                 ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver", graph_batches=None,
+                 ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver,dpm_solver++", graph_batches=None,
                  graph_t_s="0,300", graph_dpm_steps=20, budget=0.0),
 }
 PRESETS: Dict[str, dict] = {
@@ -119,7 +126,7 @@ PRESETS: Dict[str, dict] = {
     "gpu-suite": dict(configs="cifar10-s2", batch_size=64, solvers="ddim", ddim_steps=50, backends=None,
                       t_s="0,300,500", repeats=5, warmup=1, adadiff_thetas="0.07", adadiff_backends="auto",
                       adadiff_solvers="ddim", methods="ase,multistage", method_backends="auto",
-                      method_solvers="ddim", ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim",
+                      method_solvers="ddim", ase_schedules="D1,D2,D3,D4,D5,D6", graph_solvers="ddim,dpm_solver++",
                       graph_batches="1,64", graph_t_s="0,300", budget=200.0),
 }
 
@@ -188,9 +195,10 @@ def build_parser(prog: Optional[str] = None) -> argparse.ArgumentParser:
     a("--multistage-boundaries", default="0.442,0.631", help="multistage stage boundaries on t (default: the paper's CIFAR-10 ones)")
     a("--multistage-widths", default="1.5,1,0.125", help="stage decoder widths as fractions of the shared width, data "
       "side first (default 1.5,1,0.125: the paper's 192/128/16 decoders over a 128 encoder)")
-    a("--graph-solvers", default=None, help="solvers of the CUDA-graph-captured sampler rows (CUDA only; default "
-      "ddim,dpm_solver; '' for none). They run on the fastest backend of the main rows")
-    a("--graph-dpm-steps", type=int, default=None, help="DPM-Solver NFE of the graph rows (default 20)")
+    a("--graph-solvers", default=None, help="solvers of the CUDA-graph-captured sampler rows among "
+      f"{', '.join(GRAPH_SOLVERS)} (CUDA only; default ddim,dpm_solver,dpm_solver++, gpu-suite ddim,dpm_solver++; "
+      "'' for none). They run on the fastest backend of the main rows")
+    a("--graph-dpm-steps", type=int, default=None, help="DPM-Solver and DPM-Solver++ NFE of the graph rows (default 20)")
     a("--graph-batches", default=None, help="batch sizes of the graph rows (default '1,<batch-size>')")
     a("--graph-t-s", default=None, help="base (0) and DuoDiff switch points of the graph rows (default 0,300)")
     a("--nvtx", action="store_true", help="emit NVTX ranges (also DUODIFF_NVTX=1) for nsys")
@@ -245,8 +253,8 @@ def resolve(args: argparse.Namespace, device: torch.device) -> argparse.Namespac
         if s not in SOLVERS:
             raise SystemExit(f"unknown solver {s!r}; latency.py times {', '.join(SOLVERS)}")
     for s in _split(args.graph_solvers):
-        if s not in ("ddim", "dpm_solver"):
-            raise SystemExit(f"unknown graph solver {s!r}; choose among ddim, dpm_solver")
+        if s not in GRAPH_SOLVERS:
+            raise SystemExit(f"unknown graph solver {s!r}; choose among {', '.join(GRAPH_SOLVERS)}")
     for m in _split(args.methods):
         if m not in ("ase", "multistage") + CACHING_ROWS:
             raise SystemExit(f"unknown --methods entry {m!r}; choose among ase, multistage, {', '.join(CACHING_ROWS)}")
@@ -354,15 +362,40 @@ def plan(args, device_type: str) -> List[dict]:
                         continue  # the caching forward runs the model's modules eagerly
                     groups.append(dict(kind="caching", config=config, backend=backend, solver=solver,
                                        steps=steps_of(args, solver), rows=["base"] + caching))
+        groups += _caching_graph_groups(args, config, device_type, dit, caching)
         if device_type == "cuda":  # the captured sampler (U-ViT and DiT configs)
             for solver in _split(args.graph_solvers):
-                steps = args.graph_dpm_steps if solver == "dpm_solver" else args.ddim_steps
+                steps = args.graph_dpm_steps if solver.startswith("dpm_solver") else args.ddim_steps
                 for t_s in [int(v) for v in _split(args.graph_t_s)]:
                     for b in [int(v) for v in _split(args.graph_batches)]:
                         groups.append(dict(kind="graph", config=config, backend="fastest", solver=solver,
                                            backend_choice="the backend of the fastest base row timed",
                                            steps=steps, t_s=t_s, batch_size=b, rows=["eager", "graph"]))
     return groups
+
+
+def _caching_graph_groups(args, config: str, device_type: str, dit: bool, caching: List[str]) -> List[dict]:
+    """CUDA only, U-ViT, when graph rows are asked for (--graph-solvers): each caching method with a
+    step pattern (not ToMe) timed three ways on the caching group's backends and solvers: the plain
+    loop, the plain loop with one graph per step pattern (runtime.cache_graphs), the whole loop
+    captured (GraphSampler)."""
+    methods = [m for m in caching if m != "tome"]
+    if device_type != "cuda" or dit or not methods or not _split(args.graph_solvers):
+        return []
+    groups = []
+    for backend in _split(args.method_backends):
+        if backend not in ("reference", "eager-bf16"):
+            continue  # the caching forward runs the model's modules eagerly
+        for solver in _split(args.method_solvers):
+            if solver == "ddpm":
+                continue  # GraphSampler's rows cover the fixed-step DDIM / DPM loops
+            groups.append(dict(kind="caching_graph", config=config, backend=backend, solver=solver,
+                               steps=steps_of(args, solver),
+                               rows=[f"{m} {how}" for m in methods for how in CACHING_GRAPH_MODES]))
+    return groups
+
+
+CACHING_GRAPH_MODES = ("eager", "step-graphs", "graph")
 
 
 # ------------------------------------------------------------------------------ running groups
@@ -713,6 +746,42 @@ class Runner:
         _add_speedups(list(rows.values()), rows["base"])
         return list(rows.values())
 
+    # ---- caching methods: plain loop, per-pattern step graphs, whole loop captured ----------------------
+    def group_caching_graph(self, g: dict) -> List[dict]:
+        from ..methods.caching import CachingDenoiser
+        from ..methods.factory import MethodSpec
+        from ..runtime.cache_graphs import CacheStepGraphs
+        from ..runtime.graphs import GraphSampler
+
+        args, dev = self.args, self.device
+        schedule, full_ref, _ = self.config_models(g["config"])
+        model = prepare_model(full_ref, g["backend"], compile_mode=args.compile_mode)
+        B = args.batch_size
+        sample_shape = (full_ref.in_chans, full_ref.img_size, full_ref.img_size)
+        y = self.labels(full_ref, B)
+        seeds = list(range(B))
+        values = {"deepcache": args.cache_interval or 3, "fora": args.cache_interval or 2, "l2c": args.l2c_router}
+        options = {"l2c": (("threshold", args.l2c_threshold),)}
+        fns, extra, methods = {}, {}, []
+        for name in g["rows"]:
+            m, how = name.rsplit(" ", 1)
+            spec = MethodSpec(m, value=str(values[m]), options=options.get(m, ()))
+            # each way its own denoiser: a caching denoiser keeps its trajectory's step and caches
+            den = CachingDenoiser(model, schedule, spec.policy())
+            if how == "step-graphs":
+                CacheStepGraphs().attach(den)
+            gs = GraphSampler(den, schedule, sample_shape, solver=g["solver"], num_steps=g["steps"], device=dev)
+            fns[name] = _caching_graph_fn(gs, how, seeds, y)
+            extra[name] = dict(den.policy.details(), runtime={"eager": "eager-philox-fused", "step-graphs":
+                                                              "cuda-graph per step pattern", "graph": "cuda-graph"}[how])
+            if how == "eager":
+                methods.append(m)
+        timing = self._time(g, fns)
+        rows = {k: _row(g, k, args, timing[k], B, t_s=None, paper_per_sample_s=None, **extra[k]) for k in fns}
+        for m in methods:
+            _add_speedups([rows[f"{m} step-graphs"], rows[f"{m} graph"]], rows[f"{m} eager"], label=f"{m} eager")
+        return list(rows.values())
+
     # ---- CUDA-graph-captured sampler against the same loop uncaptured ------------------------------
     def fastest_backend(self, config: str) -> str:
         """The backend whose base row was fastest (stable or not) for ``config``; else the first."""
@@ -764,6 +833,18 @@ class Runner:
                 rows["graph"].update(kernel_seconds=None, kernel_seconds_error=error_text(exc))
                 self.say(f"  kernel time of the captured loop not measured: {error_text(exc)}")
         return list(rows.values())
+
+
+def _caching_graph_fn(gs, how: str, seeds: List[int], y) -> Callable[[], object]:
+    """One way of the caching-graph group: ``gs.plain`` (the plain loop, with or without step graphs
+    attached to its denoiser) or the whole captured loop, which must have captured."""
+    def run():
+        with torch.inference_mode():  # the static buffers take either mode
+            out = gs.plain(seeds, y) if how != "graph" else gs(seeds, y)
+        if how == "graph" and not gs.graphs:
+            raise RuntimeError(f"CUDA graph capture failed: {next(iter(gs.failed.values()), '?')}")
+        return out
+    return run
 
 
 class _Skip(Exception):

@@ -50,16 +50,32 @@ def add_caching_options(p: argparse.ArgumentParser) -> None:
     """Further options of the caching methods (shared by sample and eval)."""
     p.add_argument("--deepcache-depth", type=int, default=None,
                    help="deepcache: in/out-block pairs run on cache steps (default 1)")
+    p.add_argument("--deepcache-steps", type=int, default=None,
+                   help="deepcache: the non-uniform 1:N full steps (DeepCache's) for a trajectory of this many "
+                        "full-backbone evaluations (the solver's NFE, less DuoDiff's shallow phase); default uniform")
+    p.add_argument("--deepcache-center", type=float, default=None,
+                   help="deepcache non-uniform: centre of the dense full steps, a fraction of the trajectory (default 0.3)")
+    p.add_argument("--deepcache-power", type=float, default=None,
+                   help="deepcache non-uniform: power >= 1 of the step curve; larger crowds more (default 1.4)")
     p.add_argument("--fora-layers", default=None, help="fora: layer indices that cache, '/'-separated (default all)")
     p.add_argument("--tome-stride", type=int, default=None, help="tome: destination grid cell side (default 2)")
+    p.add_argument("--tome-max-level", type=int, default=None,
+                   help="tome: merge only in layers of skip level <= this (1: the outermost in/out pair; default all)")
+    p.add_argument("--tome-schedule", default=None,
+                   help="tome: the ASE paper's F<k> (first k layers), R<k> (last k) or B<k> (k/2 at each end)")
     p.add_argument("--l2c-threshold", type=float, default=None,
                    help="l2c: recompute a branch when sigmoid(router logit) > this (default 0.1)")
 
 
 def caching_options_from_args(args) -> Dict[str, Dict[str, object]]:
     """{method: {option: value}} of the caching options given on the command line."""
-    given = {"deepcache": {"depth": args.deepcache_depth}, "fora": {"layers": args.fora_layers},
-             "tome": {"stride": args.tome_stride}, "l2c": {"threshold": args.l2c_threshold}}
+    given = {"deepcache": {"depth": args.deepcache_depth, "steps": args.deepcache_steps,
+                           "center": args.deepcache_center,
+                           "power": args.deepcache_power},
+             "fora": {"layers": args.fora_layers},
+             "tome": {"stride": args.tome_stride, "max_level": args.tome_max_level,
+                      "schedule": args.tome_schedule},
+             "l2c": {"threshold": args.l2c_threshold}}
     return {m: {k: v for k, v in o.items() if v is not None} for m, o in given.items()}
 
 

@@ -8,7 +8,9 @@ mid-block -> out-blocks with the long skips -> final layer) and decide per netwo
 * :class:`DeepCachePolicy` (DeepCache, Ma et al. 2024, with U-ViT's long skips in the U-Net's role):
   step k is a full step when ``k % interval == 0``; it stores the input of out-block ``n - depth``
   (the output of the inner layers). A cache step runs only the outer ``depth`` in-blocks and their
-  ``depth`` out-blocks and takes the inner output from the cache.
+  ``depth`` out-blocks and takes the inner output from the cache. The paper's non-uniform 1:N
+  strategy (:func:`nonuniform_full_steps`) instead spreads the same number of full steps densely
+  around a centre step, where the features change fastest.
 * :class:`BlockCachePolicy` (FORA, Selvaraju et al. 2024): on full steps (``k % interval == 0``)
   every chosen layer stores its attention and MLP branch outputs; on the other steps those layers add
   the stored outputs instead of computing them.
@@ -32,7 +34,7 @@ from torch import Tensor
 from ..samplers.constants import host_time
 from .duodiff import DuoDiff
 
-__all__ = ["run_uvit", "DeepCachePolicy", "BlockCachePolicy", "RouterPolicy", "CachingDenoiser",
+__all__ = ["run_uvit", "nonuniform_full_steps", "DeepCachePolicy", "BlockCachePolicy", "RouterPolicy", "CachingDenoiser",
            "load_router", "CACHING_BACKENDS"]
 
 # The caching forward runs the model's nn.Modules eagerly; fused / compiled forwards are not hooked.
@@ -84,12 +86,45 @@ def run_uvit(model, x: Tensor, timesteps: Tensor, y: Optional[Tensor], block_fn:
 
 
 class _Policy:
-    """What one trajectory step recomputes; subclasses keep their caches between steps."""
+    """What one trajectory step recomputes; subclasses keep their caches between steps.
+
+    Step graphs (:mod:`duodiff_fast.runtime.cache_graphs`): :meth:`pattern` names what a step
+    computes, known on the host before it runs, so one CUDA graph serves every step of a pattern.
+    With ``static`` set the caches are buffers written in place (:meth:`_keep`) that survive
+    :meth:`reset` (a new trajectory only marks them stale), so every graph reads and writes the
+    same memory; :meth:`mark` updates the host's record of fresh caches after a replay.
+    """
 
     name = "policy"
+    static = False
 
     def reset(self) -> None:
         pass
+
+    def pattern(self, model, step: int) -> Optional[tuple]:
+        """What ``step`` computes as a hashable key (one graph per key), or None: not capturable."""
+        return None
+
+    def mark(self, model, pattern: tuple) -> None:
+        """Record on the host the caches a step of ``pattern`` leaves fresh (a replay runs no Python)."""
+
+    def _keep(self, store: Dict, key, value: Tensor) -> Tensor:
+        """``store[key] = value``; with ``static``, copied into the key's buffer (made on first use,
+        outside any capture: a buffer first needed while capturing is a capture failure)."""
+        if not self.static:
+            store[key] = value
+            return value
+        buf = store.get(key)
+        if buf is None or buf.shape != value.shape or buf.dtype != value.dtype or buf.device != value.device:
+            if value.is_cuda and torch.cuda.is_current_stream_capturing():
+                from ..samplers.constants import GraphUnsafe
+
+                raise GraphUnsafe(f"{self.name} cache buffer {key!r} was not made by the warm-up run")
+            from ..runtime.graphs import static_buffer
+
+            buf = store[key] = static_buffer(lambda: torch.empty_like(value))
+        buf.copy_(value)
+        return buf
 
     def forward(self, model, x: Tensor, timesteps: Tensor, y: Optional[Tensor], step: int) -> Tensor:
         raise NotImplementedError
@@ -104,6 +139,53 @@ def _check_interval(interval) -> int:
     return interval
 
 
+def nonuniform_full_steps(num_steps: int, interval: int, center: float = 0.3, power: float = 1.4) -> List[int]:
+    """DeepCache's non-uniform 1:N choice of full steps among steps 0..S-1 (S = ``num_steps``).
+
+    As many full steps as the uniform 1:N strategy, K = ceil(S / N), but placed along a power curve
+    centred on step c = round(center * (S - 1)): with u_0 .. u_{K-1} evenly spaced from -c^(1/p) to
+    (S - 1 - c)^(1/p), full step j is c + sign(u_j) |u_j|^p rounded to the nearest step (halves up).
+    For p > 1 the curve is flat at c, so full steps crowd around c (where the paper finds the
+    features change fastest) and thin out towards both ends; steps 0 and S - 1 are always full.
+    Where rounding merges two steps, p is lowered by 0.05 (p = 1 is the evenly spaced choice, whose
+    K steps are distinct) until K distinct steps remain. -> sorted list of the K full steps.
+
+    Args:
+        num_steps: S >= 1, the full-backbone evaluations of one trajectory.
+        interval: N >= 1. center: c / (S - 1) in [0, 1]. power: p >= 1.
+    """
+    import math
+
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"deepcache non-uniform steps need the trajectory's step count (an int >= 1), got {num_steps!r}")
+    _check_interval(interval)
+    if isinstance(center, bool) or not isinstance(center, (int, float)) or not 0 <= center <= 1:
+        raise ValueError(f"deepcache center must lie in [0, 1] (a fraction of the trajectory), got {center!r}")
+    if isinstance(power, bool) or not isinstance(power, (int, float)) or power < 1:
+        raise ValueError(f"deepcache power must be >= 1, got {power!r}")
+    S, K = num_steps, -(-num_steps // interval)
+    if K == 1:
+        return [0]
+    if K == S:  # 1:1, every step full
+        return list(range(S))
+    c = math.floor(center * (S - 1) + 0.5)
+    p = float(power)
+    while True:
+        lo, hi = -(c ** (1 / p)), (S - 1 - c) ** (1 / p)
+        steps = set()
+        for j in range(K):
+            u = lo + (hi - lo) * j / (K - 1)
+            v = c + math.copysign(abs(u) ** p, u)
+            steps.add(min(S - 1, max(0, math.floor(v + 0.5))))
+        steps |= {0, S - 1}
+        if len(steps) == K or p <= 1:
+            break
+        p = max(1.0, p - 0.05)
+    if len(steps) != K:  # p = 1 spaces K <= S steps at least one apart; a float slip lands here
+        raise AssertionError(f"non-uniform DeepCache chose {sorted(steps)} for S={S}, K={K}")
+    return sorted(steps)
+
+
 class DeepCachePolicy(_Policy):
     """Skip caching for U-ViT: full steps every ``interval`` steps, cache steps run the outer
     ``depth`` in/out-block pairs only.
@@ -111,22 +193,52 @@ class DeepCachePolicy(_Policy):
     Args:
         interval: N; steps k with k % N == 0 are full steps (N = 1: no caching).
         depth: in/out-block pairs kept on cache steps, 1 <= depth <= number of in-blocks.
+        num_steps: with it, the non-uniform strategy: the full steps are
+            :func:`nonuniform_full_steps` (num_steps, interval, center, power), and a trajectory may
+            not run past num_steps full-backbone evaluations.
     """
 
     name = "deepcache"
 
-    def __init__(self, interval: int = 3, depth: int = 1):
+    def __init__(self, interval: int = 3, depth: int = 1, num_steps: Optional[int] = None, center: float = 0.3,
+                 power: float = 1.4):
         self.interval = _check_interval(interval)
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
             raise ValueError(f"deepcache depth (in/out-block pairs kept) must be an int >= 1, got {depth!r}")
         self.depth = depth
+        self.num_steps, self.center, self.power = num_steps, center, power
+        self.full_steps = (None if num_steps is None
+                           else frozenset(nonuniform_full_steps(num_steps, interval, center, power)))
         self.reset()
 
     def reset(self) -> None:
-        self.inner: Optional[Tensor] = None
+        if not self.static or not hasattr(self, "_store"):
+            self._store: Dict[str, Tensor] = {}
+        self._fresh = False  # the cache holds this trajectory's inner output
+
+    @property
+    def inner(self) -> Optional[Tensor]:
+        """(B, N, D) tokens entering out-block n - depth at the latest full step (None: none yet)."""
+        return self._store.get("inner") if self._fresh else None
+
+    def pattern(self, model, step):
+        return ("full",) if self.is_full(step) else ("cache",)
+
+    def mark(self, model, pattern):
+        if pattern == ("full",):
+            self._fresh = True
+
+    def planned_full(self, step: int) -> bool:
+        """Whether ``step`` is a full step by the schedule (uniform k % N == 0, or non-uniform)."""
+        if self.full_steps is None:
+            return step % self.interval == 0
+        if step >= self.num_steps:
+            raise ValueError(f"deepcache non-uniform steps were chosen for {self.num_steps} steps; this "
+                             f"trajectory asked for step {step}")
+        return step in self.full_steps
 
     def is_full(self, step: int) -> bool:
-        return step % self.interval == 0 or self.inner is None
+        return self.planned_full(step) or self.inner is None
 
     def forward(self, model, x, timesteps, y, step):
         n_in = len(model.in_blocks)
@@ -144,7 +256,8 @@ class DeepCachePolicy(_Policy):
             h = layers[n_in].transform(h)
             for i in range(n_in + 1, resume):
                 h = layers[i].transform(layers[i].merge_skip(h, skips.pop()))
-            self.inner = h  # tokens entering out-block n - depth (before its skip merge)
+            self._keep(self._store, "inner", h)  # tokens entering out-block n - depth (before its skip merge)
+            self._fresh = True
         else:
             h = self.inner
         for i in range(resume, 2 * n_in + 1):
@@ -152,7 +265,11 @@ class DeepCachePolicy(_Policy):
         return model.decode(h)
 
     def details(self):
-        return {"cache_interval": self.interval, "deepcache_depth": self.depth}
+        out = {"cache_interval": self.interval, "deepcache_depth": self.depth}
+        if self.full_steps is not None:
+            out.update(deepcache_schedule="nonuniform", deepcache_steps=self.num_steps,
+                       deepcache_center=self.center, deepcache_power=self.power)
+        return out
 
 
 class _BranchCache(_Policy):
@@ -160,8 +277,25 @@ class _BranchCache(_Policy):
     branch outputs as :meth:`plan` says, keeping the latest of each."""
 
     def reset(self) -> None:
-        self.attn: Dict[int, Tensor] = {}
-        self.mlp: Dict[int, Tensor] = {}
+        if not self.static or not hasattr(self, "attn"):
+            self.attn: Dict[int, Tensor] = {}
+            self.mlp: Dict[int, Tensor] = {}
+        self.fresh = set()  # ("attn" | "mlp", layer) holding this trajectory's output
+
+    def pattern(self, model, step):
+        """Per layer: (recompute attention, recompute MLP), stale caches counted as recomputed."""
+        out = []
+        for i in range(model.num_layers):
+            do_attn, do_mlp = self.plan(step, i)
+            out.append((bool(do_attn) or ("attn", i) not in self.fresh, bool(do_mlp) or ("mlp", i) not in self.fresh))
+        return tuple(out)
+
+    def mark(self, model, pattern):
+        for i, (do_attn, do_mlp) in enumerate(pattern):
+            if do_attn:
+                self.fresh.add(("attn", i))
+            if do_mlp:
+                self.fresh.add(("mlp", i))
 
     def plan(self, step: int, layer: int):
         """(recompute attention, recompute MLP) of ``layer`` at ``step``."""
@@ -170,11 +304,13 @@ class _BranchCache(_Policy):
     def forward(self, model, x, timesteps, y, step):
         def block(i, blk, h):
             do_attn, do_mlp = self.plan(step, i)
-            if do_attn or i not in self.attn:
-                self.attn[i] = blk.attn(blk.norm1(h))
+            if do_attn or ("attn", i) not in self.fresh:
+                self._keep(self.attn, i, blk.attn(blk.norm1(h)))
+                self.fresh.add(("attn", i))
             h = h + self.attn[i]
-            if do_mlp or i not in self.mlp:
-                self.mlp[i] = blk.mlp(blk.norm2(h))
+            if do_mlp or ("mlp", i) not in self.fresh:
+                self._keep(self.mlp, i, blk.mlp(blk.norm2(h)))
+                self.fresh.add(("mlp", i))
             return h + self.mlp[i]
 
         return run_uvit(model, x, timesteps, y, block)
@@ -272,9 +408,16 @@ class RouterPolicy(_BranchCache):
                              "step count the router was trained for")
         return bool(self.recompute[step, 2 * layer]), bool(self.recompute[step, 2 * layer + 1])
 
-    def forward(self, model, x, timesteps, y, step):
+    def _check_model(self, model) -> None:
         if model.num_layers != self.num_layers:
             raise ValueError(f"the router has logits for {self.num_layers} layers, the model has {model.num_layers}")
+
+    def pattern(self, model, step):
+        self._check_model(model)
+        return super().pattern(model, step)
+
+    def forward(self, model, x, timesteps, y, step):
+        self._check_model(model)
         return super().forward(model, x, timesteps, y, step)
 
     def details(self):
@@ -286,10 +429,17 @@ class RouterPolicy(_BranchCache):
 class CachingDenoiser(DuoDiff):
     """A denoiser running ``policy`` on the full U-ViT, optionally after DuoDiff's shallow phase.
 
+    Its calls are not independent (each advances the trajectory's step and its caches), so the
+    per-call :class:`~duodiff_fast.runtime.graphs.GraphDenoiser` calls it directly
+    (``stateful_steps``); step graphs come from :class:`~duodiff_fast.runtime.cache_graphs.CacheStepGraphs`,
+    and :class:`~duodiff_fast.runtime.graphs.GraphSampler` captures the whole loop with it.
+
     Args:
         full: the U-ViT. schedule: its noise schedule. policy: a caching policy.
         shallow, t_s: DuoDiff's shallow backbone and switch point (None, 0: no shallow phase).
     """
+
+    stateful_steps = True
 
     def __init__(self, full, schedule, policy: _Policy, shallow=None, t_s: int = 0):
         _check_uvit(full)
@@ -301,6 +451,9 @@ class CachingDenoiser(DuoDiff):
         self._last_t: Optional[float] = None
         self._last_b: Optional[int] = None
         self.steps_run: List[int] = []  # the step index of each full-backbone evaluation (for tests/bench)
+        # Set by runtime.cache_graphs.CacheStepGraphs.attach: runs each full-backbone step from
+        # the graph of its pattern. The step index advances here, on the host, either way.
+        self.step_runner = None
 
     def _advance(self, t: Tensor, batch: int) -> int:
         host = host_time(t)
@@ -321,4 +474,7 @@ class CachingDenoiser(DuoDiff):
         step = self._advance(t, x.shape[0])
         self.steps_run.append(step)
         timesteps = self.schedule.model_input(t).to(device=x.device, dtype=torch.float32)
-        return self.policy.forward(model, x.to(model_dtype(model)), timesteps, y, step).to(x.dtype)
+        out_dtype, x = x.dtype, x.to(model_dtype(model))
+        if self.step_runner is not None:
+            return self.step_runner.run(self.policy, model, x, timesteps, y, step).to(out_dtype)
+        return self.policy.forward(model, x, timesteps, y, step).to(out_dtype)

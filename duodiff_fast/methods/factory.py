@@ -56,8 +56,9 @@ class MethodSpec:
         adadiff_mode: "shrinking" (real early exit) or "simulated" (every layer, then pick).
         value: a caching method's main setting as text: deepcache/fora interval, tome ratio, l2c
             router file.
-        options: further caching options as sorted (name, value) pairs: ``depth`` (deepcache),
-            ``layers`` (fora, "0/3/5"), ``stride`` (tome), ``threshold`` (l2c).
+        options: further caching options as sorted (name, value) pairs: ``depth``, and ``steps``
+            (the non-uniform schedule, with ``center`` and ``power``) (deepcache), ``layers`` (fora,
+            "0/3/5"), ``stride``, ``max_level`` or ``schedule`` ("F4"/"R4"/"B4") (tome), ``threshold`` (l2c).
     """
 
     method: str
@@ -122,14 +123,20 @@ class MethodSpec:
                 raise ValueError(f"{self.method}: {text!r} is not a valid {kind.__name__}") from None
 
         if self.method == "deepcache":
-            return DeepCachePolicy(number(int, self.value), number(int, self.option("depth", 1)))
+            steps = self.option("steps")  # with it: the non-uniform full steps (center, power)
+            return DeepCachePolicy(number(int, self.value), number(int, self.option("depth", 1)),
+                                   None if steps is None else number(int, steps),
+                                   number(float, self.option("center", 0.3)), number(float, self.option("power", 1.4)))
         if self.method == "fora":
             layers = self.option("layers")
             if layers is not None:
                 layers = [number(int, v) for v in str(layers).split("/") if v.strip()]
             return BlockCachePolicy(number(int, self.value), layers)
         if self.method == "tome":
-            return ToMePolicy(number(float, self.value), number(int, self.option("stride", 2)))
+            level = self.option("max_level")
+            return ToMePolicy(number(float, self.value), number(int, self.option("stride", 2)),
+                              max_level=None if level is None else number(int, level),
+                              schedule=self.option("schedule"))
         if self.method == "l2c":
             import os
 

@@ -10,17 +10,26 @@ cells; in each whole cell one destination token is picked at a random offset, ev
 is a source. Each source is paired with its most cosine-similar destination; the r = floor(ratio *
 patches) sources with the highest similarity are merged (averaged with their destination and the
 destination's other merged sources); the rest stay.
+
+Which blocks merge (:func:`tome_layers`): all by default; ``max_level`` keeps ToMe for Stable
+Diffusion's "max downsample" idea on U-ViT, whose long skips pair in-block i with the out-block
+mirrored to it: the level of layer i (0 <= i <= 2 n, n in-blocks) is ``min(i, 2 n - i) + 1`` (the
+outermost pair is level 1, the mid-block level n + 1) and only layers with level <= max_level merge.
+``schedule`` is the ASE paper's application (appendix B.3): "F<k>" merges in the first k layers,
+"R<k>" in the last k, "B<k>" in k / 2 at each end (k even). Layers that do not merge draw no
+destinations from the generator.
 """
 from __future__ import annotations
 
-from typing import Optional
+import re
+from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from .caching import run_uvit
 
-__all__ = ["MergePlan", "stride_destinations", "bipartite_plan", "merge", "unmerge", "ToMePolicy"]
+__all__ = ["MergePlan", "stride_destinations", "bipartite_plan", "merge", "unmerge", "tome_layers", "ToMePolicy"]
 
 
 class MergePlan:
@@ -91,6 +100,47 @@ def unmerge(y: Tensor, plan: MergePlan) -> Tensor:
     return out
 
 
+def _check_selection(max_level: Optional[int], schedule: Optional[str]):
+    """Checks the layer options; -> (kind, k) of a schedule, or None."""
+    if max_level is not None and schedule is not None:
+        raise ValueError("tome: give max_level or schedule, not both")
+    if max_level is not None and (isinstance(max_level, bool) or not isinstance(max_level, int) or max_level < 1):
+        raise ValueError(f"tome max_level must be an int >= 1, got {max_level!r}")
+    if schedule is None:
+        return None
+    m = re.fullmatch(r"([FRB])(\d+)", str(schedule))
+    if m is None or int(m.group(2)) < 1:
+        raise ValueError(f"tome schedule must be F<k>, R<k> or B<k> with k >= 1 (the ASE paper's), got {schedule!r}")
+    kind, k = m.group(1), int(m.group(2))
+    if kind == "B" and k % 2:
+        raise ValueError(f"tome schedule {schedule}: B<k> applies k / 2 blocks at each end, k must be even")
+    return kind, k
+
+
+def tome_layers(num_layers: int, max_level: Optional[int] = None, schedule: Optional[str] = None) -> List[int]:
+    """Indices of the U-ViT layers (in-blocks, mid-block, out-blocks; ``num_layers`` = 2 n + 1) that merge.
+
+    max_level: merge only in layers whose level ``min(i, num_layers - 1 - i) + 1`` is <= max_level.
+    schedule: "F<k>" (first k layers), "R<k>" (last k), "B<k>" (k / 2 at each end, k even).
+    At most one of the two; neither: every layer.
+    """
+    if num_layers < 1 or num_layers % 2 == 0:
+        raise ValueError(f"a U-ViT has 2 n + 1 layers, got {num_layers}")
+    parsed = _check_selection(max_level, schedule)
+    if max_level is not None:
+        return [i for i in range(num_layers) if min(i, num_layers - 1 - i) + 1 <= max_level]
+    if parsed is None:
+        return list(range(num_layers))
+    kind, k = parsed
+    if k > num_layers:
+        raise ValueError(f"tome schedule {schedule}: k exceeds the model's {num_layers} layers")
+    if kind == "F":
+        return list(range(k))
+    if kind == "R":
+        return list(range(num_layers - k, num_layers))
+    return sorted(set(range(k // 2)) | set(range(num_layers - k // 2, num_layers)))
+
+
 class ToMePolicy:
     """ToMe in every block's attention of a U-ViT (a policy of
     :class:`~duodiff_fast.methods.caching.CachingDenoiser`: same forward every step).
@@ -99,16 +149,20 @@ class ToMePolicy:
         ratio: fraction of patch tokens merged, in [0, 1).
         stride: side of the destination grid cells (>= 1; 2 = one destination per 2x2 patches).
         seed: seed of the random offsets (re-drawn per forward, from a generator reset per trajectory).
+        max_level, schedule: which layers merge (:func:`tome_layers`; default all).
     """
 
     name = "tome"
 
-    def __init__(self, ratio: float = 0.5, stride: int = 2, seed: int = 0):
+    def __init__(self, ratio: float = 0.5, stride: int = 2, seed: int = 0, max_level: Optional[int] = None,
+                 schedule: Optional[str] = None):
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
             raise ValueError(f"tome ratio must lie in [0, 1), got {ratio!r}")
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
             raise ValueError(f"tome stride must be an int >= 1, got {stride!r}")
         self.ratio, self.stride, self.seed = float(ratio), stride, seed
+        _check_selection(max_level, schedule)  # before any model is seen
+        self.max_level, self.schedule = max_level, schedule
         self.reset()
 
     def reset(self) -> None:
@@ -119,8 +173,11 @@ class ToMePolicy:
         extras = model.extras
         n_patches = side * side
         r = int(self.ratio * n_patches)
+        merging = set(tome_layers(model.num_layers, self.max_level, self.schedule))
 
         def block(i, blk, h):
+            if i not in merging:
+                return blk.transform(h)
             a_in = blk.norm1(h)
             dst = stride_destinations(side, side, self.stride, self.generator, h.device)
             patches = a_in[:, extras:]
@@ -133,4 +190,9 @@ class ToMePolicy:
         return run_uvit(model, x, timesteps, y, block)
 
     def details(self):
-        return {"tome_ratio": self.ratio, "tome_stride": self.stride, "tome_seed": self.seed}
+        out = {"tome_ratio": self.ratio, "tome_stride": self.stride, "tome_seed": self.seed}
+        if self.max_level is not None:
+            out["tome_max_level"] = self.max_level
+        if self.schedule is not None:
+            out["tome_schedule"] = self.schedule
+        return out

@@ -104,6 +104,21 @@ def denoiser_device(denoiser, depth: int = 4) -> Optional[torch.device]:
     return None
 
 
+def has_stateful_steps(denoiser, depth: int = 4) -> bool:
+    """Whether calling ``denoiser`` advances state kept on the host (a caching denoiser's step and
+    caches: ``stateful_steps``), also through wrappers (``denoiser``/``inner`` attributes: guidance,
+    routing wrappers). Such calls are not replayed from a per-call graph."""
+    if getattr(type(denoiser), "stateful_steps", False):
+        return True
+    if depth == 0:
+        return False
+    for name in ("denoiser", "inner"):
+        inner = getattr(denoiser, "__dict__", {}).get(name)
+        if inner is not None and inner is not denoiser and has_stateful_steps(inner, depth - 1):
+            return True
+    return False
+
+
 def _chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -436,6 +451,10 @@ class GraphDenoiser:
 
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
         if not (x.is_cuda and torch.cuda.is_available()) or torch.cuda.is_current_stream_capturing():
+            return self.inner(x, t, y)
+        if has_stateful_steps(self.inner.inner):
+            # A call that advances state on the host (a caching denoiser's step and caches) cannot
+            # be replayed from a per-call graph: it captures its own steps (runtime.cache_graphs).
             return self.inner(x, t, y)
         if not table_active():
             # Outside static_constants the plain loop's time vectors remember their host time

@@ -257,3 +257,104 @@ def test_sample_cli_method_flags():
         spec("--method", "fora", "--tome-ratio", "0.3")
     with pytest.raises(ValueError, match="--t-s"):
         spec("--method", "ase", "--ase-schedule", "D1", "--t-s", "300")
+
+
+def test_nonuniform_full_steps_by_hand():
+    from duodiff_fast.methods.caching import nonuniform_full_steps
+
+    # S=10, N=3: K=4, c=round(4.5)=5 (halves up), p=1.4: u = -5^(1/p) .. 4^(1/p) in 4 even steps
+    # -> 5 - 5, 5 - 1.207^1.4 = 3.70, 5 + 0.742^1.4 = 5.66, 5 + 4 -> steps 0, 4, 6, 9
+    assert nonuniform_full_steps(10, 3, 0.5, 1.4) == [0, 4, 6, 9]
+    # c = 0: u = 0 .. 6^(1/1.4) = 3.597 -> 0, 1.199^1.4 = 1.29, 2.398^1.4 = 3.40, 6
+    assert nonuniform_full_steps(7, 2, 0.0, 1.4) == [0, 1, 3, 6]
+    # p = 3 at c = 2 rounds two points onto step 2 (2 - 0.311^3, 2 + 0.638^3): p is lowered until 4 remain
+    assert nonuniform_full_steps(7, 2, 0.3, 3.0) == [0, 2, 3, 6]
+    assert nonuniform_full_steps(7, 2, 0.3, 1.0) == [0, 2, 4, 6]  # p = 1: evenly spaced
+    for S, N in [(50, 5), (50, 2), (250, 10), (3, 5), (13, 1), (1, 1)]:
+        got = nonuniform_full_steps(S, N)
+        K = -(-S // N)
+        assert len(got) == K and got[0] == 0 and got == sorted(set(got))
+        assert got[-1] == (S - 1 if K > 1 else 0)
+    # crowded around the centre: the gaps grow away from c
+    got = nonuniform_full_steps(100, 5, 0.5, 2.0)
+    gaps = [b - a for a, b in zip(got, got[1:])]
+    assert min(gaps) < max(gaps) and gaps[0] > gaps[len(gaps) // 2]
+    for bad, match in [((0, 2), "step count"), ((10, 0), "interval"), ((10, 2, 1.5), "center"),
+                       ((10, 2, 0.5, 0.5), "power")]:
+        with pytest.raises(ValueError, match=match):
+            nonuniform_full_steps(*bad)
+
+
+def test_deepcache_nonuniform_against_reference_loop(model):
+    schedule = linear_ddpm()
+    S, depth = len(TIMES), 1
+    policy = DeepCachePolicy(3, depth, num_steps=S, center=0.0, power=1.4)
+    from duodiff_fast.methods.caching import nonuniform_full_steps
+
+    full = set(nonuniform_full_steps(S, 3, 0.0, 1.4))
+    # by hand: u = 0, 1.7985, 3.597 -> 0, 1.7985^1.4 = 2.275 -> 2, 6
+    assert full == {0, 2, 6}
+    den = CachingDenoiser(model, schedule, policy)
+    got = _drive(den, model)
+    n = len(model.in_blocks)
+    outs = list(model.out_blocks)
+    inner = None
+    with torch.no_grad():
+        for k, t in enumerate(TIMES):
+            x, ts = _inputs(model, k), schedule.model_input(torch.full((2,), t)).float()
+            h = model.embed(x, ts, None)
+            skips = []
+            if k in full:
+                for b in model.in_blocks:
+                    h = b(h)
+                    skips.append(h)
+                h = model.mid_block(h)
+                for b in outs[:n - depth]:
+                    h = b(h, skips.pop())
+                inner = h
+            else:
+                for b in list(model.in_blocks)[:depth]:
+                    h = b(h)
+                    skips.append(h)
+                h = inner
+            for b in outs[n - depth:]:
+                h = b(h, skips.pop())
+            torch.testing.assert_close(got[k], model.decode(h), rtol=1e-5, atol=1e-6, msg=f"step {k}")
+    assert policy.details()["deepcache_schedule"] == "nonuniform"
+    with pytest.raises(ValueError, match="asked for step 7"):
+        _drive(den, model, TIMES + [0.2])
+
+
+def test_factory_nonuniform_deepcache_and_tome_layers():
+    from duodiff_fast.methods.factory import parse_method_grid
+
+    specs = parse_method_grid("deepcache:2,tome:0.5", caching_options={
+        "deepcache": {"steps": 10, "center": 0.5, "power": 1.4}, "tome": {"schedule": "R2"}})
+    dc, tome = specs[0].policy(), specs[1].policy()
+    assert len(dc.full_steps) == 5
+    from duodiff_fast.methods.caching import nonuniform_full_steps
+
+    assert sorted(dc.full_steps) == nonuniform_full_steps(10, 2, 0.5, 1.4)
+    assert tome.schedule == "R2" and tome.max_level is None
+    assert parse_method_grid("tome", caching_options={"tome": {"max_level": 2}})[0].policy().max_level == 2
+    with pytest.raises(ValueError, match="not both"):
+        parse_method_grid("tome", caching_options={"tome": {"max_level": 2, "schedule": "F2"}})
+
+
+def test_sample_cli_nonuniform_deepcache_and_tome_layers():
+    from duodiff_fast.cli import build_parser
+    from duodiff_fast.eval.sample_cmd import method_spec_from_args
+
+    def spec(*extra):
+        return method_spec_from_args(build_parser().parse_args(["sample", "--config", "tiny", *extra]))
+
+    dc = spec("--method", "deepcache", "--cache-interval", "2", "--deepcache-steps", "10", "--deepcache-center",
+              "0.5", "--deepcache-power", "1.4").policy()
+    from duodiff_fast.methods.caching import nonuniform_full_steps
+
+    assert sorted(dc.full_steps) == nonuniform_full_steps(10, 2, 0.5, 1.4) and dc.num_steps == 10
+    assert spec("--method", "deepcache").policy().full_steps is None  # uniform by default
+    assert spec("--method", "tome", "--tome-max-level", "1").policy().max_level == 1
+    assert spec("--method", "tome", "--tome-schedule", "B4").policy().schedule == "B4"
+    with pytest.raises(ValueError, match="power"):
+        spec("--method", "deepcache", "--deepcache-steps", "10", "--deepcache-power", "0.5")

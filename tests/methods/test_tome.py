@@ -103,3 +103,61 @@ def test_tome_forward_against_block_loop():
         torch.testing.assert_close(plain, model(x, ts, None), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="ratio"):
         ToMePolicy(1.0)
+
+
+def test_tome_layers_selection():
+    from duodiff_fast.methods.tome import tome_layers
+
+    # 3 in-blocks (0-2), mid (3), 3 out-blocks (4-6): levels 1 2 3 4 3 2 1
+    assert tome_layers(7) == list(range(7))
+    assert tome_layers(7, max_level=1) == [0, 6]
+    assert tome_layers(7, max_level=2) == [0, 1, 5, 6]
+    assert tome_layers(7, max_level=4) == list(range(7))
+    assert tome_layers(7, schedule="F2") == [0, 1]
+    assert tome_layers(7, schedule="R3") == [4, 5, 6]
+    assert tome_layers(7, schedule="B4") == [0, 1, 5, 6]
+    for bad, match in [({"schedule": "B3"}, "even"), ({"schedule": "X2"}, "F<k>"), ({"schedule": "F9"}, "exceeds"),
+                       ({"max_level": 0}, "max_level"), ({"max_level": 1, "schedule": "F1"}, "not both")]:
+        with pytest.raises(ValueError, match=match):
+            tome_layers(7, **bad)
+    with pytest.raises(ValueError, match="even"):
+        ToMePolicy(0.5, schedule="B1")
+
+
+@pytest.mark.parametrize("options,merging", [({"max_level": 1}, [0, 6]), ({"schedule": "R2"}, [5, 6]),
+                                             ({"schedule": "B2"}, [0, 6])])
+def test_tome_selected_layers_against_block_loop(options, merging):
+    """Only the chosen layers merge; the others run the plain block and draw no destinations."""
+    torch.manual_seed(1)
+    model = create_model("tiny", depth=6).eval()
+    for p in model.parameters():
+        p.data.add_(0.02 * torch.randn_like(p))
+    schedule = linear_ddpm()
+    ratio, stride, seed = 0.5, 2, 7
+    den = CachingDenoiser(model, schedule, ToMePolicy(ratio, stride, seed=seed, **options))
+    x = torch.randn(2, model.in_chans, model.img_size, model.img_size)
+    t = torch.full((2,), 0.4)
+    with torch.no_grad():
+        got = den(x, t, None)
+        side, e = model.img_size // model.patch_size, model.extras
+        g = torch.Generator().manual_seed(seed)
+        ts = schedule.model_input(t).float()
+        h = model.embed(x, ts, None)
+        skips, n = [], len(model.in_blocks)
+        for i, blk in enumerate([*model.in_blocks, model.mid_block, *model.out_blocks]):
+            if i > n:
+                h = blk.skip_linear(torch.cat([h, skips.pop()], -1))
+            a = blk.norm1(h)
+            if i in merging:
+                dst = stride_destinations(side, side, stride, g)
+                ref, maps = _reference(a[:, e:].double(), dst.tolist(), int(ratio * side * side))
+                att = blk.attn(torch.cat([a[:, :e], ref.float()], 1))
+                back = torch.stack([torch.stack([att[b, e + maps[b][j]] for j in range(side * side)])
+                                    for b in range(2)])
+                h = h + torch.cat([att[:, :e], back], 1)
+            else:
+                h = h + blk.attn(a)
+            h = h + blk.mlp(blk.norm2(h))
+            if i < n:
+                skips.append(h)
+        torch.testing.assert_close(got, model.decode(h), rtol=1e-4, atol=1e-5)
