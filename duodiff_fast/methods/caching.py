@@ -42,6 +42,10 @@ BlockFn = Callable[[int, torch.nn.Module, Tensor], Tensor]
 
 
 def _check_uvit(model) -> None:
+    from .caching_dit import is_dit
+
+    if is_dit(model):  # the DiT forms live in caching_dit / tome (dispatched on the model type)
+        return
     for attr in ("in_blocks", "mid_block", "out_blocks", "embed", "decode"):
         if not hasattr(model, attr):
             raise TypeError(f"caching methods need a U-ViT (in_blocks, mid_block, out_blocks, embed, decode); "
@@ -129,6 +133,7 @@ class DeepCachePolicy(_Policy):
         return step % self.interval == 0 or self.inner is None
 
     def forward(self, model, x, timesteps, y, step):
+        _refuse_dit_deepcache(model)
         n_in = len(model.in_blocks)
         if self.depth > n_in:
             raise ValueError(f"deepcache depth {self.depth} exceeds the model's {n_in} in-blocks")
@@ -155,6 +160,14 @@ class DeepCachePolicy(_Policy):
         return {"cache_interval": self.interval, "deepcache_depth": self.depth}
 
 
+def _refuse_dit_deepcache(model) -> None:
+    from .caching_dit import is_dit
+
+    if is_dit(model):
+        raise ValueError("deepcache caches the features behind U-ViT's long skips; DiT has no long skips: "
+                         "use fora, l2c or tome on DiT")
+
+
 class _BranchCache(_Policy):
     """Shared step of FORA and Learning-to-Cache: per layer, compute or reuse the attention and MLP
     branch outputs as :meth:`plan` says, keeping the latest of each."""
@@ -168,6 +181,11 @@ class _BranchCache(_Policy):
         raise NotImplementedError
 
     def forward(self, model, x, timesteps, y, step):
+        from .caching_dit import dit_branch_cache_forward, is_dit
+
+        if is_dit(model):
+            return dit_branch_cache_forward(self, model, x, timesteps, y, step)
+
         def block(i, blk, h):
             do_attn, do_mlp = self.plan(step, i)
             if do_attn or i not in self.attn:
@@ -208,8 +226,9 @@ def load_router(path: str) -> Tensor:
     """Learning-to-Cache router logits from a state dict of ``"<step>.prob"`` tensors -> (S, 2 L) float.
 
     Read with ``weights_only=True``. A dict holding them under ``"routers"`` is read from that key (the
-    published DiT router files also pickle an ``argparse.Namespace``, which weights-only loading refuses:
-    reading those is left to the DiT support).
+    published DiT router files hold them under ``"routers"`` beside an ``argparse.Namespace`` of the
+    training arguments: weights-only loading accepts that one class and nothing else). The logits of
+    a DiT are ordered as a U-ViT's: index 2 i attention of block i, 2 i + 1 its MLP.
     """
     from ..models.checkpoint import read_checkpoint_file
 
@@ -293,6 +312,8 @@ class CachingDenoiser(DuoDiff):
 
     def __init__(self, full, schedule, policy: _Policy, shallow=None, t_s: int = 0):
         _check_uvit(full)
+        if isinstance(policy, DeepCachePolicy):
+            _refuse_dit_deepcache(full)
         super().__init__(full if shallow is None else shallow, full, schedule, t_s)
         if shallow is None and t_s:
             raise ValueError("a DuoDiff switch point t_s needs the shallow backbone")

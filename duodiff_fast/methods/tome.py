@@ -115,6 +115,10 @@ class ToMePolicy:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def forward(self, model, x, timesteps, y, step):
+        from .caching_dit import dit_tome_forward, is_dit
+
+        if is_dit(model):
+            return dit_tome_forward(self, model, x, timesteps, y)
         side = model.img_size // model.patch_size
         extras = model.extras
         n_patches = side * side
