@@ -17,6 +17,12 @@ outputs" (FORA) means on a DiT block; the gate and the shift/scale come from c, 
 computes anyway (one (B, D) x (D, 6D) product per block), so the reused step costs no token-sized
 matmul. Caching the gated term instead would freeze the step-k0 time conditioning inside it.
 
+**Learning-to-Cache router files for DiT.** The published DiT routers (DDIM-20 / DDIM-50) are read
+with :func:`~duodiff_fast.methods.caching.load_router` and scheduled as the published code does
+(:class:`DiTRouterPolicy`: full steps alternate with cache steps, routers indexed by timestep); the
+factory picks it for ``l2c`` on a DiT. :class:`~duodiff_fast.methods.caching.RouterPolicy` (one router
+per step, U-ViT's layout) also runs on DiT.
+
 DeepCache's skip caching needs U-ViT's long skips; DiT has none, so it is refused on DiT.
 
 **ToMe on DiT.** Per block the modulated, normalised tokens (the attention input) are merged by the
@@ -31,7 +37,9 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["is_dit", "run_dit", "dit_branch_cache_forward", "dit_tome_forward"]
+from .caching import RouterPolicy  # caching imports this module only inside functions (no cycle)
+
+__all__ = ["is_dit", "run_dit", "dit_branch_cache_forward", "dit_tome_forward", "DiTRouterPolicy"]
 
 # block_fn(i, block, tokens (B, L, D), modulation: six (B, D) tensors) -> tokens (B, L, D)
 DiTBlockFn = Callable[[int, torch.nn.Module, Tensor, Tuple[Tensor, ...]], Tensor]
@@ -101,3 +109,33 @@ def dit_tome_forward(policy, model, x: Tensor, timesteps: Tensor, y: Optional[Te
         return h + gate_mlp.unsqueeze(1) * blk.mlp(modulate(blk.norm2(h), shift_mlp, scale_mlp))
 
     return run_dit(model, x, timesteps, y, block)
+
+
+
+class DiTRouterPolicy(RouterPolicy):
+    """Learning-to-Cache as the published DiT code schedules its routers (its DDIM-20/50 files).
+
+    With S routers for S sampling steps, the cache is refreshed on every even step k (every branch
+    computed) and the odd steps are cache steps, which read the router of the *timestep index*
+    S - 1 - k (the routers are numbered by the respaced timestep, ascending, while sampling runs from the
+    noisiest step down): branch j of that router is recomputed when sigmoid(logit) > threshold, else the
+    step k - 1 output is reused (with this step's gate). The published code only ever reads even routers.
+    """
+
+    name = "l2c"
+
+    def plan(self, step, layer):
+        if step >= self.num_steps:
+            raise ValueError(f"the router has {self.num_steps} steps; this run asked for step {step}: run "
+                             "with the step count the router was trained for")
+        if step % 2 == 0:
+            return True, True
+        row = self.recompute[self.num_steps - 1 - step]
+        return bool(row[2 * layer]), bool(row[2 * layer + 1])
+
+    def details(self):
+        per_step = [1.0 if k % 2 == 0 else self.recompute[self.num_steps - 1 - k].double().mean().item()
+                    for k in range(1, self.num_steps)]
+        return {"router": self.source, "router_steps": self.num_steps, "router_threshold": self.threshold,
+                "router_layout": "dit (full steps 0, 2, ...; cache step k reads router S-1-k)",
+                "router_recomputed_fraction": sum(per_step) / len(per_step) if per_step else 1.0}

@@ -8,7 +8,7 @@ import torch
 
 from duodiff_fast.methods.caching import (BlockCachePolicy, CachingDenoiser, DeepCachePolicy, RouterPolicy,
                                           load_router)
-from duodiff_fast.methods.caching_dit import run_dit
+from duodiff_fast.methods.caching_dit import DiTRouterPolicy, run_dit
 from duodiff_fast.methods.tome import ToMePolicy, bipartite_plan, merge, stride_destinations, unmerge
 from duodiff_fast.models import create_model
 from duodiff_fast.schedules import linear_ddpm
@@ -115,7 +115,7 @@ def _published_router_file(tmp_path, model, steps, seed=0):
     return path, torch.stack([routers[f"{k}.prob"] for k in range(steps)])
 
 
-def test_l2c_on_dit_with_a_published_layout_router(model, tmp_path):
+def test_per_step_router_on_dit_read_from_a_published_layout_file(model, tmp_path):
     schedule = linear_ddpm()
     path, logits = _published_router_file(tmp_path, model, len(TIMES))
     torch.testing.assert_close(load_router(str(path)), logits)
@@ -132,6 +132,50 @@ def test_l2c_on_dit_with_a_published_layout_router(model, tmp_path):
     small = torch.zeros(3, 2 * (model.num_layers + 1))
     with pytest.raises(ValueError, match="layers"):
         _drive(CachingDenoiser(model, schedule, RouterPolicy(small, 0.5)), model, TIMES[:1])
+
+
+def test_published_dit_router_schedule(model, tmp_path):
+    """The published DiT schedule: even steps compute everything, odd step k reads router S-1-k."""
+    schedule = linear_ddpm()
+    S = len(TIMES)
+    path, logits = _published_router_file(tmp_path, model, S, seed=5)
+    thr = 0.3
+    policy = DiTRouterPolicy(load_router(str(path)), thr, str(path))
+    got, log = _drive_logged(CachingDenoiser(model, schedule, policy), model)
+    on = torch.sigmoid(logits) > thr
+    recompute = lambda k, i, kind: k % 2 == 0 or bool(on[S - 1 - k, 2 * i + (kind == "mlp")])  # noqa: E731
+    expect = [(i, kind) for k in range(S) for i in range(model.num_layers)
+              for kind in ("attn", "mlp") if recompute(k, i, kind)]
+    assert log == expect and 0 < len(expect) < 2 * model.num_layers * S
+    ref = _branch_reference(model, schedule, recompute)
+    for k, (a, b) in enumerate(zip(got, ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"step {k}")
+    frac = [1.0 if k % 2 == 0 else on[S - 1 - k].double().mean().item() for k in range(1, S)]
+    assert policy.details()["router_recomputed_fraction"] == pytest.approx(sum(frac) / len(frac))
+    with pytest.raises(ValueError, match="trained for"):
+        _drive(CachingDenoiser(model, schedule, DiTRouterPolicy(logits[:2], thr)), model, TIMES[:3])
+
+
+def test_factory_on_dit(tmp_path):
+    """l2c on a DiT config gets the published DiT schedule; deepcache is refused before any model is built."""
+    from duodiff_fast.eval.sample_cmd import router_mismatch_warning
+    from duodiff_fast.methods.factory import MethodWeights, build_method, parse_method
+    from duodiff_fast.models import get_spec
+
+    path, _ = _published_router_file(tmp_path, create_model("dit-tiny"), 4)
+    spec = parse_method(f"l2c:{path}")[0]
+    assert type(spec.policy("dit")) is DiTRouterPolicy and type(spec.policy()) is RouterPolicy
+    weights = MethodWeights(random=True)
+    schedule = get_spec("dit-tiny").make_schedule()
+    built = build_method(spec, "dit-tiny", weights, schedule, "cpu")
+    assert type(built.denoiser.policy) is DiTRouterPolicy and built.details["router_layout"].startswith("dit")
+    built = build_method(parse_method("fora:3@250")[0], "dit-tiny", weights, schedule, "cpu")
+    assert built.denoiser.shallow.depth == get_spec("dit-tiny-shallow").kwargs["depth"]
+    with pytest.raises(ValueError, match="no long skips"):
+        build_method(parse_method("deepcache:2")[0], "dit-tiny", weights, schedule, "cpu")
+    with pytest.warns(UserWarning, match="DiT routers go with DDIM"):
+        router_mismatch_warning(4, "dpm_solver++", 4, {"method": "singlestep", "order": 2}, "dit")
+    assert router_mismatch_warning(4, "ddim", 4, {}, "dit") is None
 
 
 class Foreign:
