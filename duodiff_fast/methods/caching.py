@@ -17,6 +17,10 @@ mid-block -> out-blocks with the long skips -> final layer) and decide per netwo
   numbered in-blocks, mid-block, out-blocks). Step 0 computes everything; at step k > 0 a branch whose
   sigmoid(logit) exceeds the threshold is recomputed, the others reuse their output of step k - 1.
 
+On a DiT the same policies run the DiT blocks (:mod:`duodiff_fast.methods.caching_dit`, dispatched on
+the model type): FORA and Learning-to-Cache reuse the branch outputs before the adaLN gate; DeepCache is
+refused (DiT has no long skips).
+
 A trajectory starts when the time does not decrease from the previous call (or the batch size
 changes): the caches are then cleared and k restarts at 0. The caching denoiser composes with DuoDiff:
 the shallow backbone serves the noisiest steps uncached and the caching runs in the full phase

@@ -10,6 +10,9 @@ cells; in each whole cell one destination token is picked at a random offset, ev
 is a source. Each source is paired with its most cosine-similar destination; the r = floor(ratio *
 patches) sources with the highest similarity are merged (averaged with their destination and the
 destination's other merged sources); the rest stay.
+
+On a DiT the policy runs :func:`duodiff_fast.methods.caching_dit.dit_tome_forward` (the modulated
+attention input is merged; DiT has no extra tokens).
 """
 from __future__ import annotations
 

@@ -269,3 +269,22 @@ def test_duodiff_composition_on_dit(model):
                     cache[i, "mlp"] = blk.mlp(_mod(blk.norm2(h), s2, sc2))
                 h = h + g2[:, None] * cache[i, "mlp"]
             torch.testing.assert_close(got[k], model.decode(h, c), rtol=1e-5, atol=1e-6, msg=f"step {k}")
+
+
+def test_fora_under_dit_guidance(model):
+    """Classifier-free guidance doubles the batch in one call per step: the cache steps still count
+    one per sampling step, and the guided output is DiT's formula on the cached doubled-batch output."""
+    from duodiff_fast.samplers.guidance import DiTGuidance
+
+    schedule = linear_ddpm()
+    den = CachingDenoiser(model, schedule, BlockCachePolicy(2))
+    guided = DiTGuidance(den, 0.5, model.null_class)
+    twin = CachingDenoiser(model, schedule, BlockCachePolicy(2))
+    with torch.no_grad():
+        for k, t in enumerate(TIMES[:4]):
+            x, tt = _inputs(model, k), torch.full((2,), t)
+            got = guided.output(x, tt, Y)
+            both = twin.output(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([Y, torch.full_like(Y, model.null_class)]))
+            cond, uncond = both[:2, :3], both[2:, :3]
+            torch.testing.assert_close(got, torch.cat([uncond + 1.5 * (cond - uncond), both[:2, 3:]], dim=1))
+    assert den.steps_run == [0, 1, 2, 3]
