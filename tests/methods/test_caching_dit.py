@@ -253,7 +253,7 @@ def test_duodiff_composition_on_dit(model):
             torch.testing.assert_close(got[k], shallow(_inputs(model, k), ts, Y), rtol=1e-5, atol=1e-6)
     # the full phase is FORA from its own step 0: the reference loop over the remaining times
     full_times = TIMES[n_shallow:]
-    cache, outs = {}, []
+    cache = {}
     with torch.no_grad():
         for j, t in enumerate(full_times):
             k = n_shallow + j
