@@ -112,10 +112,11 @@ DEFAULTS: Dict[str, dict] = {
 }
 PRESETS: Dict[str, dict] = {
     # DiT rows (the ASE paper's main system): a tiny DiT on a CPU, DiT-XL/2 at 256 on a GPU; base,
-    # DuoDiff (3-block twin), AdaDiff and ASE D1/D3/D4/D6-DiT (DiT has no multistage model here).
+    # DuoDiff (3-block twin), AdaDiff and ASE D1/D3/D4/D6-DiT (DiT has no multistage model here); the
+    # CPU preset also times FORA and ToMe on DiT (l2c joins with --methods ...,l2c --l2c-router FILE).
     "dit-cpu": dict(configs="dit-tiny", batch_size=2, solvers="ddpm,ddim", ddpm_steps=50, ddim_steps=20,
                     backends="reference", t_s="0,300,500", adadiff_thetas="0.07", adadiff_backends="reference",
-                    adadiff_solvers="ddim", methods="ase", method_backends="reference", method_solvers="ddim",
+                    adadiff_solvers="ddim", methods="ase,fora,tome", method_backends="reference", method_solvers="ddim",
                     ase_schedules="D1,D3,D4,D6", graph_solvers=""),
     "dit-xl2": dict(configs="dit-xl2-256", batch_size=32, solvers="ddpm,ddim", ddpm_steps=250, ddim_steps=50,
                     backends="reference,eager-bf16,triton,auto", t_s="0,300,500", repeats=3, adadiff_thetas="0.07",
@@ -354,7 +355,8 @@ def plan(args, device_type: str) -> List[dict]:
                                        steps=steps_of(args, solver),
                                        backend_choice=_choice_of(args, backend, config, args.method_backends),
                                        rows=["base"] + [f"ASE {n}" for n in names]))
-        caching = [m for m in methods if m in CACHING_ROWS]
+        # DeepCache caches behind U-ViT's long skips: DiT has none, so its rows are FORA, ToMe and L2C
+        caching = [m for m in methods if m in CACHING_ROWS and not (dit and m == "deepcache")]
         if caching:
             for backend in _split(args.method_backends):
                 for solver in _split(args.method_solvers):
@@ -736,7 +738,7 @@ class Runner:
         dens, extra = {"base": ModelDenoiser(model, schedule)}, {"base": {}}
         for m in g["rows"][1:]:
             spec = MethodSpec(m, value=str(values[m]), options=options.get(m, ()))
-            policy = spec.policy()
+            policy = spec.policy(get_spec(g["config"]).arch)  # L2C on DiT: the published DiT router schedule
             dens[m] = CachingDenoiser(model, schedule, policy)
             extra[m] = dict(policy.details(), method_label=spec.label)
         fns = {k: _sampler(d, schedule, shape, g["solver"], g["steps"], y, dev) for k, d in dens.items()}

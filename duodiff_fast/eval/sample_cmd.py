@@ -242,11 +242,14 @@ def _solver_kwargs(args) -> Dict[str, object]:
 
 
 L2C_TRAINED_FOR = ("dpm_solver++", "singlestep", 2)  # the published U-ViT-H/2 routers' solver (20 and 50 NFE)
+L2C_DIT_TRAINED_FOR = "ddim"  # the published DiT-XL/2 routers' solver (DDIM-20 and DDIM-50)
 
 
-def router_mismatch_warning(router_steps: int, solver: str, steps, solver_kwargs: Dict[str, object]) -> Optional[str]:
+def router_mismatch_warning(router_steps: int, solver: str, steps, solver_kwargs: Dict[str, object],
+                            arch: str = "uvit") -> Optional[str]:
     """Warn (and return the text) when a run's solver or step count differs from what Learning-to-Cache
-    routers are trained for: one router step per network evaluation of 2nd-order singlestep DPM-Solver++."""
+    routers are trained for: one router step per network evaluation of 2nd-order singlestep DPM-Solver++
+    (U-ViT), of DDIM (DiT, ``arch="dit"``)."""
     import warnings
 
     from ..samplers.driver import DEFAULT_NUM_STEPS
@@ -256,7 +259,10 @@ def router_mismatch_warning(router_steps: int, solver: str, steps, solver_kwargs
     if nfe != router_steps:
         problems.append(f"the router has {router_steps} steps, this run makes {nfe} network evaluations")
     run = (solver, solver_kwargs.get("method"), solver_kwargs.get("order"))
-    if run != L2C_TRAINED_FOR:
+    if arch == "dit":
+        if solver != L2C_DIT_TRAINED_FOR:
+            problems.append(f"Learning-to-Cache's DiT routers go with DDIM (--solver ddim); this run uses {solver}")
+    elif run != L2C_TRAINED_FOR:
         problems.append(f"Learning-to-Cache's U-ViT routers go with 2nd-order singlestep DPM-Solver++ "
                         f"(--solver dpm_solver++ --dpm-method singlestep --order 2); this run uses {solver} "
                         f"{solver_kwargs.get('method') or ''} order {solver_kwargs.get('order') or '-'}")
@@ -329,7 +335,8 @@ class SampleJob:
         self.schedule = self.model_spec.make_schedule(args.schedule, self.time_input)
         built = build_method(spec, self.model_spec, weights_from_args(args), self.schedule, device, args.backend)
         if spec.method == "l2c":
-            router_mismatch_warning(built.denoiser.policy.num_steps, args.solver, args.steps, _solver_kwargs(args))
+            router_mismatch_warning(built.denoiser.policy.num_steps, args.solver, args.steps, _solver_kwargs(args),
+                                    self.model_spec.arch)
         self.built = built
         model = built.model
         self.num_classes = int(model.num_classes) if getattr(model, "is_conditional", False) else 0

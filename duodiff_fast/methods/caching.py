@@ -19,6 +19,10 @@ mid-block -> out-blocks with the long skips -> final layer) and decide per netwo
   numbered in-blocks, mid-block, out-blocks). Step 0 computes everything; at step k > 0 a branch whose
   sigmoid(logit) exceeds the threshold is recomputed, the others reuse their output of step k - 1.
 
+On a DiT the same policies run the DiT blocks (:mod:`duodiff_fast.methods.caching_dit`, dispatched on
+the model type): FORA and Learning-to-Cache reuse the branch outputs before the adaLN gate; DeepCache is
+refused (DiT has no long skips).
+
 A trajectory starts when the time does not decrease from the previous call (or the batch size
 changes): the caches are then cleared and k restarts at 0. The caching denoiser composes with DuoDiff:
 the shallow backbone serves the noisiest steps uncached and the caching runs in the full phase
@@ -44,6 +48,10 @@ BlockFn = Callable[[int, torch.nn.Module, Tensor], Tensor]
 
 
 def _check_uvit(model) -> None:
+    from .caching_dit import is_dit
+
+    if is_dit(model):  # the DiT forms live in caching_dit / tome (dispatched on the model type)
+        return
     for attr in ("in_blocks", "mid_block", "out_blocks", "embed", "decode"):
         if not hasattr(model, attr):
             raise TypeError(f"caching methods need a U-ViT (in_blocks, mid_block, out_blocks, embed, decode); "
@@ -241,6 +249,7 @@ class DeepCachePolicy(_Policy):
         return self.planned_full(step) or self.inner is None
 
     def forward(self, model, x, timesteps, y, step):
+        _refuse_dit_deepcache(model)
         n_in = len(model.in_blocks)
         if self.depth > n_in:
             raise ValueError(f"deepcache depth {self.depth} exceeds the model's {n_in} in-blocks")
@@ -270,6 +279,14 @@ class DeepCachePolicy(_Policy):
             out.update(deepcache_schedule="nonuniform", deepcache_steps=self.num_steps,
                        deepcache_center=self.center, deepcache_power=self.power)
         return out
+
+
+def _refuse_dit_deepcache(model) -> None:
+    from .caching_dit import is_dit
+
+    if is_dit(model):
+        raise ValueError("deepcache caches the features behind U-ViT's long skips; DiT has no long skips: "
+                         "use fora, l2c or tome on DiT")
 
 
 class _BranchCache(_Policy):
@@ -302,6 +319,11 @@ class _BranchCache(_Policy):
         raise NotImplementedError
 
     def forward(self, model, x, timesteps, y, step):
+        from .caching_dit import dit_branch_cache_forward, is_dit
+
+        if is_dit(model):
+            return dit_branch_cache_forward(self, model, x, timesteps, y, step)
+
         def block(i, blk, h):
             do_attn, do_mlp = self.plan(step, i)
             if do_attn or ("attn", i) not in self.fresh:
@@ -344,8 +366,9 @@ def load_router(path: str) -> Tensor:
     """Learning-to-Cache router logits from a state dict of ``"<step>.prob"`` tensors -> (S, 2 L) float.
 
     Read with ``weights_only=True``. A dict holding them under ``"routers"`` is read from that key (the
-    published DiT router files also pickle an ``argparse.Namespace``, which weights-only loading refuses:
-    reading those is left to the DiT support).
+    published DiT router files hold them under ``"routers"`` beside an ``argparse.Namespace`` of the
+    training arguments: weights-only loading accepts that one class and nothing else). The logits of
+    a DiT are ordered as a U-ViT's: index 2 i attention of block i, 2 i + 1 its MLP.
     """
     from ..models.checkpoint import read_checkpoint_file
 
@@ -443,6 +466,8 @@ class CachingDenoiser(DuoDiff):
 
     def __init__(self, full, schedule, policy: _Policy, shallow=None, t_s: int = 0):
         _check_uvit(full)
+        if isinstance(policy, DeepCachePolicy):
+            _refuse_dit_deepcache(full)
         super().__init__(full if shallow is None else shallow, full, schedule, t_s)
         if shallow is None and t_s:
             raise ValueError("a DuoDiff switch point t_s needs the shallow backbone")

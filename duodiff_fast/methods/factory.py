@@ -111,8 +111,9 @@ class MethodSpec:
     def option(self, name: str, default=None):
         return dict(self.options).get(name, default)
 
-    def policy(self):
-        """A fresh caching policy of this spec (caching methods only)."""
+    def policy(self, arch: str = "uvit"):
+        """A fresh caching policy of this spec (caching methods only) for a model of type ``arch``
+        ("uvit" or "dit": Learning-to-Cache routers of a DiT follow the published DiT schedule)."""
         from .caching import BlockCachePolicy, DeepCachePolicy, RouterPolicy, load_router
         from .tome import ToMePolicy
 
@@ -142,7 +143,10 @@ class MethodSpec:
 
             if not os.path.isfile(self.value):
                 raise ValueError(f"l2c: router file not found: {self.value}")
-            return RouterPolicy(load_router(self.value), number(float, self.option("threshold", 0.1)), self.value)
+            router_cls = RouterPolicy
+            if arch == "dit":
+                from .caching_dit import DiTRouterPolicy as router_cls
+            return router_cls(load_router(self.value), number(float, self.option("threshold", 0.1)), self.value)
         raise ValueError(f"{self.method} is not a caching method")
 
     @property
@@ -467,12 +471,16 @@ def build_method(
 
 
 def _build_caching(spec: MethodSpec, config: str, weights: MethodWeights, schedule, backend: str, prep) -> BuiltMethod:
-    """A caching method (optionally after DuoDiff's shallow phase) on the full U-ViT."""
-    from ..models import shallow_name
+    """A caching method (optionally after DuoDiff's shallow phase) on the full U-ViT or DiT."""
+    from ..models import get_spec, shallow_spec
     from .caching import CACHING_BACKENDS, CachingDenoiser
 
+    arch = get_spec(config).arch
+    if spec.method == "deepcache" and arch == "dit":
+        raise ValueError(f"deepcache caches the features behind U-ViT's long skips; {_config_name(config)} is a DiT "
+                         "(no long skips): use fora, l2c or tome")
     if backend not in CACHING_BACKENDS:
-        raise ValueError(f"{spec.method} runs the U-ViT's modules layer by layer and cannot use backend {backend!r}; "
+        raise ValueError(f"{spec.method} runs the model's modules layer by layer and cannot use backend {backend!r}; "
                          f"choose one of {', '.join(CACHING_BACKENDS)}")
     checkpoints: Dict[str, str] = {}
     full = prep(_uvit(config, weights.full, weights, f"the full backbone ({config})", "--checkpoint"))
@@ -480,11 +488,12 @@ def _build_caching(spec: MethodSpec, config: str, weights: MethodWeights, schedu
         checkpoints["full"] = weights.full
     shallow = None
     if spec.t_s:
-        shallow = prep(_uvit(shallow_name(config), weights.shallow, weights,
-                             f"DuoDiff's shallow backbone ({shallow_name(config)})", "--shallow-checkpoint"))
+        twin = shallow_spec(config)  # config may be a name, a JSON path or a ModelSpec
+        shallow = prep(_uvit(twin, weights.shallow, weights, f"DuoDiff's shallow backbone ({twin.name})",
+                             "--shallow-checkpoint"))
         if weights.shallow:
             checkpoints["shallow"] = weights.shallow
-    policy = spec.policy()
+    policy = spec.policy(arch)
     if spec.method == "l2c":
         checkpoints["router"] = spec.value
     denoiser = CachingDenoiser(full, schedule, policy, shallow=shallow, t_s=spec.t_s)

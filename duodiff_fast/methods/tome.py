@@ -18,6 +18,9 @@ outermost pair is level 1, the mid-block level n + 1) and only layers with level
 ``schedule`` is the ASE paper's application (appendix B.3): "F<k>" merges in the first k layers,
 "R<k>" in the last k, "B<k>" in k / 2 at each end (k even). Layers that do not merge draw no
 destinations from the generator.
+
+On a DiT the policy runs :func:`duodiff_fast.methods.caching_dit.dit_tome_forward` (the modulated
+attention input is merged; DiT has no extra tokens).
 """
 from __future__ import annotations
 
@@ -117,14 +120,23 @@ def _check_selection(max_level: Optional[int], schedule: Optional[str]):
     return kind, k
 
 
-def tome_layers(num_layers: int, max_level: Optional[int] = None, schedule: Optional[str] = None) -> List[int]:
-    """Indices of the U-ViT layers (in-blocks, mid-block, out-blocks; ``num_layers`` = 2 n + 1) that merge.
+def tome_layers(num_layers: int, max_level: Optional[int] = None, schedule: Optional[str] = None,
+                arch: str = "uvit") -> List[int]:
+    """Indices of the layers that merge: a U-ViT's in-blocks, mid-block and out-blocks
+    (``num_layers`` = 2 n + 1), or a DiT's blocks (``arch="dit"``).
 
-    max_level: merge only in layers whose level ``min(i, num_layers - 1 - i) + 1`` is <= max_level.
+    max_level: merge only in layers whose level ``min(i, num_layers - 1 - i) + 1`` is <= max_level
+        (U-ViT only: the levels pair the long skips, which a DiT does not have).
     schedule: "F<k>" (first k layers), "R<k>" (last k), "B<k>" (k / 2 at each end, k even).
     At most one of the two; neither: every layer.
     """
-    if num_layers < 1 or num_layers % 2 == 0:
+    if arch == "dit":
+        if max_level is not None:
+            raise ValueError("tome max_level pairs a U-ViT's long-skip levels; a DiT has none: choose its "
+                             "blocks with a schedule (F<k>, R<k>, B<k>)")
+        if num_layers < 1:
+            raise ValueError(f"a DiT has at least one block, got {num_layers}")
+    elif num_layers < 1 or num_layers % 2 == 0:
         raise ValueError(f"a U-ViT has 2 n + 1 layers, got {num_layers}")
     parsed = _check_selection(max_level, schedule)
     if max_level is not None:
@@ -169,6 +181,10 @@ class ToMePolicy:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def forward(self, model, x, timesteps, y, step):
+        from .caching_dit import dit_tome_forward, is_dit
+
+        if is_dit(model):
+            return dit_tome_forward(self, model, x, timesteps, y)
         side = model.img_size // model.patch_size
         extras = model.extras
         n_patches = side * side

@@ -12,11 +12,35 @@ def test_dit_presets_plan_the_paper_rows():
     assert "multistage" not in rows and sum(len(g["rows"]) for g in groups) <= 20
     ase = [g for g in groups if g["kind"] == "ase"]
     assert ase and ase[0]["rows"] == ["base", "ASE D1", "ASE D3", "ASE D4", "ASE D6"]
+    assert [g["rows"] for g in groups if g["kind"] == "caching"] == [["base", "fora", "tome"]]
+    args = latency.resolve(latency.parse_args(["--preset", "dit-cpu", "--methods", "deepcache,fora"]),
+                           torch.device("cpu"))
+    assert [g["rows"] for g in latency.plan(args, "cpu") if g["kind"] == "caching"] == [["base", "fora"]]
     gpu = latency.resolve(latency.parse_args(["--preset", "dit-xl2", "--ase-schedules", "D1,D2,D5,D6"]),
                           torch.device("cuda:0"))
     groups = latency.plan(gpu, "cuda")
     assert {g["config"] for g in groups} == {"dit-xl2-256"} and {g["kind"] for g in groups} == {"main", "ase", "graph"}
     assert [g for g in groups if g["kind"] == "ase"][0]["rows"] == ["base", "ASE D1", "ASE D6"]  # no D2/D5 for DiT
+
+
+def test_dit_caching_rows_run(tmp_path):
+    """FORA, ToMe and L2C rows on dit-tiny (a router file in the published DiT layout)."""
+    import argparse
+
+    router = tmp_path / "DDIM3_router.pt"
+    g = torch.Generator().manual_seed(0)
+    torch.save({"routers": {f"{k}.prob": torch.randn(8, generator=g) for k in range(3)},
+                "args": argparse.Namespace(num_sampling_steps=3)}, router)
+    res = latency.main(["--preset", "dit-cpu", "--solvers", "ddim", "--ddim-steps", "3", "--t-s", "0",
+                        "--adadiff-thetas", "", "--methods", "fora,tome,l2c", "--l2c-router", str(router),
+                        "--batch-size", "1", "--repeats", "1", "--warmup", "0", "--device", "cpu", "--no-progress",
+                        "--out", str(tmp_path / "dit.json")])
+    rows = {r["method"]: r for r in res["rows"] if r["kind"] == "caching"}
+    assert set(rows) == {"base", "fora 2", "tome 0.5", "l2c DDIM3_router.pt threshold=0.1"}
+    assert all(r["status"] == "ok" for r in res["rows"])
+    l2c = rows["l2c DDIM3_router.pt threshold=0.1"]
+    assert l2c["router_layout"].startswith("dit") and l2c["router_steps"] == 3
+    assert rows["fora 2"]["cache_interval"] == 2 and rows["tome 0.5"]["tome_ratio"] == 0.5
 
 
 def test_dit_ase_rows_run_and_record_the_schedule(tmp_path):

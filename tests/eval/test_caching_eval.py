@@ -59,3 +59,38 @@ def test_eval_caching_grid(tmp_path, capsys, one_thread):
     assert "Protocol" in head and file_sha256(ckpt) in head and file_sha256(ref) in head
     assert "weights random" in head and "dpm_solver++, 4 steps" in head
     assert "Protocol" in (out / "results.md").read_text()
+
+
+def test_eval_caching_grid_on_dit(tmp_path, golden):
+    """`eval --config dit-tiny --methods base,fora,tome,l2c:<file>`: the DiT caching rows, a router file in
+    the published DiT layout (with its argparse.Namespace) read safely, and the protocol."""
+    import argparse
+
+    from tests.test_cli_dit import _ae, _trained_like_dit
+
+    router = tmp_path / "DDIM3_router.pt"
+    g = torch.Generator().manual_seed(0)
+    torch.save({"routers": {f"{k}.prob": torch.randn(8, generator=g) for k in range(3)},
+                "args": argparse.Namespace(model="DiT-XL/2", num_sampling_steps=3)}, router)
+    ckpt = _trained_like_dit(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (3, 64, 64, 3), dtype=np.uint8))
+    out = tmp_path / "table"
+    rc = main(["eval", "--config", "dit-tiny", "--checkpoint", ckpt, "--random-inception", "--autoencoder",
+               _ae(tmp_path, golden), "--methods", f"base,fora,tome,l2c:{router}", "--reference",
+               str(tmp_path / "ref.npz"), "--stats-cache", str(tmp_path / "cache"), "--n-samples", "2",
+               "--batch-size", "2", "--solver", "ddim", "--steps", "3", "--l2c-threshold", "0.5",
+               "--timing-repeats", "1", "--timing-warmup", "0", "--device", "cpu", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    names = [r["method"] for r in res["rows"]]
+    assert names == ["base", "fora 2", "tome 0.5", "l2c DDIM3_router.pt threshold=0.5"]
+    p = res["protocol"]
+    assert p["solver"] == "ddim" and p["steps"] == 3 and p["backend"] == "reference"
+    assert {"path": str(router), "sha256": file_sha256(router)} in p["checkpoints"]
+    settings = res["manifests"][names[-1]]["settings"]
+    assert settings["router_steps"] == 3 and settings["router_layout"].startswith("dit")
+    base = np.load(out / "samples" / "base" / "samples.npz")["arr_0"]
+    for slug in ("fora-2", "tome-0.5"):  # caching and merging change the samples
+        other = np.load(out / "samples" / slug / "samples.npz")["arr_0"]
+        assert other.shape == base.shape and (other != base).any(), slug
