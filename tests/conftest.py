@@ -14,80 +14,78 @@ if not torch.cuda.is_available():
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+# The golden files of ../shared/golden (schemas in its README): environment variable -> default file.
+GOLDEN_FILES = {
+    "DUODIFF_GOLDEN": "uvit_reference.pt",  # the official U-ViT code and the SD autoencoder
+    "DUODIFF_DIT_GOLDEN": "dit_reference.pt",  # the official DiT code and its improved-DDPM diffusion
+    "DUODIFF_MULTISTAGE_GOLDEN": "multistage_reference.pt",  # the multistage authors' and EDM's code
+    "DUODIFF_DPMPP_GOLDEN": "dpmpp_reference.pt",  # the official DPM-Solver++ code
+}
+
+
+def golden_file_path(env: str) -> pathlib.Path:
+    """Path of the golden file named by ``env`` (a key of GOLDEN_FILES): the variable's value
+    (relative to the repository), else ../shared/golden/<default file>."""
+    value = os.environ.get(env)
+    if value:
+        p = pathlib.Path(value)
+        return p if p.is_absolute() else (REPO_ROOT / p)
+    return REPO_ROOT / ".." / "shared" / "golden" / GOLDEN_FILES[env]
+
+
 def golden_path() -> pathlib.Path:
     """Path of the official U-ViT golden outputs (env DUODIFF_GOLDEN, default ../shared/golden)."""
-    env = os.environ.get("DUODIFF_GOLDEN")
-    if env:
-        p = pathlib.Path(env)
-        return p if p.is_absolute() else (REPO_ROOT / p)
-    return REPO_ROOT / ".." / "shared" / "golden" / "uvit_reference.pt"
+    return golden_file_path("DUODIFF_GOLDEN")
 
 
 def dit_golden_path() -> pathlib.Path:
     """Path of the official DiT golden outputs (env DUODIFF_DIT_GOLDEN, default ../shared/golden)."""
-    env = os.environ.get("DUODIFF_DIT_GOLDEN")
-    if env:
-        p = pathlib.Path(env)
-        return p if p.is_absolute() else (REPO_ROOT / p)
-    return REPO_ROOT / ".." / "shared" / "golden" / "dit_reference.pt"
+    return golden_file_path("DUODIFF_DIT_GOLDEN")
+
+
+def multistage_golden_path() -> pathlib.Path:
+    """Path of the multistage authors' and EDM's golden outputs (env DUODIFF_MULTISTAGE_GOLDEN)."""
+    return golden_file_path("DUODIFF_MULTISTAGE_GOLDEN")
 
 
 def _required(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
-@pytest.fixture(scope="session")
-def golden():
-    """The golden dict (the official U-ViT code's outputs on fixed inputs, see ../shared/golden/README.md),
-    or skip with the reason when the file is absent. DUODIFF_REQUIRE_GOLDEN=1 (set by .ci/run) turns the
-    skip into a failure."""
-    path = golden_path()
+def require_golden(env: str, what: str) -> pathlib.Path:
+    """The golden file of ``env``, or skip with the reason when it is absent (``what``: whose
+    outputs it holds); DUODIFF_REQUIRE_GOLDEN=1 (set by .ci/run) turns the skip into a failure."""
+    path = golden_file_path(env)
     if not path.is_file():
-        msg = (f"golden file not found at {path}: the official U-ViT outputs these tests compare against "
-               "(set DUODIFF_GOLDEN to its path)")
+        msg = f"golden file not found at {path}: {what} these tests compare against (set {env} to its path)"
         if _required("DUODIFF_REQUIRE_GOLDEN"):
             pytest.fail(msg + "; DUODIFF_REQUIRE_GOLDEN=1 forbids skipping", pytrace=False)
         pytest.skip(msg)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return path
 
 
-def multistage_golden_path() -> pathlib.Path:
-    """Path of the multistage authors' and EDM's golden outputs (env DUODIFF_MULTISTAGE_GOLDEN,
-    default ../shared/golden/multistage_reference.pt)."""
-    env = os.environ.get("DUODIFF_MULTISTAGE_GOLDEN")
-    if env:
-        p = pathlib.Path(env)
-        return p if p.is_absolute() else (REPO_ROOT / p)
-    return REPO_ROOT / ".." / "shared" / "golden" / "multistage_reference.pt"
+def load_golden(env: str, what: str) -> dict:
+    """:func:`require_golden`'s file, loaded weights-only on the CPU."""
+    return torch.load(require_golden(env, what), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def golden():
+    """The U-ViT golden dict (the official U-ViT code's outputs on fixed inputs), or skip (see
+    :func:`require_golden`)."""
+    return load_golden("DUODIFF_GOLDEN", "the official U-ViT outputs")
 
 
 @pytest.fixture(scope="session")
 def multistage_golden():
-    """The multistage golden dict (schema in ../shared/golden/README.md), or skip with the reason when
-    the file is absent; DUODIFF_REQUIRE_GOLDEN=1 turns the skip into a failure."""
-    path = multistage_golden_path()
-    if not path.is_file():
-        msg = (f"golden file not found at {path}: the multistage authors' and EDM's outputs these tests "
-               "compare against (set DUODIFF_MULTISTAGE_GOLDEN to its path)")
-        if _required("DUODIFF_REQUIRE_GOLDEN"):
-            pytest.fail(msg + "; DUODIFF_REQUIRE_GOLDEN=1 forbids skipping", pytrace=False)
-        pytest.skip(msg)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The multistage golden dict (the authors' multistage U-ViT and U-Net, EDM's U-Net and Heun)."""
+    return load_golden("DUODIFF_MULTISTAGE_GOLDEN", "the multistage authors' and EDM's outputs")
 
 
 @pytest.fixture(scope="session")
 def dit_golden():
-    """The DiT golden dict (the official DiT code's model and improved-DDPM outputs, see
-    ../shared/golden/README.md), or skip with the reason when the file is absent;
-    DUODIFF_REQUIRE_GOLDEN=1 turns the skip into a failure."""
-    path = dit_golden_path()
-    if not path.is_file():
-        msg = (f"DiT golden file not found at {path}: the official DiT outputs these tests compare against "
-               "(set DUODIFF_DIT_GOLDEN to its path)")
-        if _required("DUODIFF_REQUIRE_GOLDEN"):
-            pytest.fail(msg + "; DUODIFF_REQUIRE_GOLDEN=1 forbids skipping", pytrace=False)
-        pytest.skip(msg)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The DiT golden dict (the official DiT code's model and improved-DDPM outputs)."""
+    return load_golden("DUODIFF_DIT_GOLDEN", "the official DiT outputs")
 
 
 @pytest.fixture

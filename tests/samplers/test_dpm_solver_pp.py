@@ -1,8 +1,6 @@
 """DPM-Solver++ (data prediction): the official code's outputs (dpmpp_reference.pt), convergence on
 the analytic Gaussian ODE, the singlestep grid and the sampling driver / CLI choice."""
 import math
-import os
-import pathlib
 
 import pytest
 import torch
@@ -10,16 +8,8 @@ import torch
 from duodiff_fast.samplers import ClassifierFreeGuidance, DPMSolver, sample
 from duodiff_fast.samplers.dpm_solver_pp import DPMSolverPP, dpm_solver_pp_sample
 from duodiff_fast.schedules import linear_ddpm, vp_linear
-from tests.conftest import REPO_ROOT, _required, golden_path, rel_err
+from tests.conftest import rel_err, require_golden
 from tests.samplers.test_dpm_solver import X_T, exact_ode_solution, gaussian_eps
-
-
-def dpmpp_golden_path() -> pathlib.Path:
-    env = os.environ.get("DUODIFF_DPMPP_GOLDEN")
-    if env:
-        p = pathlib.Path(env)
-        return p if p.is_absolute() else REPO_ROOT / p
-    return REPO_ROOT / ".." / "shared" / "golden" / "dpmpp_reference.pt"
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +17,8 @@ def pp_case():
     """(golden dict, guided-denoiser builder, schedule): the official DPM-Solver++ outputs driving the
     latent U-ViT of the U-ViT golden file. Skips with the reason when a file is absent;
     DUODIFF_REQUIRE_GOLDEN=1 turns the skip into a failure."""
-    paths = {"DUODIFF_DPMPP_GOLDEN": dpmpp_golden_path(), "DUODIFF_GOLDEN": golden_path()}
-    for env, path in paths.items():
-        if not path.is_file():
-            msg = f"golden file not found at {path} (set {env} to its path): the official DPM-Solver++ outputs"
-            if _required("DUODIFF_REQUIRE_GOLDEN"):
-                pytest.fail(msg + "; DUODIFF_REQUIRE_GOLDEN=1 forbids skipping", pytrace=False)
-            pytest.skip(msg)
+    paths = {"DUODIFF_DPMPP_GOLDEN": require_golden("DUODIFF_DPMPP_GOLDEN", "the official DPM-Solver++ outputs"),
+             "DUODIFF_GOLDEN": require_golden("DUODIFF_GOLDEN", "the official U-ViT outputs")}
     from duodiff_fast.models import UViT
 
     gold = torch.load(paths["DUODIFF_DPMPP_GOLDEN"], map_location="cpu", weights_only=True)
