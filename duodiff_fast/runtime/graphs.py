@@ -225,6 +225,15 @@ class HostRoutedDenoiser:
         with nvtx_range(f"route {route}"):
             return self.inner(x, t, y)
 
+    def routed_output(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """The inner denoiser's whole network output (DiT: eps and the variance value, 2C channels).
+        (Not named ``output``: ``output`` itself stays the inner's, absent where it has none.)"""
+        route = self.route(t)
+        if route is None:
+            return self.inner.output(x, t, y)
+        with nvtx_range(f"route {route} output"):
+            return self.inner.output(x, t, y)
+
 
 class _Captured:
     """One captured loop: the graph, its static inputs and output."""
@@ -410,7 +419,10 @@ class GraphDenoiser:
     """``denoiser(x, t, y)`` replayed from CUDA graphs, one per (batch, shape, dtype, route).
 
     For solvers whose loop stays in Python: each call copies x, t (and y) into static buffers,
-    replays and returns a copy of the output. Routed denoisers (DuoDiff, ASE, multistage, CFG around
+    replays and returns a copy of the output. :meth:`output` (the whole network output, which DiT's
+    improved-DDPM samplers call: eps and the learned variance value, (B, 2C, H, W)) is captured the
+    same way, in graphs of its own; ``__call__`` captures the denoiser's call (for the package's
+    denoisers the first C channels of that output). Routed denoisers (DuoDiff, ASE, multistage, CFG around
     them) route on the host when the step's time is known (inside
     :func:`~duodiff_fast.samplers.constants.static_constants`), else their plain call runs. On a CPU, or
     after a capture error (one warning), the denoiser is called directly.
@@ -428,7 +440,7 @@ class GraphDenoiser:
     def _route(self, t: Tensor):
         return self.inner.route(t)
 
-    def _capture(self, key, x: Tensor, t: Tensor, y: Optional[Tensor], route: str):
+    def _capture(self, key, x: Tensor, t: Tensor, y: Optional[Tensor], route: str, call: Callable):
         dev = x.device
         # Static buffers are ordinary tensors whichever mode this first call runs in (static_buffer).
         xs, ts = static_buffer(x.clone), static_buffer(t.clone)
@@ -436,7 +448,6 @@ class GraphDenoiser:
         host = host_time(t)
         if host is not None:  # the static time buffer stands for the same step: same route
             bind_host_time(ts, host)
-        call = self.inner
         with on_device(dev), torch.inference_mode(False), torch.no_grad(), inputs_validated():
             side = capture_stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
@@ -450,12 +461,28 @@ class GraphDenoiser:
         return g, xs, ts, ys, out
 
     def __call__(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        """The denoiser's call (eps, (B, C, H, W)), replayed from a graph where one is captured."""
+        return self._replayed("call", self.inner, x, t, y)
+
+    @property
+    def output(self) -> Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]:
+        """``output(x, t, y)``: the denoiser's whole output (B, C_out, H, W), replayed from graphs of its
+        own. An AttributeError where the denoiser has none, so ``getattr(gd, "output", None)`` (how the
+        improved-DDPM sampler asks) still says None there."""
+        if not callable(getattr(self.inner.inner, "output", None)):
+            raise AttributeError(f"{type(self.inner.inner).__name__} has no output(x, t, y)")
+        return self._output
+
+    def _output(self, x: Tensor, t: Tensor, y: Optional[Tensor] = None) -> Tensor:
+        return self._replayed("output", self.inner.routed_output, x, t, y)
+
+    def _replayed(self, kind: str, call: Callable, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
         if not (x.is_cuda and torch.cuda.is_available()) or torch.cuda.is_current_stream_capturing():
-            return self.inner(x, t, y)
+            return call(x, t, y)
         if has_stateful_steps(self.inner.inner):
             # A call that advances state on the host (a caching denoiser's step and caches) cannot
             # be replayed from a per-call graph: it captures its own steps (runtime.cache_graphs).
-            return self.inner(x, t, y)
+            return call(x, t, y)
         if not table_active():
             # Outside static_constants the plain loop's time vectors remember their host time
             # (samplers.constants.time_vector), but the constants a routed call makes from it are
@@ -463,11 +490,11 @@ class GraphDenoiser:
             t = t.view_as(t)
         route = self._route(t)
         if route is None:
-            return self.inner(x, t, y)
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, y is not None, route, str(x.device))
+            return call(x, t, y)
+        key = (kind, tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, y is not None, route, str(x.device))
         if key not in self.graphs and key not in self.failed:
             try:
-                self.graphs[key] = self._capture(key, x, t, y, route)
+                self.graphs[key] = self._capture(key, x, t, y, route, call)
             except Exception as exc:
                 why = capture_failure(exc)
                 if why is None:  # a real error: calling the denoiser directly would fail too
@@ -476,7 +503,7 @@ class GraphDenoiser:
                 warnings.warn(f"CUDA graph capture of the denoiser failed at {why}; calling it directly",
                               RuntimeWarning, stacklevel=2)
         if key in self.failed:
-            return self.inner(x, t, y)
+            return call(x, t, y)
         g, xs, ts, ys, out = self.graphs[key]
         with on_device(x.device):
             xs.copy_(x)

@@ -1,5 +1,6 @@
 """The GPU suite's summary writer (on synthetic JSON), kernels.py's preset, and gpu_suite.sh's shell checks."""
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -99,3 +100,67 @@ def test_gpu_suite_refuses_a_machine_without_a_gpu(tmp_path):
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
     r = subprocess.run(["bash", SUITE, str(tmp_path / "out")], capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "no NVIDIA GPU visible" in r.stderr
+
+
+def _suite_plan(tmp_path):
+    """The suite's dry-run plan: ({stage name: (cap, argv)}, {stage name: JSON path}); runs nothing."""
+    env = dict(os.environ, GPU_SUITE_DRY_RUN="1")
+    r = subprocess.run(["bash", SUITE, str(tmp_path / "out")], capture_output=True, text=True, env=env, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    stages, jsons = {}, {}
+    for line in r.stdout.splitlines():
+        if line.startswith("PLAN|"):
+            _, name, cap, cmd = line.split("|", 3)
+            stages[name] = (int(cap), cmd)
+        elif line.startswith("JSON|"):
+            _, name, path = line.split("|", 2)
+            jsons[name] = path
+    return stages, jsons
+
+
+def _bench_argv(cmd: str):
+    import shlex
+
+    argv = shlex.split(cmd)
+    return argv[argv.index("benchmarks/latency.py") + 1:]
+
+
+def test_gpu_suite_plan_fits_its_deadline_and_times_dit_and_edm(tmp_path):
+    stages, jsons = _suite_plan(tmp_path)
+    with open(SUITE) as f:
+        deadline = int(re.search(r"GPU_SUITE_SECONDS:-(\d+)", f.read()).group(1))
+    assert deadline < 9 * 60
+    assert sum(cap for cap, _ in stages.values()) <= deadline - 5, stages  # caps, not the clamp, fit
+    names = " ".join(stages)
+    assert "--preset dit-xl2" in names and "--preset edm-cifar10" in names and "test suite" in names
+    # every benchmark stage has its own JSON file, and they differ
+    assert set(jsons) == {n for n in stages if n.startswith(("kernels.py", "latency.py"))}
+    assert len(set(jsons.values())) == len(jsons) and all(p.endswith(".json") for p in jsons.values())
+    for name, path in jsons.items():
+        cap, cmd = stages[name]
+        if "latency.py" in name:
+            argv = _bench_argv(cmd)
+            assert argv[argv.index("--out") + 1] == path
+        if "--budget" in cmd:  # a budget below the cap: the JSON is written before the stage is killed
+            budget = float(re.search(r"--budget (\S+)", cmd).group(1))
+            assert budget <= cap - 15, (name, budget, cap)
+
+
+def test_gpu_suite_dit_and_edm_stages_are_narrowed_and_parse(tmp_path):
+    import torch
+
+    from duodiff_fast.bench import edm_latency, latency
+
+    stages, _ = _suite_plan(tmp_path)
+    dit = next(cmd for n, (_, cmd) in stages.items() if "dit-xl2" in n)
+    args = latency.resolve(latency.parse_args(_bench_argv(dit)), torch.device("cuda"))
+    assert args.budget and args.budget > 0 and args.adadiff_thetas == "" and args.repeats <= 3
+    groups = latency.plan(args, "cuda")
+    full = latency.plan(latency.resolve(latency.parse_args(["--preset", "dit-xl2"]), torch.device("cuda")), "cuda")
+    n_rows = sum(len(g["rows"]) for g in groups)
+    assert 0 < n_rows < sum(len(g["rows"]) for g in full) / 3  # narrowed, not the whole preset
+    assert all(g.get("config", "dit-xl2-256") == "dit-xl2-256" for g in groups)
+    edm = next(cmd for n, (_, cmd) in stages.items() if "edm-cifar10" in n)
+    eargs = edm_latency.resolve_edm(latency.parse_args(_bench_argv(edm)), torch.device("cuda"))
+    assert "torch.compile" not in eargs.backends and eargs.heun_steps < 18 and eargs.repeats <= 3
+    assert len(edm_latency.plan_edm(eargs)) == 4  # reference and eager-bf16, eager and graph groups

@@ -120,3 +120,74 @@ def test_capture_of_the_dit_loop_equals_the_plain_loop(solver):
         again = gs([7, 11, 5], torch.tensor([2, 3, 0], device=dev))  # replay with new seeds and labels
         assert len(gs.graphs) == 1
         assert rel_err(again[1:], out[1:]) < 1e-5 and not torch.allclose(again[0], out[0])
+
+
+def _dit_tiny(dev="cpu"):
+    from duodiff_fast.models import create_model
+
+    torch.manual_seed(0)
+    m = create_model("dit-tiny")
+    for p in m.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))  # off adaLN-Zero: every output channel depends on the input
+    return m.eval().to(dev)
+
+
+def _inputs(model, dev, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, model.in_channels, model.config["input_size"], model.config["input_size"], generator=g).to(dev)
+    t = torch.rand(3, generator=g).to(dev) * 0.9 + 0.05
+    y = torch.randint(0, 10, (3,), generator=g).to(dev)
+    return x, t, y
+
+
+def test_graph_denoiser_output_falls_back_to_the_plain_output_on_cpu():
+    """GraphDenoiser.output on dit-tiny: the whole output (eps and the variance value, 2C channels);
+    on a CPU the denoiser's own output, and DiT's improved-DDPM sampler through it equals the plain one."""
+    from duodiff_fast.runtime.graphs import GraphDenoiser
+    from duodiff_fast.samplers.driver import sample
+
+    model = _dit_tiny()
+    den = ModelDenoiser(model, linear_ddpm())
+    gd = GraphDenoiser(den)
+    x, t, y = _inputs(model, "cpu", 0)
+    with torch.no_grad():
+        full, ref = gd.output(x, t, y), den.output(x, t, y)
+        eps = gd(x, t, y)
+    assert full.shape[1] == 2 * x.shape[1] and torch.equal(full, ref)
+    assert torch.equal(eps, full[:, : x.shape[1]])
+    assert not gd.graphs and not gd.failed
+    shape = (model.in_channels, model.config["input_size"], model.config["input_size"])
+    for solver in ("ddpm", "ddim"):
+        with torch.no_grad():
+            a = sample(gd, linear_ddpm(), (2,) + shape, solver=solver, num_steps=3, y=y[:2], seeds=[1, 2])
+            b = sample(den, linear_ddpm(), (2,) + shape, solver=solver, num_steps=3, y=y[:2], seeds=[1, 2])
+        assert torch.equal(a, b)
+    # a denoiser without output(): the graph denoiser has none either (the sampler's question)
+    assert getattr(GraphDenoiser(lambda x, t, y=None: x), "output", None) is None
+
+
+@pytest.mark.gpu
+def test_graph_denoiser_captures_the_dit_output():
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA graphs need a CUDA device")
+    from duodiff_fast.runtime.graphs import GraphDenoiser
+    from duodiff_fast.samplers.driver import sample
+
+    dev = torch.device("cuda")
+    model = _dit_tiny(dev)
+    den = ModelDenoiser(model, linear_ddpm())
+    gd = GraphDenoiser(den)
+    with torch.no_grad():
+        for seed in (0, 1):  # the second call replays the first call's graph on new inputs
+            x, t, y = _inputs(model, dev, seed)
+            full = gd.output(x, t, y)
+            assert full.shape[1] == 2 * x.shape[1]
+            assert rel_err(full, den.output(x, t, y)) < 1e-5
+        assert not gd.failed, gd.failed
+        assert [k[0] for k in gd.graphs] == ["output"]
+        eps = gd(x, t, y)  # __call__: a graph of its own, the first C channels
+        assert rel_err(eps, full[:, : x.shape[1]]) < 1e-5 and len(gd.graphs) == 2
+        shape = (model.in_channels, model.config["input_size"], model.config["input_size"])
+        a = sample(gd, linear_ddpm(), (3,) + shape, solver="ddpm", num_steps=4, y=y, seeds=[1, 2, 3], device=dev)
+        b = sample(den, linear_ddpm(), (3,) + shape, solver="ddpm", num_steps=4, y=y, seeds=[1, 2, 3], device=dev)
+    assert rel_err(a, b) < 1e-4
