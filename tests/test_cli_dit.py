@@ -145,3 +145,30 @@ def test_dit_sample_on_the_triton_backend(tmp_path):
         outs[backend] = torch.load(out / "samples.pt", weights_only=True)
     ref = outs["reference"].double()
     assert float((outs["triton"].double() - ref).norm() / ref.norm()) < 1e-4
+
+
+def test_train_every_method_on_dit_from_the_cli_and_sample_it(tmp_path, one_thread):
+    """A user's DiT workflow from the command line alone: train the base model (its run folder
+    records its config), its shallow twin, AdaDiff heads and an ASE fine-tune on it, then sample
+    each method from what training wrote."""
+    runs, common = tmp_path / "runs", ["--data", "synthetic", "--steps", "4", "--batch-size", "4"]
+    assert main(["train", "--config", "dit-tiny", *common, "--out-dir", str(runs / "full")]) == 0
+    cfg = json.loads((runs / "full" / "export" / "ema" / "config.json").read_text())
+    assert cfg["model_type"] == "dit" and cfg["weights"] == "ema"
+    assert main(["train", "--config", "dit-tiny", "--shallow", *common, "--out-dir", str(runs / "shallow")]) == 0
+    assert main(["train", "--config", "dit-tiny", "--method", "adadiff", "--backbone", str(runs / "full"), *common,
+                 "--out-dir", str(runs / "ada")]) == 0
+    assert main(["train", "--config", "dit-tiny", "--method", "ase", "--ase-schedule", "D3", "--backbone",
+                 str(runs / "full"), *common, "--out-dir", str(runs / "ase")]) == 0
+    sample = ["sample", "--n-samples", "2", "--solver", "ddim", "--steps", "3", "--no-progress"]
+    assert main(sample + ["--checkpoint", str(runs / "full"), "--out", str(tmp_path / "s_base")]) == 0  # no --config
+    assert main(sample + ["--config", "dit-tiny", "--checkpoint", str(runs / "full"), "--shallow-checkpoint",
+                          str(runs / "shallow" / "latest.pt"), "--t-s", "500", "--out", str(tmp_path / "s_duo")]) == 0
+    assert main(sample + ["--config", "dit-tiny", "--method", "adadiff", "--theta", "0.1", "--adadiff-checkpoint",
+                          str(runs / "ada" / "adadiff.pt"), "--out", str(tmp_path / "s_ada")]) == 0
+    assert main(sample + ["--config", "dit-tiny", "--method", "ase", "--ase-schedule", "D3", "--ase-checkpoint",
+                          f"D3={runs / 'ase' / 'ase_D3.pt'}", "--out", str(tmp_path / "s_ase")]) == 0
+    base = np.load(tmp_path / "s_base" / "samples.npz")["arr_0"]
+    for name in ("s_duo", "s_ada", "s_ase"):
+        out = np.load(tmp_path / name / "samples.npz")["arr_0"]
+        assert out.shape == base.shape and np.isfinite(out).all(), name

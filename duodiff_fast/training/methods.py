@@ -150,17 +150,21 @@ def method_training(
 
     if method == "ase":
         from ..methods import ASEObjective, ASEUViT
-        from ..methods.ase import paper_or_given
+        from ..methods.ase import ASEDiT, droppable_blocks, dropping_for
+        from ..models import DiT
 
         net = _load_backbone(backbone, backbone_config, use_ema, method)
         schedule = _schedule(cfg, getattr(net, "time_input", None))
-        model = ASEUViT.from_uvit(net)
+        model = ASEDiT.from_dit(net) if isinstance(net, DiT) else ASEUViT.from_uvit(net)
         model.time_input = getattr(net, "time_input", None)
-        dropping = paper_or_given(ase_schedule, len(model.out_blocks))  # as sample does on other depths
-        dropping.validate(len(model.out_blocks))
+        # a paper name resolves in the model's own table (U-ViT's D1..D6, DiT's D1/D3/D4/D6) and is
+        # rescaled to its depth, as sample does
+        dropping = dropping_for(model, ase_schedule)
+        dropping.validate(droppable_blocks(model))
         name = ase_schedule.strip().upper()
+        what = "blocks" if isinstance(net, DiT) else "out-blocks"
         return MethodTraining(cfg, model, ASEObjective(schedule, dropping), _export_weights(f"ase_{name}.pt"),
-                              f"ASE {name} fine-tuning (kept out-blocks {list(dropping.kept)})")
+                              f"ASE {name} fine-tuning (kept {what} {list(dropping.kept)})")
 
     # multistage
     from ..methods import MultistageObjective, MultistageUViT, save_multistage

@@ -142,21 +142,23 @@ def resolve_hflip(cfg: TrainConfig, dataset: Optional[torch.utils.data.Dataset])
 
 
 def export_spec(cfg: TrainConfig, model: nn.Module, time_input: str):
-    """The model config a run's exports record (None when ``model`` is not a plain UViT).
+    """The model config a run's exports record (None when ``model`` is not a plain UViT or DiT).
 
     The registry entry or JSON config ``cfg.model`` names, with the built model's keywords, the
     run's schedule and time input.
     """
     import dataclasses as dc
 
-    from ..models import UViT, get_spec
+    from ..models import DiT, UViT, get_spec
     from ..models.configs import ModelSpec
 
     config = _plain_config(model)
-    if not isinstance(model, UViT) or config is None:
+    if not isinstance(model, (UViT, DiT)) or config is None:
         return None
     kwargs = {k: v for k, v in config.items() if k != "use_checkpoint"}
-    base = get_spec(cfg.model_name) if cfg.model_name else ModelSpec("custom", kwargs, "linear", source="TrainConfig.model")
+    model_type = "dit" if isinstance(model, DiT) else "uvit"
+    base = get_spec(cfg.model_name) if cfg.model_name else ModelSpec("custom", kwargs, "linear",
+                                                                     source="TrainConfig.model", model_type=model_type)
     return dc.replace(base, kwargs=kwargs, schedule=resolve_schedule_name(cfg), time_input=time_input,
                       source=f"trained by duodiff-fast from {base.name}" if cfg.model_name else base.source)
 
