@@ -120,7 +120,8 @@ def _add_train_parser(sub) -> None:
     )
     p.add_argument("--config", required=True,
                    help="model config: a registered name (train DuoDiff's shallow backbone with <name>-shallow) "
-                        "or a path to a JSON model config (`duodiff-fast configs --show NAME` prints one)")
+                        "or a path to a JSON model config (`duodiff-fast configs --show NAME` prints one), or an EDM "
+                        "config (edm-*, multistage-*: EDM's loss; writes RUN/edm_ema.pt for sample --solver heun)")
     p.add_argument("--data", default="synthetic",
                    help="data source: folder:/path (images; labels from sub-folders), npz:/path.npz "
                         "(pixels or latents), a bare path, or 'synthetic' (default synthetic)")
@@ -259,10 +260,21 @@ def cmd_train(args) -> int:
     from .training import TrainConfig, train
     from .training.config import DIT_RECIPE
 
+    from .edm.configs import EDM_CONFIGS
+
+    is_edm = args.config in EDM_CONFIGS
+    if is_edm:  # EDM / multistage U-Nets: EDM's loss, no --method (edm.train_cmd)
+        from .edm.train_cmd import check_edm_train_args
+
+        check_edm_train_args(args)
     d = TrainConfig.__dataclass_fields__
     recipe = dict(lr=d["lr"].default, weight_decay=d["weight_decay"].default, betas="0.99,0.999",
                   warmup_steps=d["warmup_steps"].default, grad_clip=1.0, ema_decay=d["ema_decay"].default)
-    if get_spec(args.config).arch == "dit":  # DiT's train.py recipe (training.config.DIT_RECIPE)
+    if is_edm:
+        from .edm.train_cmd import EDM_RECIPE
+
+        recipe.update(EDM_RECIPE)
+    elif get_spec(args.config).arch == "dit":  # DiT's train.py recipe (training.config.DIT_RECIPE)
         recipe.update({k: v for k, v in DIT_RECIPE.items() if k in recipe})
         recipe.update(betas=",".join(str(b) for b in DIT_RECIPE["betas"]), grad_clip=DIT_RECIPE["grad_clip"] or 0.0)
     for key, value in recipe.items():
@@ -294,9 +306,14 @@ def cmd_train(args) -> int:
             raise SystemExit(f"--boundaries must be comma-separated floats, got {args.boundaries!r}")
     if args.schedule and args.schedule.strip().upper() in ("D1", "D2", "D3", "D4", "D5", "D6"):
         raise SystemExit(f"--schedule is the noise schedule; the ASE dropping schedule is --ase-schedule {args.schedule}")
-    run = method_training(args.method, cfg, backbone=args.backbone, backbone_config=args.config,
-                          use_ema=args.use_ema, shallow=args.shallow, ase_schedule=args.ase_schedule,
-                          boundaries=boundaries)
+    if is_edm:
+        from .edm.train_cmd import edm_training
+
+        run = edm_training(args.config, cfg)
+    else:
+        run = method_training(args.method, cfg, backbone=args.backbone, backbone_config=args.config,
+                              use_ema=args.use_ema, shallow=args.shallow, ase_schedule=args.ase_schedule,
+                              boundaries=boundaries)
     trainer = Trainer(run.cfg, model=run.model, loss_fn=run.loss_fn)
     try:
         if trainer.resumed_from and not cfg.progress and trainer.is_main:
