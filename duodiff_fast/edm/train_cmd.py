@@ -38,8 +38,8 @@ def check_edm_train_args(args) -> None:
     """Usage error (SystemExit with a message) for a train option that does not apply to EDM configs."""
     given = [flag for attr, flag, unset in UNUSED_TRAIN_OPTIONS if getattr(args, attr, unset) != unset]
     if given:
-        raise SystemExit(f"{', '.join(given)} do(es) not apply to EDM config {args.config!r}: an EDM U-Net trains "
-                         "with EDM's loss (sigma-based; a multistage config uses its own stage intervals)")
+        raise SystemExit(f"options that do not apply to EDM config {args.config!r}: {', '.join(given)} (an EDM "
+                         "U-Net trains with EDM's loss on sigma; a multistage config uses its own stage intervals)")
 
 
 def edm_training(name: str, cfg: TrainConfig) -> MethodTraining:
