@@ -359,7 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .edm import EDM_CONFIGS
 
             print(describe())
-            print("\nEDM U-Nets (sample/eval --solver heun):")
+            print("\nEDM U-Nets (train; sample/eval --solver heun):")
             for name, cfg in EDM_CONFIGS.items():
                 print(f"  {name}: {cfg['model_type']} {cfg['img_resolution']}x{cfg['img_resolution']}")
             return 0
