@@ -28,7 +28,7 @@ import dataclasses
 import json
 import os
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -234,7 +234,6 @@ def choose_backend(config: str, device, candidates: Optional[Sequence[str]] = No
         use_cache: read and write the per-machine cache (:func:`cache_dir`).
     """
     from .devices import normalize_device
-    from .ops.availability import native_unavailable_reason
 
     device = normalize_device(device)
     if candidates is None:
@@ -242,8 +241,24 @@ def choose_backend(config: str, device, candidates: Optional[Sequence[str]] = No
             return BackendChoice("reference", f"auto: reference (on {device.type} auto runs the float32 "
                                               "reference; the faster backends need a CUDA GPU)")
         candidates = AUTO_ORDER
+    return select_backend(device, cache_key(device, config), candidates, lambda name: self_check(name, config, device),
+                          shown=getattr(config, "name", config), check_name="self-check", use_cache=use_cache,
+                          note_native=True)
+
+
+def select_backend(device: torch.device, key: str, candidates: Sequence[str], check: Callable[[str], float],
+                   shown: str, check_name: str, use_cache: bool = True, note_native: bool = False) -> BackendChoice:
+    """The first of ``candidates`` that is available on ``device`` and passes ``check(name)`` (its
+    relative error; it raises on failure), with the reason; cached under ``key``. The one loop
+    behind :func:`choose_backend` and the EDM U-Nets' ``choose_edm_backend``.
+
+    A candidate that fails its check is skipped with one warning naming the failure; a
+    RuntimeError lists every skipped candidate when none is left.
+    """
+    from .ops.availability import native_unavailable_reason
+
     path = os.path.join(cache_dir(), CACHE_FILE)
-    key = cache_key(device, config) + "|" + ",".join(candidates)
+    key = key + "|" + ",".join(candidates)
     if use_cache:
         hit = _read_cache(path).get(key)
         if isinstance(hit, dict) and hit.get("backend") in candidates and hit.get("reason"):
@@ -259,21 +274,20 @@ def choose_backend(config: str, device, candidates: Optional[Sequence[str]] = No
             reason = f"auto: reference on {where}"
         else:
             try:
-                err = self_check(name, config, device)
+                err = check(name)
             except Exception as exc:  # noqa: BLE001 - a failing candidate is skipped, loudly, by design
-                failure = f"{name} failed its self-check on {where} ({type(exc).__name__}: {exc})"
+                failure = f"{name} failed {check_name} on {where} ({type(exc).__name__}: {exc})"
                 warnings.warn(f"duodiff_fast --backend auto: {failure}; trying the next backend",
                               RuntimeWarning, stacklevel=2)
                 skipped.append(failure)
                 continue
-            reason = f"auto: {name} passed self-check on {where} (relative error {err:.2g} on {getattr(config, 'name', config)})"
+            reason = f"auto: {name} passed {check_name} on {where} (relative error {err:.2g} on {shown})"
         if skipped:
             reason += "; skipped: " + "; ".join(skipped)
-        native_reason = native_unavailable_reason(device)
+        native_reason = native_unavailable_reason(device) if note_native else None
         if native_reason:  # every backend runs, but the sampler ops fall back to PyTorch: say so
             reason += f"; native ops in PyTorch: {native_reason}"
-        choice = BackendChoice(name, reason)
         if use_cache:
             _write_cache(path, key, {"backend": name, "reason": reason})
-        return choice
-    raise RuntimeError(f"--backend auto found no backend for {getattr(config, 'name', config)} on {where}: " + "; ".join(skipped))
+        return BackendChoice(name, reason)
+    raise RuntimeError(f"--backend auto found no backend for {shown} on {where}: " + "; ".join(skipped))

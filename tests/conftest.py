@@ -88,6 +88,15 @@ def dit_golden():
     return load_golden("DUODIFF_DIT_GOLDEN", "the official DiT outputs")
 
 
+def raised(fn) -> BaseException:
+    """The exception ``fn()`` raises (an AssertionError when it raises none), to inspect its type."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - returned to the test, which checks what it is
+        return e
+    raise AssertionError("nothing raised")
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread for the test, restored after it. Tiny models gain nothing from intra-op

@@ -5,14 +5,7 @@ import torch
 
 from duodiff_fast import cli
 from duodiff_fast.errors import UsageError, is_usage_error
-
-
-def _raised(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return e
-    raise AssertionError("nothing raised")
+from tests.conftest import raised as _raised
 
 
 def test_input_checks_of_the_package_are_usage_errors():

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import warnings
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -157,35 +155,7 @@ def choose_edm_backend(config: Dict[str, Any], device, candidates: Optional[Sequ
     if bad:
         raise ValueError(f"EDM U-Nets run on {', '.join(EDM_AUTO_ORDER)}; not {', '.join(bad)}")
     label = edm_config_label(config, name)
-    path = os.path.join(ab.cache_dir(), ab.CACHE_FILE)
-    key = ab.cache_key(device, "edm:" + label) + "|" + ",".join(candidates)
-    if use_cache:
-        hit = ab._read_cache(path).get(key)
-        if isinstance(hit, dict) and hit.get("backend") in candidates and hit.get("reason"):
-            return ab.BackendChoice(hit["backend"], f"{hit['reason']} (cached in {path})", cached=True)
-    skipped: List[str] = []
-    where = ab._device_name(device)
-    shown = name or config.get("model_type", "EDM net")
-    for cand in candidates:
-        reasons = ab.backend_unavailable_reasons(cand, device)
-        if reasons:
-            skipped.append(f"{cand} unavailable: {'; '.join(reasons)}")
-            continue
-        if cand == "reference":
-            reason = f"auto: reference on {where}"
-        else:
-            try:
-                err = edm_self_check(cand, config, device)
-            except Exception as exc:  # noqa: BLE001 - a failing candidate is skipped, loudly, by design
-                failure = f"{cand} failed the EDM U-Net self-check on {where} ({type(exc).__name__}: {exc})"
-                warnings.warn(f"duodiff_fast --backend auto: {failure}; trying the next backend",
-                              RuntimeWarning, stacklevel=2)
-                skipped.append(failure)
-                continue
-            reason = f"auto: {cand} passed the EDM U-Net self-check on {where} (relative error {err:.2g} on {shown})"
-        if skipped:
-            reason += "; skipped: " + "; ".join(skipped)
-        if use_cache:
-            ab._write_cache(path, key, {"backend": cand, "reason": reason})
-        return ab.BackendChoice(cand, reason)
-    raise RuntimeError(f"--backend auto found no backend for {shown} on {where}: " + "; ".join(skipped))
+    return ab.select_backend(device, ab.cache_key(device, "edm:" + label), candidates,
+                             lambda cand: edm_self_check(cand, config, device),
+                             shown=name or config.get("model_type", "EDM net"), check_name="the EDM U-Net self-check",
+                             use_cache=use_cache)

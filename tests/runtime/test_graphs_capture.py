@@ -9,18 +9,11 @@ from duodiff_fast.runtime import graphs
 from duodiff_fast.runtime.graphs import GraphSampler, capture_failure, fill_static_inputs, static_buffer
 from duodiff_fast.samplers.constants import GraphUnsafe
 from duodiff_fast.schedules import linear_ddpm
+from tests.conftest import raised as _raised
 
 
 def _den(x, t, y=None):
     return torch.tanh(0.3 * x + 0.5 * t.view(-1, *([1] * (x.dim() - 1))).to(x.dtype))
-
-
-def _raised(fn):
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return e
-    raise AssertionError("nothing raised")
 
 
 def test_capture_failure_names_the_op_of_the_package_that_broke_it():
