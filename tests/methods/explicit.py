@@ -28,3 +28,32 @@ def final(head, extras, channels, h):
     """LayerNorm, patch prediction, drop the extra tokens, unpatchify, conv."""
     out = head.decoder_pred(head.norm(h))[:, extras:, :]
     return head.final_layer(unpatchify(out, channels))
+
+
+def deepcache_step(model, x, ts, y, full: bool, depth: int, inner):
+    """One DeepCache step of U-ViT ``model`` written out over its blocks.
+
+    A full step runs every block and returns the input of the last ``depth`` out-blocks as the new
+    cache; a cached step runs only the first ``depth`` in-blocks and reuses ``inner``.
+    Returns (decoded output (B, C, H, W), cache (B, E + L, D)).
+    """
+    n = len(model.in_blocks)
+    outs = list(model.out_blocks)
+    h = model.embed(x, ts, y)
+    skips = []
+    if full:
+        for b in model.in_blocks:
+            h = b(h)
+            skips.append(h)
+        h = model.mid_block(h)
+        for b in outs[:n - depth]:
+            h = b(h, skips.pop())
+        inner = h
+    else:
+        for b in list(model.in_blocks)[:depth]:
+            h = b(h)
+            skips.append(h)
+        h = inner
+    for b in outs[n - depth:]:
+        h = b(h, skips.pop())
+    return model.decode(h), inner

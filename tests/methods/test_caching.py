@@ -7,6 +7,7 @@ from duodiff_fast.methods.caching import (BlockCachePolicy, CachingDenoiser, Dee
                                           load_router, run_uvit)
 from duodiff_fast.models import create_model
 from duodiff_fast.schedules import linear_ddpm
+from tests.methods import explicit
 
 TIMES = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
 
@@ -49,29 +50,12 @@ def test_deepcache_against_reference_loop(model, interval, depth):
     den = CachingDenoiser(model, schedule, DeepCachePolicy(interval, depth))
     got = _drive(den, model)
     n = len(model.in_blocks)
-    outs = list(model.out_blocks)
     inner = None
     with torch.no_grad():
         for k, t in enumerate(TIMES):
             x, ts = _inputs(model, k), schedule.model_input(torch.full((2,), t)).float()
-            h = model.embed(x, ts, None)
-            skips = []
-            if k % interval == 0:
-                for b in model.in_blocks:
-                    h = b(h)
-                    skips.append(h)
-                h = model.mid_block(h)
-                for b in outs[:n - depth]:
-                    h = b(h, skips.pop())
-                inner = h
-            else:
-                for b in list(model.in_blocks)[:depth]:
-                    h = b(h)
-                    skips.append(h)
-                h = inner
-            for b in outs[n - depth:]:
-                h = b(h, skips.pop())
-            torch.testing.assert_close(got[k], model.decode(h), rtol=1e-5, atol=1e-6, msg=f"step {k}")
+            want, inner = explicit.deepcache_step(model, x, ts, None, k % interval == 0, depth, inner)
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6, msg=f"step {k}")
             if k % interval == 0:  # a full step is the plain model
                 torch.testing.assert_close(got[k], model(x, ts, None), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="exceeds"):
@@ -296,30 +280,12 @@ def test_deepcache_nonuniform_against_reference_loop(model):
     assert full == {0, 2, 6}
     den = CachingDenoiser(model, schedule, policy)
     got = _drive(den, model)
-    n = len(model.in_blocks)
-    outs = list(model.out_blocks)
     inner = None
     with torch.no_grad():
         for k, t in enumerate(TIMES):
             x, ts = _inputs(model, k), schedule.model_input(torch.full((2,), t)).float()
-            h = model.embed(x, ts, None)
-            skips = []
-            if k in full:
-                for b in model.in_blocks:
-                    h = b(h)
-                    skips.append(h)
-                h = model.mid_block(h)
-                for b in outs[:n - depth]:
-                    h = b(h, skips.pop())
-                inner = h
-            else:
-                for b in list(model.in_blocks)[:depth]:
-                    h = b(h)
-                    skips.append(h)
-                h = inner
-            for b in outs[n - depth:]:
-                h = b(h, skips.pop())
-            torch.testing.assert_close(got[k], model.decode(h), rtol=1e-5, atol=1e-6, msg=f"step {k}")
+            want, inner = explicit.deepcache_step(model, x, ts, None, k in full, depth, inner)
+            torch.testing.assert_close(got[k], want, rtol=1e-5, atol=1e-6, msg=f"step {k}")
     assert policy.details()["deepcache_schedule"] == "nonuniform"
     with pytest.raises(ValueError, match="asked for step 7"):
         _drive(den, model, TIMES + [0.2])

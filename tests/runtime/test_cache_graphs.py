@@ -12,6 +12,7 @@ from duodiff_fast.runtime.cache_graphs import CacheStepGraphs
 from duodiff_fast.runtime.graphs import GraphDenoiser, GraphSampler
 from duodiff_fast.samplers import sample
 from duodiff_fast.schedules import linear_ddpm
+from tests.methods import explicit
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 STEPS = 7
@@ -28,8 +29,6 @@ def model():
 
 def _deepcache_reference(model, schedule, full_steps, depth=1):
     """eps(x, t, y) of DeepCache written out over the blocks, its own step counter and cache."""
-    n = len(model.in_blocks)
-    outs = list(model.out_blocks)
     state = {"k": -1, "t": None, "inner": None}
 
     def eps(x, t, y=None):
@@ -38,24 +37,9 @@ def _deepcache_reference(model, schedule, full_steps, depth=1):
         state["t"] = now
         k = state["k"]
         ts = schedule.model_input(t.reshape(-1).expand(x.shape[0])).float()
-        h = model.embed(x.float(), ts, y)
-        skips = []
-        if k in full_steps:
-            for b in model.in_blocks:
-                h = b(h)
-                skips.append(h)
-            h = model.mid_block(h)
-            for b in outs[:n - depth]:
-                h = b(h, skips.pop())
-            state["inner"] = h
-        else:
-            for b in list(model.in_blocks)[:depth]:
-                h = b(h)
-                skips.append(h)
-            h = state["inner"]
-        for b in outs[n - depth:]:
-            h = b(h, skips.pop())
-        return model.decode(h).to(x.dtype)
+        out, state["inner"] = explicit.deepcache_step(model, x.float(), ts, y, k in full_steps, depth,
+                                                      state["inner"])
+        return out.to(x.dtype)
 
     return eps
 
