@@ -16,32 +16,24 @@ from typing import Optional
 
 import torch
 
+from ..seeding import StepSeeded
 from .loss import EDMLoss, EDMMultistageLoss
 
 __all__ = ["EDMObjective"]
 
 
-class EDMObjective:
+class EDMObjective(StepSeeded):
     """Trainer objective for EDM-preconditioned nets (single-stage or multistage)."""
 
-    STAGE_STREAM = 0xED57A6E  # keeps the stage stream apart from the trainer's other (seed, step) streams
+    STEP_STREAM = 0xED57A6E  # keeps the stage stream apart from the trainer's other (seed, step) streams
 
     def __init__(self, loss: Optional[EDMLoss] = None, seed: int = 0):
         self.loss = loss if loss is not None else EDMLoss()
         self.seed, self.step = int(seed), 0
 
-    def on_step(self, step: int, seed: Optional[int] = None) -> None:
-        """The next batch belongs to optimizer step ``step`` of a run seeded with ``seed``."""
-        self.step = int(step)
-        if seed is not None:
-            self.seed = int(seed)
-
     def stage_for_step(self, step: int) -> int:
         """The stage trained at ``step`` (multistage loss only): the same on every rank."""
-        from ..training.data import _mix_seed
-
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, int(step), self.STAGE_STREAM))
-        return self.loss.pick_stage(g)
+        return self.loss.pick_stage(self.step_generator(step))
 
     def __call__(self, net, x0: torch.Tensor, y: Optional[torch.Tensor], generator=None):
         metrics = {}

@@ -9,11 +9,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..seeding import StepSeeded
 from ..training.objective import DiffusionObjective
 from .multistage import check_boundaries
 
 
-class MultistageObjective(DiffusionObjective):
+class MultistageObjective(StepSeeded, DiffusionObjective):
     """L_simple with each batch drawn from one stage.
 
     Per batch: a stage i uniformly from the n stages, then t uniformly inside (t_i, t_{i+1}] (the
@@ -30,7 +31,7 @@ class MultistageObjective(DiffusionObjective):
     """
 
     # Keeps the stage stream apart from other (seed, step) streams (data order, ...).
-    STAGE_STREAM = 0x57A6E
+    STEP_STREAM = 0x57A6E
 
     def __init__(self, schedule, boundaries: Sequence[float], num_classes: Optional[int] = None,
                  p_uncond: Optional[float] = None,
@@ -47,18 +48,9 @@ class MultistageObjective(DiffusionObjective):
                 if not self._grid_mask(grid, i).any():
                     raise ValueError(f"stage {i} ({a}, {b}] holds no time of the {grid.numel()}-step schedule")
 
-    def on_step(self, step: int, seed: Optional[int] = None) -> None:
-        """The next batch belongs to global optimizer step ``step`` of a run seeded with ``seed``."""
-        self.step = int(step)
-        if seed is not None:
-            self.seed = int(seed)
-
     def stage_for_step(self, step: int) -> int:
         """The stage trained at ``step``: uniform over the stages, the same on every rank."""
-        from ..training.data import _mix_seed
-
-        g = torch.Generator().manual_seed(_mix_seed(self.seed, int(step), self.STAGE_STREAM))
-        return int(torch.randint(0, len(self.intervals), (1,), generator=g))
+        return int(torch.randint(0, len(self.intervals), (1,), generator=self.step_generator(step)))
 
     def _grid(self) -> Optional[torch.Tensor]:
         n = getattr(self.schedule, "num_timesteps", None)

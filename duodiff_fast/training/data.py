@@ -17,7 +17,6 @@ Data source specs (``TrainConfig.data``):
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import OrderedDict
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -25,6 +24,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from ..seeding import mix_seed
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 LABEL_KEY_CANDIDATES = ("labels", "label", "y")
@@ -397,12 +398,6 @@ def check_dataset(dataset: Dataset, img_size: int, in_chans: int, num_classes: i
 
 
 # --------------------------------------------------------------------------------- sampling
-def _mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes and Python versions."""
-    digest = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
 class StepSampler:
     """Maps a training step to the sample indices (and flip flags) of one rank.
 
@@ -429,9 +424,9 @@ class StepSampler:
 
     def _epoch(self, epoch: int) -> Tuple[torch.Tensor, torch.Tensor]:
         if epoch not in self._cache:
-            g = torch.Generator().manual_seed(_mix_seed(self.seed, epoch, 0))
+            g = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0))
             perm = torch.randperm(self.num_samples, generator=g)
-            g.manual_seed(_mix_seed(self.seed, epoch, 1))
+            g.manual_seed(mix_seed(self.seed, epoch, 1))
             flips = torch.rand(self.num_samples, generator=g) < 0.5
             self._cache[epoch] = (perm, flips)
             while len(self._cache) > 2:

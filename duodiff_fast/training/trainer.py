@@ -31,7 +31,8 @@ import torch.nn as nn
 from ..io_utils import append_jsonl, atomic_write_json
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from .config import TrainConfig
-from .data import StepSampler, _mix_seed, build_dataset, check_dataset, default_hflip, iterate_batches
+from ..seeding import mix_seed
+from .data import StepSampler, build_dataset, check_dataset, default_hflip, iterate_batches
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed
 from .ema import EMA, unwrap_model
 from .objective import DiffusionObjective, HybridObjective, drop_labels
@@ -275,7 +276,7 @@ class Trainer:
                                    cfg.seed, hflip=hflip)
 
         # Per-rank randomness (noise, t, label drops; global RNGs for anything else).
-        rank_seed = _mix_seed(cfg.seed, self.env.rank, 7)
+        rank_seed = mix_seed(cfg.seed, self.env.rank, 7)
         _seed_everything(rank_seed)
         self.generator = torch.Generator(device=self.device).manual_seed(rank_seed)
 
@@ -519,7 +520,7 @@ class Trainer:
         else:
             warnings.warn(f"{path!r} was written by {len(rng)} rank(s), this run has {self.env.world_size}; "
                           "random streams are re-seeded from (seed, step, rank)")
-            seed = _mix_seed(self.cfg.seed, self.env.rank, self.step)
+            seed = mix_seed(self.cfg.seed, self.env.rank, self.step)
             _seed_everything(seed)
             self.generator.manual_seed(seed)
         self.resumed_from = path
