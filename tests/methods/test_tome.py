@@ -25,7 +25,7 @@ def test_stride_destinations_one_per_cell():
 def _reference(x, dst, r):
     """Per-token loops: match, merge (mean with the destination), unmerge (copy the destination)."""
     B, T, D = x.shape
-    merged_all, unmerged_all, maps = [], [], []
+    merged_all, maps = [], []
     for b in range(B):
         src = [i for i in range(T) if i not in dst]
         best = []
@@ -68,6 +68,33 @@ def test_merge_unmerge_against_loops(r):
             torch.testing.assert_close(out[b, i], y[b, maps[b][i]])
 
 
+def _tome_by_hand(model, schedule, x, t, ratio, stride, seed, merging=None):
+    """U-ViT ``model`` at (x, t) written out block by block, ToMe merging the attention input of
+    the blocks in ``merging`` (all when None) with destinations drawn in block order from ``seed``."""
+    side, e = model.img_size // model.patch_size, model.extras
+    g = torch.Generator().manual_seed(seed)
+    ts = schedule.model_input(t).float()
+    h = model.embed(x, ts, None)
+    skips, n = [], len(model.in_blocks)
+    for i, blk in enumerate([*model.in_blocks, model.mid_block, *model.out_blocks]):
+        if i > n:
+            h = blk.skip_linear(torch.cat([h, skips.pop()], -1))
+        a = blk.norm1(h)
+        if merging is None or i in merging:
+            dst = stride_destinations(side, side, stride, g)
+            ref, maps = _reference(a[:, e:].double(), dst.tolist(), int(ratio * side * side))
+            att = blk.attn(torch.cat([a[:, :e], ref.float()], 1))
+            back = torch.stack([torch.stack([att[b, e + maps[b][j]] for j in range(side * side)])
+                                for b in range(x.shape[0])])
+            h = h + torch.cat([att[:, :e], back], 1)
+        else:
+            h = h + blk.attn(a)
+        h = h + blk.mlp(blk.norm2(h))
+        if i < n:
+            skips.append(h)
+    return model.decode(h)
+
+
 def test_tome_forward_against_block_loop():
     torch.manual_seed(0)
     model = create_model("tiny").eval()
@@ -80,25 +107,10 @@ def test_tome_forward_against_block_loop():
     t = torch.full((2,), 0.6)
     with torch.no_grad():
         got = den(x, t, None)
-        side, e = model.img_size // model.patch_size, model.extras
-        g = torch.Generator().manual_seed(5)
-        ts = schedule.model_input(t).float()
-        h = model.embed(x, ts, None)
-        skips, n = [], len(model.in_blocks)
-        for i, blk in enumerate([*model.in_blocks, model.mid_block, *model.out_blocks]):
-            if i > n:
-                h = blk.skip_linear(torch.cat([h, skips.pop()], -1))
-            a = blk.norm1(h)
-            dst = stride_destinations(side, side, stride, g)
-            ref, maps = _reference(a[:, e:].double(), dst.tolist(), int(ratio * side * side))
-            att = blk.attn(torch.cat([a[:, :e], ref.float()], 1))
-            back = torch.stack([torch.stack([att[b, e + maps[b][j]] for j in range(side * side)]) for b in range(2)])
-            h = h + torch.cat([att[:, :e], back], 1)
-            h = h + blk.mlp(blk.norm2(h))
-            if i < n:
-                skips.append(h)
-        torch.testing.assert_close(got, model.decode(h), rtol=1e-4, atol=1e-5)
+        want = _tome_by_hand(model, schedule, x, t, ratio, stride, seed=5)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         # ratio 0: the plain model
+        ts = schedule.model_input(t).float()
         plain = CachingDenoiser(model, schedule, ToMePolicy(0.0, stride))(x, t, None)
         torch.testing.assert_close(plain, model(x, ts, None), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="ratio"):
@@ -139,25 +151,5 @@ def test_tome_selected_layers_against_block_loop(options, merging):
     t = torch.full((2,), 0.4)
     with torch.no_grad():
         got = den(x, t, None)
-        side, e = model.img_size // model.patch_size, model.extras
-        g = torch.Generator().manual_seed(seed)
-        ts = schedule.model_input(t).float()
-        h = model.embed(x, ts, None)
-        skips, n = [], len(model.in_blocks)
-        for i, blk in enumerate([*model.in_blocks, model.mid_block, *model.out_blocks]):
-            if i > n:
-                h = blk.skip_linear(torch.cat([h, skips.pop()], -1))
-            a = blk.norm1(h)
-            if i in merging:
-                dst = stride_destinations(side, side, stride, g)
-                ref, maps = _reference(a[:, e:].double(), dst.tolist(), int(ratio * side * side))
-                att = blk.attn(torch.cat([a[:, :e], ref.float()], 1))
-                back = torch.stack([torch.stack([att[b, e + maps[b][j]] for j in range(side * side)])
-                                    for b in range(2)])
-                h = h + torch.cat([att[:, :e], back], 1)
-            else:
-                h = h + blk.attn(a)
-            h = h + blk.mlp(blk.norm2(h))
-            if i < n:
-                skips.append(h)
-        torch.testing.assert_close(got, model.decode(h), rtol=1e-4, atol=1e-5)
+        want = _tome_by_hand(model, schedule, x, t, ratio, stride, seed, merging)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
