@@ -306,21 +306,7 @@ class DPMSolver:
         Returns:
             x at t_end (approximately x_0), same shape and dtype as ``x``.
         """
-        check_solver_inputs(x, y, None)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if skip_type not in SKIP_TYPES:
-            raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
-        t_end = self.schedule.t_min if t_end is None else float(t_end)
-        t_start = float(t_start)
-        self.schedule.check_t(torch.tensor([t_end, t_start], dtype=torch.float64), "t_end/t_start")
-        if not t_end < t_start:
-            raise ValueError(f"t_end must be smaller than t_start, got t_end={t_end}, t_start={t_start}")
-
+        t_start, t_end = self._check_sample_args(x, y, steps, order, method, METHODS, skip_type, t_start, t_end)
         if method == "multistep":
             x = self._sample_multistep(x, steps, y, t_start, t_end, order, skip_type, lower_order_final, callback)
         else:
@@ -343,6 +329,25 @@ class DPMSolver:
             if self.x0_fn is not None:
                 x = self.x0_fn(x)
         return x
+
+    def _check_sample_args(self, x, y, steps, order, method, methods, skip_type, t_start, t_end):
+        """Refuse bad arguments of :meth:`sample` before any network call; returns (t_start, t_end)
+        as floats, t_end defaulting to the schedule's t_min."""
+        check_solver_inputs(x, y, None)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive int, got {steps!r}")
+        if order not in (1, 2, 3):
+            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
+        if method not in methods:
+            raise ValueError(f"{type(self).__name__} method must be one of {methods}, got {method!r}")
+        if skip_type not in SKIP_TYPES:
+            raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
+        t_end = self.schedule.t_min if t_end is None else float(t_end)
+        t_start = float(t_start)
+        self.schedule.check_t(torch.tensor([t_end, t_start], dtype=torch.float64), "t_end/t_start")
+        if not t_end < t_start:
+            raise ValueError(f"t_end must be smaller than t_start, got t_end={t_end}, t_start={t_start}")
+        return t_start, t_end
 
     def _sample_multistep(self, x, steps, y, t_start, t_end, order, skip_type, lower_order_final, callback):
         if steps < order:

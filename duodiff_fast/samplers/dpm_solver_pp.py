@@ -30,7 +30,7 @@ from torch import Tensor
 
 from ..schedules import NoiseSchedule
 from .ddpm import Denoiser, check_solver_inputs
-from .dpm_solver import SKIP_TYPES, DPMSolver, OuterCallback, fast_orders
+from .dpm_solver import DPMSolver, OuterCallback, fast_orders
 
 __all__ = ["DPMSolverPP", "dpm_solver_pp_sample", "PP_METHODS", "LOWER_ORDER_FINAL_BELOW", "pp_outer_steps"]
 
@@ -128,20 +128,7 @@ class DPMSolverPP(DPMSolver):
         Returns:
             x at t_end, same shape and dtype as ``x``.
         """
-        check_solver_inputs(x, y, None)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int, got {steps!r}")
-        if order not in (1, 2, 3):
-            raise ValueError(f"order must be 1, 2 or 3, got {order!r}")
-        if method not in PP_METHODS:
-            raise ValueError(f"DPM-Solver++ method must be one of {PP_METHODS}, got {method!r}")
-        if skip_type not in SKIP_TYPES:
-            raise ValueError(f"skip_type must be one of {SKIP_TYPES}, got {skip_type!r}")
-        t_end = self.schedule.t_min if t_end is None else float(t_end)
-        t_start = float(t_start)
-        self.schedule.check_t(torch.tensor([t_end, t_start], dtype=torch.float64), "t_end/t_start")
-        if not t_end < t_start:
-            raise ValueError(f"t_end must be smaller than t_start, got t_end={t_end}, t_start={t_start}")
+        t_start, t_end = self._check_sample_args(x, y, steps, order, method, PP_METHODS, skip_type, t_start, t_end)
         if method == "multistep":
             x = self._sample_multistep(
                 x, steps, y, t_start, t_end, order, skip_type, lower_order_final and steps < LOWER_ORDER_FINAL_BELOW,
