@@ -33,6 +33,37 @@ def test_denoiser_matches(multistage_golden, key, one_thread):
         assert rel_err(out, case["denoised"]) < 2e-6, (key, case["sigma"].tolist())
 
 
+def _backend_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    return torch.device(device)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["eager-bf16", "torch.compile"])
+@pytest.mark.parametrize("key", ENTRIES)
+def test_denoiser_matches_on_fast_backends(multistage_golden, key, backend, device, one_thread):
+    """The bf16 and compiled backends against the released outputs, not only against our reference path.
+
+    On a CPU torch.compile traces with Dynamo's "eager" backend (inductor's C++ build takes minutes
+    on 2 cores); on a GPU it runs inductor. The network part F = D - c_skip x is compared, since
+    the exact skip term would hide bf16 error at small sigma.
+    """
+    from duodiff_fast.edm.backends import prepare_edm_net
+
+    dev = _backend_device(device)
+    net = golden_net(entry := multistage_golden[key])
+    fast = prepare_edm_net(net, backend, dev, compile_backend="eager" if dev.type == "cpu" else "inductor")
+    sd2 = float(net.sigma_data) ** 2
+    for case in entry["cases"]:
+        x, sigma = case["x"], case["sigma"]
+        with torch.no_grad():
+            out = fast(x.to(dev), sigma.to(dev)).cpu()
+        assert out.dtype == torch.float32
+        skip = (sd2 / (sigma.double() ** 2 + sd2)).float().reshape(-1, 1, 1, 1) * x
+        assert rel_err(out - skip, case["denoised"] - skip) < 3e-2, (key, backend, sigma.tolist())
+
+
 @pytest.mark.parametrize("key", ENTRIES)
 def test_heun_matches(multistage_golden, key, one_thread):
     entry = multistage_golden[key]
