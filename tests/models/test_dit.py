@@ -25,6 +25,26 @@ def test_forward_matches_official(dit_golden):
     assert rel_err(out, f["out"]) < 1e-6
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["eager-bf16", "torch.compile"])
+def test_forward_matches_official_on_bf16_backends(dit_golden, backend, device):
+    """The bfloat16 backends against the official outputs (inductor on the CPU: about 15 s)."""
+    import shutil
+
+    from duodiff_fast.backends import prepare_model
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend == "torch.compile" and device == "cpu" and not any(shutil.which(c) for c in ("g++", "c++")):
+        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    f = dit_golden["forward"]
+    model = prepare_model(_golden_model(dit_golden).to(device), backend)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        out = model(f["x"].to(device, torch.bfloat16), f["t"].to(device), f["y"].to(device)).float().cpu()
+    assert rel_err(out, f["out"]) < 2e-2  # bfloat16 weights and activations vs the official float32
+
+
 def test_forward_with_cfg_matches_official(dit_golden):
     c = dit_golden["forward_with_cfg"]
     with torch.no_grad():
