@@ -17,6 +17,31 @@ def test_matches_official_golden(golden, case):
     assert rel_err(out, c["out"]) < 1e-5
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("backend", ["eager-bf16", "torch.compile"])
+@pytest.mark.parametrize("case", ["pixel", "latent"])
+def test_matches_official_golden_on_bf16_backends(golden, case, backend, device):
+    """The bfloat16 backends against the official outputs (inductor on the CPU: seconds per case)."""
+    import shutil
+
+    from duodiff_fast.backends import prepare_model
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend == "torch.compile" and device == "cpu" and not any(shutil.which(c) for c in ("g++", "c++")):
+        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    c = golden[case]
+    model = UViT(**c["config"])
+    model.load_state_dict(c["state_dict"])
+    model = prepare_model(model.to(device), backend)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    y = c.get("y")
+    with torch.no_grad():
+        out = model(c["x"].to(device, torch.bfloat16), c["timesteps"].to(device),
+                    None if y is None else y.to(device)).float().cpu()
+    assert rel_err(out, c["out"]) < 2e-2  # bfloat16 weights and activations vs the official float32
+
+
 def test_state_dict_keys_equal_official(golden):
     for case in ("pixel", "latent"):
         c = golden[case]
