@@ -99,17 +99,27 @@ def test_files_without_layout_load_as_projected(tmp_path):
     assert load_multistage(str(path)).layout == "authors"
 
 
-def test_golden_every_stage_matches_on_the_triton_backend(multistage_golden, triton_device, one_thread):
-    """The authors' layout on the fused Triton path (Triton's interpreter on a CPU) against their
-    released outputs: float32 kernels, so within a small multiple of float32 rounding."""
+@pytest.mark.parametrize("backend", ["triton", "eager-bf16"])
+def test_golden_every_stage_matches_on_the_fast_backends(multistage_golden, backend, one_thread):
+    """The authors' layout on the fused Triton path and on eager bfloat16 against their released
+    outputs. The triton backend runs float32 kernels in Triton's interpreter on a CPU (a small multiple
+    of float32 rounding) and bfloat16 on a GPU; eager-bf16 computes in bfloat16 on either."""
+    from duodiff_fast import dispatch
     from duodiff_fast.backends import prepare_model
+    from tests.conftest import backend_device, backend_dtype
 
+    device = backend_device(backend)
+    if backend == "triton" and dispatch.triton_unavailable_reason(device):
+        pytest.skip(f"Triton kernels cannot run: {dispatch.triton_unavailable_reason(device)}")
     entry = multistage_golden["uvit_multistage"]
     ref = golden_model(entry)
-    model = prepare_model(ref.to(triton_device), "triton")
+    model = prepare_model(ref.to(device), backend)
+    dtype = backend_dtype(backend, device)
+    assert next(model.parameters()).dtype == dtype
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
     for case in entry["cases"]:
-        ts = case["timesteps"].to(triton_device)
+        ts = case["timesteps"].to(device)
         stage = int(ref.stage_of(ts[:1].cpu() / 1000)[0])
         with torch.no_grad():
-            out = model(case["x"].to(triton_device), ts, stage=stage)
-        assert rel_err(out.cpu(), case["out"]) < 1e-4, (stage, ts.tolist())
+            out = model(case["x"].to(device, dtype), ts, stage=stage)
+        assert rel_err(out.float().cpu(), case["out"]) < tol, (backend, stage, ts.tolist())
