@@ -114,7 +114,7 @@ def dit_tome_forward(policy, model, x: Tensor, timesteps: Tensor, y: Optional[Te
         if i not in merging:
             return plain_dit_block(i, blk, h, mod)
         a_in = modulate(blk.norm1(h), shift_msa, scale_msa)
-        dst = stride_destinations(side, side, policy.stride, policy.generator, h.device)
+        dst = stride_destinations(side, side, policy.stride, policy.generator)
         plan = bipartite_plan(a_in, dst, r)
         h = h + gate_msa.unsqueeze(1) * unmerge(blk.attn(merge(a_in, plan)), plan)
         return h + gate_mlp.unsqueeze(1) * blk.mlp(modulate(blk.norm2(h), shift_mlp, scale_mlp))

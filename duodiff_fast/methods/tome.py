@@ -46,24 +46,34 @@ class MergePlan:
         self.dst, self.unm, self.src, self.src_to, self.n_tokens = dst, unm, src, src_to, n_tokens
 
 
-def stride_destinations(h: int, w: int, stride: int, generator: Optional[torch.Generator] = None,
-                        device=None) -> Tensor:
-    """(n_dst,) patch indices of the destinations: one per whole stride x stride cell, at a random offset."""
+def stride_destinations(h: int, w: int, stride: int, generator: Optional[torch.Generator] = None) -> Tensor:
+    """(n_dst,) int64 host patch indices of the destinations: one per whole stride x stride cell, at a
+    random offset (drawn from the CPU ``generator``)."""
     cy, cx = h // stride, w // stride
     if cy * cx == 0:
         raise ValueError(f"tome stride {stride} exceeds the {h}x{w} patch grid")
     off = torch.randint(stride * stride, (cy, cx), generator=generator)
     rows = torch.arange(cy).view(-1, 1) * stride + off // stride
     cols = torch.arange(cx).view(1, -1) * stride + off % stride
-    return (rows * w + cols).reshape(-1).to(device)
+    return (rows * w + cols).reshape(-1)
 
 
 def bipartite_plan(metric: Tensor, dst_idx: Tensor, r: int) -> MergePlan:
-    """Plan merging r sources of ``metric`` (B, T, D) patch tokens into destinations ``dst_idx``."""
+    """Plan merging r sources of ``metric`` (B, T, D) patch tokens into destinations ``dst_idx``.
+
+    ``dst_idx`` (n_dst,) int64 patch indices on the host (as :func:`stride_destinations` draws them):
+    the sources, their complement, are found there too, so planning never reads the device (a
+    ``nonzero`` on a GPU tensor would wait for the whole queue once per merging layer).
+    """
+    if dst_idx.device.type != "cpu":
+        raise ValueError(f"ToMe destinations must be host indices, got a tensor on {dst_idx.device}")
     B, T, _ = metric.shape
-    is_dst = torch.zeros(T, dtype=torch.bool, device=metric.device)
+    is_dst = torch.zeros(T, dtype=torch.bool)
     is_dst[dst_idx] = True
-    src_idx = torch.nonzero(~is_dst).reshape(-1)
+    # non_blocking: a blocking host-to-device copy waits for the stream; from pageable memory CUDA
+    # stages the bytes before the call returns, so the host tensors may go right after.
+    src_idx = torch.nonzero(~is_dst).reshape(-1).to(metric.device, non_blocking=True)
+    dst_idx = dst_idx.to(metric.device, non_blocking=True)
     r = max(0, min(int(r), src_idx.numel()))
     m = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     scores = m[:, src_idx] @ m[:, dst_idx].transpose(1, 2)  # (B, n_src, n_dst)
@@ -195,7 +205,7 @@ class ToMePolicy:
             if i not in merging:
                 return blk.transform(h)
             a_in = blk.norm1(h)
-            dst = stride_destinations(side, side, self.stride, self.generator, h.device)
+            dst = stride_destinations(side, side, self.stride, self.generator)
             patches = a_in[:, extras:]
             plan = bipartite_plan(patches, dst, r)
             short = torch.cat([a_in[:, :extras], merge(patches, plan)], dim=1)

@@ -82,14 +82,14 @@ def _caller() -> str:
     return f"{frames[-1].filename.split('duodiff_fast/')[-1]}:{frames[-1].lineno}" if frames else "?"
 
 
-def reads_per_step(denoiser, models, y=None, solver="ddim", batch=4) -> tuple:
+def reads_per_step(denoiser, models, y=None, solver="ddim", batch=4, schedule="vp-linear") -> tuple:
     """(device reads per solver step inside the denoiser calls, where the 4-step run read)."""
     for m in models:
         _mark(list(m.parameters()) + list(m.buffers()))
     counts = {}
     for steps in (2, 4):
         with DeviceReads() as mode:
-            sample(mode.watch(denoiser), get_schedule("vp-linear"), (batch, 4, 8, 8), solver=solver,
+            sample(mode.watch(denoiser), get_schedule(schedule), (batch, 4, 8, 8), solver=solver,
                    num_steps=steps, y=None if y is None else y.clone(), base_seed=0, progress=False)
         counts[steps] = mode.sites
     return (len(counts[4]) - len(counts[2])) / 2, counts[4]
@@ -161,3 +161,23 @@ def test_the_counter_sees_reads(models, one_thread):
     with DeviceReads() as mode, torch.no_grad(), inputs_validated():
         mode.watch(AdaDiff(ada, get_schedule("vp-linear"), 0.07))(x, t, Y.clone())
     assert 1 <= len(mode.sites) <= len(ada.uems), mode.sites
+
+
+@pytest.mark.parametrize("arch", ["uvit", "dit"])
+@pytest.mark.parametrize("policy", ["deepcache", "fora", "tome"])
+def test_caching_and_merging_read_nothing_per_step(policy, arch, one_thread):
+    """DeepCache, FORA and ToMe decide everything on the host: their steps read no device value
+    (ToMe draws its destinations on the host and takes the sources as their complement there)."""
+    from duodiff_fast.methods.caching import BlockCachePolicy, CachingDenoiser, DeepCachePolicy
+    from duodiff_fast.methods.tome import ToMePolicy
+
+    if arch == "dit" and policy == "deepcache":
+        pytest.skip("DeepCache needs U-ViT's long skips (refused on DiT)")
+    torch.manual_seed(0)
+    model = create_model("tiny-latent" if arch == "uvit" else "dit-tiny").eval()
+    make = {"deepcache": lambda: DeepCachePolicy(2), "fora": lambda: BlockCachePolicy(2),
+            "tome": lambda: ToMePolicy(0.5, 2, seed=0)}[policy]
+    schedule = "vp-linear" if arch == "uvit" else "linear"  # DiT's improved-DDPM needs betas
+    den = CachingDenoiser(model, get_schedule(schedule), make())
+    per_step, sites = reads_per_step(den, [model], Y, schedule=schedule)
+    assert per_step == 0, f"{policy} on {arch} reads the device {per_step} times a step: {sites}"

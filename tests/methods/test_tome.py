@@ -153,3 +153,20 @@ def test_tome_selected_layers_against_block_loop(options, merging):
         got = den(x, t, None)
         want = _tome_by_hand(model, schedule, x, t, ratio, stride, seed, merging)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_planning_reads_no_device_value():
+    """ToMe plans on the host: with the tokens on the meta device (no values at all) planning,
+    merging and unmerging still run, which they could not if they read a device value (``nonzero``
+    on the device, ``int()`` of a device tensor, ...). Device destinations are refused by name."""
+    g = torch.Generator().manual_seed(0)
+    dst = stride_destinations(4, 4, 2, g)
+    assert dst.device.type == "cpu"
+    x = torch.empty(2, 16, 8, device="meta")
+    plan = bipartite_plan(x, dst, 5)
+    assert plan.src.shape == (2, 5) and plan.unm.shape == (2, 7) and plan.dst.device.type == "meta"
+    merged = merge(x, plan)
+    assert merged.shape == (2, 11, 8)
+    assert unmerge(merged, plan).shape == (2, 16, 8)
+    with pytest.raises(ValueError, match="host indices"):
+        bipartite_plan(x, dst.to("meta"), 5)
