@@ -230,12 +230,12 @@ def build_cases(config: str, batch: int, ops: List[str], device, dtype, use_comp
 
             packed = qkv.reshape(batch, n, 3, heads, dh)
             peers["flash-attn"] = lambda: flash_attn_qkvpacked_func(packed)
-        except Exception:  # not installed (or no wheel for this torch): skipped
-            pass
+        except Exception as exc:  # noqa: BLE001 - not installed (or no wheel for this torch): said, not hidden
+            print(f"attention peer flash-attn skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
         add("attention", peers, flops=4 * batch * heads * n * n * dh)
 
     if "frontend" in ops or "final_layer" in ops:
-        from duodiff_fast.models.fused import fused_decode, fused_embed
+        from duodiff_fast.models.fused import fused_embed
         from duodiff_fast.models.uvit import UViT
 
         model = UViT(**dict(cfg, depth=0)).to(device, dtype).eval().requires_grad_(False)
