@@ -20,7 +20,6 @@ or a benchmark row that failed). ``duodiff_fast.errors.is_usage_error`` tells th
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from typing import List, Optional
 
@@ -257,7 +256,7 @@ def cmd_eval(args) -> int:
 # ------------------------------------------------------------------------------------ train
 def cmd_train(args) -> int:
     from .models import get_spec
-    from .training import TrainConfig, train
+    from .training import TrainConfig
     from .training.config import DIT_RECIPE
 
     from .edm.configs import EDM_CONFIGS

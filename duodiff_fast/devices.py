@@ -8,7 +8,7 @@ devices. :func:`normalize_device` is applied once where a user's device enters t
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

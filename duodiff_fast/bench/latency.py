@@ -634,13 +634,17 @@ class Runner:
             base_s = base["per_sample"]["median_s"]
             estimate = base_s * mean_exit / n
             realised = base_s / shrink["per_sample"]["median_s"]
+            # the simulated exit runs every layer for every row: the true exit's gain over it
+            sim_s = sim["per_sample"]["median_s"] if sim is not None and sim["status"] == "ok" else None
             shrink.update(allowed_speedup=n / mean_exit, realised_speedup=realised,
-                          speedup_efficiency=realised / (n / mean_exit))
+                          speedup_efficiency=realised / (n / mean_exit),
+                          speedup_over_simulated=None if sim_s is None else sim_s / shrink["per_sample"]["median_s"])
             bucket = rows.get(f"AdaDiff {th:g} bucket")
             if bucket is not None and bucket["status"] == "ok":
                 realised = base_s / bucket["per_sample"]["median_s"]
                 bucket.update(allowed_speedup=n / mean_exit, realised_speedup=realised,
-                              speedup_efficiency=realised / (n / mean_exit))
+                              speedup_efficiency=realised / (n / mean_exit),
+                              speedup_over_simulated=None if sim_s is None else sim_s / bucket["per_sample"]["median_s"])
             out.append(_row(g, f"AdaDiff {th:g} est", self.args, None, self.args.batch_size, t_s=None, theta=th,
                             exit_mode="paper-estimate", estimate_per_sample_s=estimate, mean_exit_layer=mean_exit,
                             num_layers=n, status="estimate", paper_per_sample_s=None,

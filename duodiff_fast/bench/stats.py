@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 __all__ = ["quantile", "summarize", "is_unstable", "speedup", "DEFAULT_UNSTABLE_IQR_PCT"]
 

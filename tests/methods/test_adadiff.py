@@ -357,6 +357,10 @@ def test_latency_benchmark_rows(tmp_path):
             assert r["speedup_efficiency"] == pytest.approx(r["realised_speedup"] / r["allowed_speedup"])
         else:
             assert "bucket_padding" not in r
+        if r["exit_mode"] in ("shrinking", "bucketed"):  # the true exit against the simulated one
+            sim = next(s for s in ada if s["exit_mode"] == "simulated" and s["theta"] == r["theta"])
+            assert r["speedup_over_simulated"] == pytest.approx(
+                sim["per_sample"]["median_s"] / r["per_sample"]["median_s"])
 
 
 def test_synthetic_exit_profile_schedule_defaults_to_linear_and_checks_arguments():
