@@ -163,16 +163,14 @@ def test_the_counter_sees_reads(models, one_thread):
     assert 1 <= len(mode.sites) <= len(ada.uems), mode.sites
 
 
-@pytest.mark.parametrize("arch", ["uvit", "dit"])
-@pytest.mark.parametrize("policy", ["deepcache", "fora", "tome"])
+@pytest.mark.parametrize("policy,arch", [("deepcache", "uvit"), ("fora", "uvit"), ("tome", "uvit"),
+                                         ("fora", "dit"), ("tome", "dit")])  # DeepCache needs U-ViT's skips
 def test_caching_and_merging_read_nothing_per_step(policy, arch, one_thread):
     """DeepCache, FORA and ToMe decide everything on the host: their steps read no device value
     (ToMe draws its destinations on the host and takes the sources as their complement there)."""
     from duodiff_fast.methods.caching import BlockCachePolicy, CachingDenoiser, DeepCachePolicy
     from duodiff_fast.methods.tome import ToMePolicy
 
-    if arch == "dit" and policy == "deepcache":
-        pytest.skip("DeepCache needs U-ViT's long skips (refused on DiT)")
     torch.manual_seed(0)
     model = create_model("tiny-latent" if arch == "uvit" else "dit-tiny").eval()
     make = {"deepcache": lambda: DeepCachePolicy(2), "fora": lambda: BlockCachePolicy(2),
