@@ -1,6 +1,7 @@
 """Shared test fixtures: the golden-file path and small helpers."""
 import os
 import pathlib
+import shutil
 import zlib
 
 import pytest
@@ -190,13 +191,32 @@ def lowp_torch_backend(backend: str, device: torch.device) -> str:
     return "reference" if backend_dtype(backend, device) == torch.float32 else "eager-bf16"
 
 
+def skip_unless_triton_runs(device: torch.device) -> None:
+    """Skip, naming the reason, where the triton backend's kernels cannot run on ``device``."""
+    from duodiff_fast import dispatch
+
+    reason = dispatch.triton_unavailable_reason(device)
+    if reason:
+        pytest.skip(f"Triton kernels cannot run: {reason}")
+
+
 @pytest.fixture(scope="session")
 def triton_device() -> torch.device:
     """The device the triton backend (and its kernels) runs on here, or skip with the reason."""
-    from duodiff_fast import dispatch
-
     dev = backend_device("triton")
-    reason = dispatch.triton_unavailable_reason(dev)
-    if reason:
-        pytest.skip(f"Triton kernels cannot run: {reason}")
+    skip_unless_triton_runs(dev)
     return dev
+
+
+# inductor's CPU backend compiles C++: without a compiler torch.compile on a CPU cannot run
+HAS_CXX_COMPILER = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def device_or_skip(device: str, backend: str = "", compile_backend: str = "inductor") -> torch.device:
+    """``device`` for a test parametrised over "cpu" and "cuda": skips "cuda" without a CUDA device,
+    and torch.compile through inductor on a CPU without a C++ compiler."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend == "torch.compile" and device == "cpu" and compile_backend == "inductor" and not HAS_CXX_COMPILER:
+        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    return torch.device(device)

@@ -4,7 +4,6 @@ The compiled forward of dit-tiny (bfloat16, as the backend prepares it) must com
 float32 reference computes, to bfloat16 accuracy, on the whole output (eps and the variance value)
 at mixed timesteps, and it must really be compiled (dynamo produced a graph). About 20 s on one core.
 """
-import shutil
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from duodiff_fast.backends import prepare_model
 from duodiff_fast.methods import ModelDenoiser
 from duodiff_fast.models import create_model
 from duodiff_fast.schedules import linear_ddpm
-from tests.conftest import rel_err
+from tests.conftest import HAS_CXX_COMPILER, rel_err
 
 
 def _dit_tiny():
@@ -24,8 +23,7 @@ def _dit_tiny():
     return m.eval()
 
 
-@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
-                    reason="inductor's CPU backend needs a C++ compiler")
+@pytest.mark.skipif(not HAS_CXX_COMPILER, reason="inductor's CPU backend needs a C++ compiler")
 def test_torch_compile_dit_matches_the_reference():
     import torch._dynamo
     from torch._dynamo.utils import counters

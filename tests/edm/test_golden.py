@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from duodiff_fast.edm import HeunConfig, build_edm_net, heun_sample
-from tests.conftest import rel_err
+from tests.conftest import device_or_skip, rel_err
 
 ENTRIES = ["edm_ddpmpp", "edm_multistage"]
 
@@ -33,12 +33,6 @@ def test_denoiser_matches(multistage_golden, key, one_thread):
         assert rel_err(out, case["denoised"]) < 2e-6, (key, case["sigma"].tolist())
 
 
-def _backend_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    return torch.device(device)
-
-
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("backend", ["eager-bf16", "torch.compile"])
 @pytest.mark.parametrize("key", ENTRIES)
@@ -51,9 +45,10 @@ def test_denoiser_matches_on_fast_backends(multistage_golden, key, backend, devi
     """
     from duodiff_fast.edm.backends import prepare_edm_net
 
-    dev = _backend_device(device)
+    compile_backend = "eager" if device == "cpu" else "inductor"
+    dev = device_or_skip(device, backend, compile_backend)
     net = golden_net(entry := multistage_golden[key])
-    fast = prepare_edm_net(net, backend, dev, compile_backend="eager" if dev.type == "cpu" else "inductor")
+    fast = prepare_edm_net(net, backend, dev, compile_backend=compile_backend)
     sd2 = float(net.sigma_data) ** 2
     for case in entry["cases"]:
         x, sigma = case["x"], case["sigma"]

@@ -104,13 +104,12 @@ def test_golden_every_stage_matches_on_the_fast_backends(multistage_golden, back
     """The authors' layout on the fused Triton path and on eager bfloat16 against their released
     outputs. The triton backend runs float32 kernels in Triton's interpreter on a CPU (a small multiple
     of float32 rounding) and bfloat16 on a GPU; eager-bf16 computes in bfloat16 on either."""
-    from duodiff_fast import dispatch
     from duodiff_fast.backends import prepare_model
-    from tests.conftest import backend_device, backend_dtype
+    from tests.conftest import backend_device, backend_dtype, skip_unless_triton_runs
 
     device = backend_device(backend)
-    if backend == "triton" and dispatch.triton_unavailable_reason(device):
-        pytest.skip(f"Triton kernels cannot run: {dispatch.triton_unavailable_reason(device)}")
+    if backend == "triton":
+        skip_unless_triton_runs(device)
     entry = multistage_golden["uvit_multistage"]
     ref = golden_model(entry)
     model = prepare_model(ref.to(device), backend)

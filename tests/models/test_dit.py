@@ -29,14 +29,10 @@ def test_forward_matches_official(dit_golden):
 @pytest.mark.parametrize("backend", ["eager-bf16", "torch.compile"])
 def test_forward_matches_official_on_bf16_backends(dit_golden, backend, device):
     """The bfloat16 backends against the official outputs (inductor on the CPU: about 15 s)."""
-    import shutil
-
     from duodiff_fast.backends import prepare_model
+    from tests.conftest import device_or_skip
 
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if backend == "torch.compile" and device == "cpu" and not any(shutil.which(c) for c in ("g++", "c++")):
-        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    device = device_or_skip(device, backend)
     f = dit_golden["forward"]
     model = prepare_model(_golden_model(dit_golden).to(device), backend)
     assert next(model.parameters()).dtype == torch.bfloat16

@@ -22,14 +22,10 @@ def test_matches_official_golden(golden, case):
 @pytest.mark.parametrize("case", ["pixel", "latent"])
 def test_matches_official_golden_on_bf16_backends(golden, case, backend, device):
     """The bfloat16 backends against the official outputs (inductor on the CPU: seconds per case)."""
-    import shutil
-
     from duodiff_fast.backends import prepare_model
+    from tests.conftest import device_or_skip
 
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if backend == "torch.compile" and device == "cpu" and not any(shutil.which(c) for c in ("g++", "c++")):
-        pytest.skip("inductor's CPU backend needs a C++ compiler")
+    device = device_or_skip(device, backend)
     c = golden[case]
     model = UViT(**c["config"])
     model.load_state_dict(c["state_dict"])
