@@ -29,9 +29,9 @@ import torch
 import torch.nn as nn
 
 from ..io_utils import append_jsonl, atomic_write_json
+from ..seeding import mix_seed
 from .checkpoint import CHECKPOINT_FORMAT, CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
 from .config import TrainConfig
-from ..seeding import mix_seed
 from .data import StepSampler, build_dataset, check_dataset, default_hflip, iterate_batches
 from .distributed import DistEnv, all_gather_objects, all_reduce_mean, barrier, cleanup, init_distributed
 from .ema import EMA, unwrap_model
