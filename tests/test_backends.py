@@ -4,7 +4,6 @@ The compiled forward of dit-tiny (bfloat16, as the backend prepares it) must com
 float32 reference computes, to bfloat16 accuracy, on the whole output (eps and the variance value)
 at mixed timesteps, and it must really be compiled (dynamo produced a graph). About 20 s on one core.
 """
-
 import pytest
 import torch
 

@@ -128,11 +128,9 @@ def test_train_dit_shallow_twin_with_dits_recipe(tmp_path):
 def test_dit_sample_on_the_triton_backend(tmp_path):
     """``--backend triton`` runs a DiT (Triton's interpreter on a CPU; skipped where Triton cannot
     run) and gives the reference backend's latents within float32 summation-order error."""
-    from duodiff_fast.ops.availability import triton_unavailable_reason
+    from tests.conftest import skip_unless_triton_runs
 
-    reason = triton_unavailable_reason(torch.device("cpu"))
-    if reason:
-        pytest.skip(f"Triton kernels cannot run: {reason}")
+    skip_unless_triton_runs(torch.device("cpu"))
     ckpt = _trained_like_dit(tmp_path)
     outs = {}
     for backend in ("reference", "triton"):

@@ -8,6 +8,7 @@ from duodiff_fast import dispatch
 from duodiff_fast.ops import impl
 from duodiff_fast.backends import BACKENDS, prepare_model
 from duodiff_fast.models import create_model
+from tests.conftest import skip_unless_triton_runs
 
 
 @pytest.fixture
@@ -105,9 +106,7 @@ def test_custom_ops_are_registered_with_fake_implementations():
 
 def _runnable():
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = dispatch.triton_unavailable_reason(dev)
-    if reason:
-        pytest.skip(f"Triton kernels cannot run: {reason}")
+    skip_unless_triton_runs(dev)
     return dev
 
 

@@ -15,7 +15,8 @@ from duodiff_fast.models.fused import FusedUViT
 from duodiff_fast.models.uvit import UViT
 from duodiff_fast.validation import inputs_validated
 
-from ..conftest import backend_dtype, lowp_torch_backend, rel_err, within_torch_error
+from ..conftest import (backend_dtype, device_or_skip, lowp_torch_backend, rel_err, skip_unless_triton_runs,
+                        within_torch_error)
 
 
 @pytest.fixture
@@ -76,10 +77,7 @@ def test_bf16_within_twice_torch_error_interpreter(device):
 @pytest.mark.gpu
 @pytest.mark.parametrize("config,batch", [("tiny-cond", 4), ("imagenet64-m4", 8), ("imagenet256-l2", 4)])
 def test_bf16_on_gpu(config, batch):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    if dispatch.triton_unavailable_reason(torch.device("cuda")):
-        pytest.skip(dispatch.triton_unavailable_reason(torch.device("cuda")))
+    skip_unless_triton_runs(device_or_skip("cuda"))
     torch.manual_seed(0)
     model = create_model(config).cuda()
     x = torch.randn(batch, model.in_chans, model.img_size, model.img_size, device="cuda")
@@ -144,11 +142,7 @@ def test_gradients_use_the_autograd_path(device):
 
 
 def _cuda_fused(config="tiny-cond", batch=4):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
-    reason = dispatch.triton_unavailable_reason(torch.device("cuda"))
-    if reason:
-        pytest.skip(reason)
+    skip_unless_triton_runs(device_or_skip("cuda"))
     torch.manual_seed(0)
     model = create_model(config).cuda()
     fused = prepare_model(model, "triton")

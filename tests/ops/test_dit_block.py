@@ -191,12 +191,10 @@ def test_fake_tensors_give_the_shapes():
 def test_dit_xl2_block_on_the_gpu(dtype):
     """DiT-XL/2's block shapes (1152 wide, 16 heads x 72, 256 tokens, MLP 4608) on the GPU's
     compiled kernels (tuned 16-bit tiles), against the equations in float64."""
-    from duodiff_fast import dispatch
+    from ..conftest import skip_unless_triton_runs
 
     dev = torch.device("cuda")
-    reason = dispatch.triton_unavailable_reason(dev)
-    if reason:
-        pytest.skip(f"Triton kernels cannot run: {reason}")
+    skip_unless_triton_runs(dev)
     g = torch.Generator().manual_seed(7)
     b, n, d, heads = 2, 256, 1152, 16
     x = torch.randn(b, n, d, generator=g).to(dev, dtype)
